@@ -1,0 +1,100 @@
+"""Schema versions, owned by Alembic (``migrations/``).
+
+The program upgrades an older database on start, and refuses, naming both revisions, a
+database whose revision it does not know (it was migrated by a newer autotls). Alembic runs
+synchronously; callers in async code run these functions in a thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, pool
+from sqlalchemy.engine import URL
+
+import migrations
+from persistence.errors import SchemaOutdatedError, SchemaTooNewError
+from persistence.urls import redact, sync_url
+
+MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+
+
+def alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "migrations/ has no revisions"
+    return head
+
+
+def known_revisions() -> set[str]:
+    return {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    current: str | None
+    head: str
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+
+def _engine(url: URL):  # type: ignore[no-untyped-def]
+    return create_engine(sync_url(url), poolclass=pool.NullPool)
+
+
+def current_revision(url: URL) -> str | None:
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def check(url: URL) -> SchemaStatus:
+    status = SchemaStatus(current_revision(url), head_revision())
+    if status.current is not None and status.current not in known_revisions():
+        raise SchemaTooNewError(
+            f"database {redact(url)} is at schema revision {status.current}, which this autotls "
+            f"does not know (newest known: {status.head}); it was migrated by a newer autotls. "
+            "Upgrade autotls, or point --db at another database."
+        )
+    return status
+
+
+def upgrade(url: URL, revision: str = "head") -> SchemaStatus:
+    """Bring the schema to ``revision``; refuses a database newer than we know."""
+    check(url)
+    engine = _engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    finally:
+        engine.dispose()
+    return check(url)
+
+
+def ensure_current(url: URL, *, upgrade_allowed: bool) -> SchemaStatus:
+    status = check(url)
+    if status.up_to_date:
+        return status
+    if not upgrade_allowed:
+        raise SchemaOutdatedError(
+            f"database {redact(url)} is at schema revision {status.current or 'none'}, "
+            f"this autotls needs {status.head}: run `autotls db upgrade`"
+        )
+    return upgrade(url)
