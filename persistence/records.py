@@ -7,6 +7,7 @@ Nothing here holds a session or touches the network.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -99,7 +100,13 @@ class NewCertificate:
     replaces_cert_id: str | None
 
 
-_KEEP: Any = object()
+class Keep(enum.Enum):
+    """Marker for "leave this column as it is" in a :class:`CommitPlan`."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
 
 
 @dataclass(frozen=True)
@@ -127,8 +134,5 @@ class CommitPlan:
     journal: JournalNote | None = None
     new_account: NewAccount | None = None
     account_update: AccountUpdate | None = None
-    cert_key_pem: bytes | Any | None = _KEEP
+    cert_key_pem: bytes | Keep | None = KEEP
     new_certificate: NewCertificate | None = None
-
-
-KEEP: Any = _KEEP

@@ -1,0 +1,259 @@
+"""From a step's result to the row's next version: the engine's rules in one place.
+
+* An :class:`~fsm.outcomes.Advance` fires its trigger through the machine (guards included);
+  a :class:`~fsm.outcomes.Wait` keeps the state and sets ``next_run_at``.
+* Errors by class (design.md rule 8):
+
+  ============== ===============================================================
+  transient      stay; retry after jittered exponential backoff, or Retry-After
+  rate_limited   stay; wait for Retry-After (default one hour)
+  order_invalid  count against the validation budget; ``reorder`` after Let's
+                 Encrypt's 1 min / 10 min / 100 min / daily schedule, and not
+                 before the budget window frees a slot
+  permanent      ``fail`` -> Failed, with the problem document
+  ============== ===============================================================
+
+  The CA forgetting our account (``accountDoesNotExist``) fires ``account_lost``. An error
+  that is not an ``AutoTLSError`` is a bug: it is retried a few times, then fails the order
+  (never the worker).
+
+Retry-After always wins over our own backoff. Every wait is written into the row, so a
+restarted worker resumes the same schedule (rule 7).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from fsm.errors import AutoTLSError, ErrorClass, PermanentError
+from fsm.journal import sanitize
+from fsm.machine import ORDERING_STATES, State, fire
+from fsm.outcomes import Advance, Effects, Outcome, Wait
+from fsm.ports import EngineSettings, problem_type
+from fsm.steps import ORDER_KEYS, iso
+from persistence.records import AccountUpdate, CommitPlan, JournalNote, OrderSnapshot
+
+MAX_RETRY_AFTER = timedelta(days=1)
+
+
+def merge(
+    data: Mapping[str, Any], updates: Mapping[str, Any], clear: tuple[str, ...]
+) -> dict[str, Any]:
+    merged = {k: v for k, v in data.items() if k not in clear}
+    merged.update(updates)
+    return merged
+
+
+def _plan(
+    snap: OrderSnapshot,
+    *,
+    to_state: str,
+    data: Mapping[str, Any],
+    next_run_at: datetime,
+    attempts: int,
+    error: AutoTLSError | None,
+    journal: JournalNote | None,
+    effects: Effects,
+) -> CommitPlan:
+    return CommitPlan(
+        to_state=to_state,
+        data=data,
+        next_run_at=next_run_at,
+        attempts=attempts,
+        last_error_class=error.error_class.value if error else None,
+        last_error_message=error.message if error else None,
+        last_problem=sanitize(error.problem) if error and error.problem else None,
+        journal=journal,
+        new_account=effects.new_account,
+        account_update=effects.account_update,
+        cert_key_pem=effects.cert_key_pem,
+        new_certificate=effects.new_certificate,
+    )
+
+
+def plan_outcome(snap: OrderSnapshot, outcome: Outcome, now: datetime) -> CommitPlan:
+    data = merge(snap.data, outcome.updates, outcome.clear)
+    if isinstance(outcome, Wait):
+        return _plan(
+            snap,
+            to_state=snap.state,
+            data={**data, "waiting_for": outcome.reason},
+            next_run_at=max(outcome.until, now),
+            attempts=0,
+            error=None,
+            journal=None,
+            effects=outcome.effects,
+        )
+    assert isinstance(outcome, Advance)
+    data.pop("waiting_for", None)
+    data.pop("unexpected_errors", None)
+    to_state = fire(snap.state, outcome.trigger, data)
+    return _plan(
+        snap,
+        to_state=to_state.value,
+        data=data,
+        next_run_at=outcome.run_at or now,
+        attempts=0,
+        error=None,
+        journal=JournalNote("transition", outcome.trigger, sanitize(outcome.note)),
+        effects=outcome.effects,
+    )
+
+
+def _error_detail(error: AutoTLSError) -> Mapping[str, Any]:
+    detail: dict[str, Any] = {"error_class": error.error_class.value, "message": error.message}
+    if error.problem:
+        detail["problem"] = error.problem
+    if error.retry_after is not None:
+        detail["retry_after"] = error.retry_after
+    cleaned: Mapping[str, Any] = sanitize(detail)
+    return cleaned
+
+
+def backoff(attempt: int, settings: EngineSettings, rng: random.Random) -> timedelta:
+    """Exponential backoff with jitter in [50 %, 100 %] of the step, capped."""
+    base = settings.transient_backoff_base.total_seconds()
+    cap = settings.transient_backoff_cap.total_seconds()
+    step = min(cap, base * (2 ** max(0, attempt - 1)))
+    return timedelta(seconds=step * rng.uniform(0.5, 1.0))
+
+
+def _retry_after(error: AutoTLSError, default: timedelta) -> timedelta:
+    if error.retry_after is None or error.retry_after < 0:
+        return default
+    return min(timedelta(seconds=error.retry_after), MAX_RETRY_AFTER)
+
+
+def _stay(
+    snap: OrderSnapshot,
+    error: AutoTLSError,
+    until: datetime,
+    *,
+    data: Mapping[str, Any] | None = None,
+) -> CommitPlan:
+    return _plan(
+        snap,
+        to_state=snap.state,
+        data=dict(snap.data if data is None else data),
+        next_run_at=until,
+        attempts=snap.attempts + 1,
+        error=error,
+        journal=JournalNote("error", f"retry:{error.error_class.value}", _error_detail(error)),
+        effects=Effects(),
+    )
+
+
+def _advance_on_error(
+    snap: OrderSnapshot,
+    error: AutoTLSError,
+    trigger: str,
+    *,
+    data: Mapping[str, Any],
+    run_at: datetime,
+    effects: Effects,
+) -> CommitPlan:
+    to_state = fire(snap.state, trigger, data)
+    return _plan(
+        snap,
+        to_state=to_state.value,
+        data=data,
+        next_run_at=run_at,
+        attempts=0 if trigger != "fail" else snap.attempts + 1,
+        error=error,
+        journal=JournalNote("transition", trigger, _error_detail(error)),
+        effects=effects,
+    )
+
+
+def plan_error(
+    snap: OrderSnapshot,
+    error: AutoTLSError,
+    now: datetime,
+    settings: EngineSettings,
+    rng: random.Random,
+) -> CommitPlan:
+    state = State(snap.state)
+    if problem_type(error) == "accountDoesNotExist" and state in (
+        State.REGISTERED,
+        *ORDERING_STATES,
+    ):
+        return _advance_on_error(
+            snap,
+            error,
+            "account_lost",
+            data=merge(snap.data, {}, ORDER_KEYS),
+            run_at=now,
+            effects=Effects(account_update=AccountUpdate(None, "unregistered"), cert_key_pem=None),
+        )
+    kind = error.error_class
+    if kind is ErrorClass.PERMANENT:
+        return _advance_on_error(
+            snap, error, "fail", data=dict(snap.data), run_at=now, effects=Effects()
+        )
+    if kind is ErrorClass.ORDER_INVALID and state in ORDERING_STATES:
+        return _plan_reorder(snap, error, now, settings)
+    if kind is ErrorClass.RATE_LIMITED:
+        return _stay(snap, error, now + _retry_after(error, settings.rate_limit_default_wait))
+    # transient, or an order-invalid verdict where no order is in flight
+    delay = _retry_after(error, backoff(snap.attempts + 1, settings, rng))
+    return _stay(snap, error, now + delay)
+
+
+def _plan_reorder(
+    snap: OrderSnapshot, error: AutoTLSError, now: datetime, settings: EngineSettings
+) -> CommitPlan:
+    window_start = now - settings.validation_window
+    recent = [
+        moment
+        for moment in (_parse(t) for t in snap.data.get("validation_failures") or [])
+        if moment is not None and moment > window_start
+    ]
+    recent.append(now)
+    schedule = settings.reorder_backoff
+    run_at = now + schedule[min(len(recent) - 1, len(schedule) - 1)]
+    if len(recent) >= settings.validation_budget:
+        # Spent: wait until the oldest failure leaves the window (Let's Encrypt allows 5
+        # failed authorizations per identifier per hour; we stay well below).
+        run_at = max(run_at, min(recent) + settings.validation_window)
+    failures = [iso(moment) for moment in recent]
+    data = merge(snap.data, {"validation_failures": failures}, ORDER_KEYS)
+    return _advance_on_error(
+        snap, error, "reorder", data=data, run_at=run_at, effects=Effects(cert_key_pem=None)
+    )
+
+
+def _parse(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+def plan_unexpected(
+    snap: OrderSnapshot,
+    exc: BaseException,
+    now: datetime,
+    settings: EngineSettings,
+    rng: random.Random,
+) -> CommitPlan:
+    """A bug (an exception that is not an AutoTLSError): retry a few times, then fail."""
+    count = int(snap.data.get("unexpected_errors") or 0) + 1
+    message = f"internal error in step {snap.state}: {type(exc).__name__}: {exc}"
+    if count >= settings.max_unexpected_errors:
+        return _advance_on_error(
+            snap,
+            PermanentError(message),
+            "fail",
+            data=dict(snap.data),
+            run_at=now,
+            effects=Effects(),
+        )
+    error = AutoTLSError(message, error_class=ErrorClass.TRANSIENT)
+    data = {**snap.data, "unexpected_errors": count}
+    return _stay(snap, error, now + backoff(snap.attempts + 1, settings, rng), data=data)

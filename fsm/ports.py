@@ -1,0 +1,238 @@
+"""The outside world as the steps see it: narrow protocols and plain views.
+
+Steps talk only to these ports, never to aiohttp, dnspython or SQLAlchemy, so the same
+steps run against the real adapters (``autotls.adapters``), against fakes in unit tests,
+and against recorded replays. Every port method raises :class:`fsm.errors.AutoTLSError`
+subclasses for anything that goes wrong; ACME problems keep their RFC 8555 problem document
+in ``error.problem`` so steps can branch on its ``type`` (``accountDoesNotExist``,
+``alreadyReplaced`` ...) without importing the ACME client.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from fsm.clock import Clock
+
+ACME_ERROR = "urn:ietf:params:acme:error:"
+
+
+# -- ACME -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AcmeAccount:
+    """The account a request is signed with. ``url`` is the kid (None before registration)."""
+
+    key_pem: bytes = field(repr=False)
+    url: str | None
+
+
+@dataclass(frozen=True)
+class RegisteredAccount:
+    url: str
+    status: str
+
+
+@dataclass(frozen=True)
+class ChallengeView:
+    url: str
+    type: str
+    status: str
+    token: str
+    error: Mapping[str, object] | None = None
+
+
+@dataclass(frozen=True)
+class AuthorizationView:
+    url: str
+    status: str
+    identifier: str
+    wildcard: bool
+    expires: datetime | None
+    challenges: tuple[ChallengeView, ...]
+    retry_after: float | None = None
+
+    def challenge(self, kind: str) -> ChallengeView | None:
+        return next((c for c in self.challenges if c.type == kind), None)
+
+
+@dataclass(frozen=True)
+class AcmeOrderView:
+    url: str
+    status: str
+    expires: datetime | None
+    authorizations: tuple[str, ...]
+    finalize: str
+    certificate: str | None = None
+    error: Mapping[str, object] | None = None
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class ChainView:
+    pem: str  # the chain the installer will serve (leaf first), preferred chain already chosen
+
+
+@dataclass(frozen=True)
+class RenewalWindow:
+    start: datetime
+    end: datetime
+    retry_after: float | None = None
+    explanation_url: str | None = None
+
+
+class AcmePort(Protocol):
+    directory_url: str
+
+    async def supports_ari(self) -> bool: ...
+
+    async def register_account(self, account: AcmeAccount) -> RegisteredAccount:
+        """newAccount; for a key the CA already knows this returns that account (no second one)."""
+        ...
+
+    async def new_order(
+        self, account: AcmeAccount, identifier: str, *, profile: str | None, replaces: str | None
+    ) -> AcmeOrderView: ...
+
+    async def get_order(self, account: AcmeAccount, url: str) -> AcmeOrderView: ...
+
+    async def get_authorization(self, account: AcmeAccount, url: str) -> AuthorizationView: ...
+
+    def dns01_value(self, account: AcmeAccount, token: str) -> str: ...
+
+    async def answer_challenge(self, account: AcmeAccount, url: str) -> ChallengeView: ...
+
+    async def finalize(
+        self, account: AcmeAccount, order_url: str, finalize_url: str, csr_der: bytes
+    ) -> AcmeOrderView:
+        """Finalize; on 403 orderNotReady return the re-fetched order instead of raising."""
+        ...
+
+    async def download_certificate(self, account: AcmeAccount, url: str) -> ChainView: ...
+
+    async def renewal_info(self, cert_pem: str) -> RenewalWindow | None: ...
+
+    def cert_id(self, cert_pem: str) -> str | None: ...
+
+    def generate_account_key(self) -> bytes: ...
+
+    def generate_certificate_key(self) -> bytes: ...
+
+    def make_csr(self, key_pem: bytes, names: Sequence[str]) -> bytes: ...
+
+
+# -- broker and DNS -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerHealthView:
+    healthy: bool
+    wait_s: float = 0.0
+    detail: str = ""
+
+
+class BrokerPort(Protocol):
+    async def health(self) -> BrokerHealthView: ...
+
+    async def register(self, peer_id: str, value: str) -> Sequence[str]:
+        """Send the DNS-01 value with the peer's public addresses; returns the addresses sent."""
+        ...
+
+
+@dataclass(frozen=True)
+class TxtCheck:
+    visible: bool  # every authoritative server answers exactly the expected value
+    servers: Mapping[str, str]  # server -> "ok" | "missing" | "other: ..." | "error: ..."
+
+
+class DnsPort(Protocol):
+    async def check_txt(self, name: str, expected: str) -> TxtCheck: ...
+
+
+# -- installation -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstalledCertificate:
+    chain_pem: str
+    serial: str
+    not_before: datetime
+    not_after: datetime
+    fingerprint_sha256: str
+    locations: Mapping[str, str] = field(default_factory=dict)
+
+
+class InstallerPort(Protocol):
+    async def install(
+        self, peer_id: str, identifier: str, chain_pem: str, key_pem: bytes, csr_der: bytes | None
+    ) -> InstalledCertificate:
+        """Verify (SAN, key matches key and CSR, chain, dates), write, and serve the cert.
+        Idempotent: installing the same chain twice changes nothing the second time."""
+        ...
+
+
+# -- settings and the bundle ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    profile: str | None = None
+    zone: str = "libp2p.direct"
+    dns_poll_interval: timedelta = timedelta(seconds=5)
+    dns_deadline_cap: timedelta = timedelta(minutes=15)
+    txt_resend_limit: int = 3
+    authz_poll_interval: timedelta = timedelta(seconds=2)
+    order_poll_interval: timedelta = timedelta(seconds=3)
+    max_poll_interval: timedelta = timedelta(minutes=5)
+    # Let's Encrypt allows 5 failed authorizations per identifier per account per hour.
+    validation_budget: int = 3
+    validation_window: timedelta = timedelta(hours=1)
+    transient_backoff_base: timedelta = timedelta(seconds=2)
+    transient_backoff_cap: timedelta = timedelta(hours=1)
+    # Let's Encrypt's retry guidance for failing issuance: 1 min, 10 min, 100 min, then daily.
+    reorder_backoff: tuple[timedelta, ...] = (
+        timedelta(minutes=1),
+        timedelta(minutes=10),
+        timedelta(minutes=100),
+        timedelta(days=1),
+    )
+    rate_limit_default_wait: timedelta = timedelta(hours=1)
+    max_unexpected_errors: int = 5
+    emergency_fraction: float = 0.1  # renew regardless of ARI with this much lifetime left
+    ari_min_recheck: timedelta = timedelta(hours=1)
+    ari_max_recheck: timedelta = timedelta(hours=24)
+
+
+@dataclass
+class Ports:
+    acme: AcmePort
+    broker: BrokerPort
+    dns: DnsPort
+    installer: InstallerPort
+    clock: Clock
+    settings: EngineSettings = field(default_factory=EngineSettings)
+    rng: random.Random = field(default_factory=random.Random)
+
+
+def problem_type(error: BaseException) -> str | None:
+    """The short ACME problem type (``badNonce``...) of an error, if it carries one."""
+    problem = getattr(error, "problem", None)
+    if not isinstance(problem, Mapping):
+        return None
+    kind = problem.get("type")
+    if not isinstance(kind, str):
+        return None
+    return kind[len(ACME_ERROR) :] if kind.startswith(ACME_ERROR) else kind
+
+
+def problem_status(error: BaseException) -> int | None:
+    problem = getattr(error, "problem", None)
+    if isinstance(problem, Mapping) and isinstance(problem.get("status"), int):
+        return int(problem["status"])
+    status = getattr(error, "status", None)
+    return status if isinstance(status, int) else None

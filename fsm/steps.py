@@ -1,0 +1,550 @@
+"""One step per state: read the snapshot, reconcile with the server, take the single next
+action, and say what happened. Steps never write the database and never sleep; every wait
+is returned as data (design.md rules 2, 3 and 7).
+
+Intent ahead: before a call that is not idempotent, a step first returns ``Wait(now)`` with
+the intent in ``updates``; the worker commits it, the order is due again at once, and the
+next run of the same step makes the call. On resume the intent tells the step to reconcile
+(re-fetch, or replay an identical request) instead of repeating blindly:
+
+* newOrder: the request is recorded first; the order URL is persisted the moment it exists
+  (Let's Encrypt keeps no order list per account). A replay of the identical newOrder gets
+  the same order back from Boulder; Pebble makes a new one (at most one extra per crash).
+* finalize: the key and CSR are persisted first; before finalizing, the order is re-fetched,
+  and only a ``ready`` order is finalized, so a crash after finalize never finalizes twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from fsm.errors import OrderInvalidError, PermanentError, RateLimitedError, TransientError
+from fsm.machine import State
+from fsm.outcomes import Advance, Effects, Outcome, Wait
+from fsm.ports import AcmeAccount, AcmeOrderView, Ports, problem_status, problem_type
+from fsm.renewal import pick_in_window, plan_renewal
+from persistence.records import AccountUpdate, NewAccount, NewCertificate, OrderSnapshot
+
+Step = Callable[[OrderSnapshot, Ports], Awaitable[Outcome]]
+
+# Data that belongs to one ACME order; cleared whenever a new order is placed.
+ORDER_KEYS: tuple[str, ...] = (
+    "new_order_intent",
+    "order_url",
+    "order_expires",
+    "finalize_url",
+    "authz_url",
+    "authz_expires",
+    "authz_status",
+    "challenge_url",
+    "token",
+    "dns_value",
+    "broker_sent_at",
+    "broker_addresses",
+    "txt_deadline",
+    "txt_resends",
+    "txt_last_check",
+    "txt_seen_at",
+    "txt_servers",
+    "answered_at",
+    "authz_valid_at",
+    "csr_der",
+    "csr_sha256",
+    "certificate_url",
+)
+AUTHZ_EXPIRY_MARGIN = timedelta(minutes=2)
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def parse_time(value: Any, key: str) -> datetime:
+    if not isinstance(value, str):
+        raise PermanentError(f"order data {key!r} is not a timestamp: {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise PermanentError(f"order data {key!r} is not a timestamp: {value!r}") from None
+    if parsed.tzinfo is None:
+        raise PermanentError(f"order data {key!r} has no timezone: {value!r}")
+    return parsed
+
+
+def _need(data: Mapping[str, Any], key: str) -> Any:
+    value = data.get(key)
+    if value in (None, ""):
+        raise PermanentError(f"order data lacks {key!r} (was the row edited by hand?)")
+    return value
+
+
+def _account(snap: OrderSnapshot) -> AcmeAccount:
+    if snap.account is None or not snap.account.url:
+        # Only reachable if the row was placed or edited without a registered account.
+        raise PermanentError("order has no registered ACME account; retry it from New")
+    return AcmeAccount(snap.account.key_pem, snap.account.url)
+
+
+def _later(now: datetime, seconds: float | None, default: timedelta, cap: timedelta) -> datetime:
+    if seconds is None or seconds <= 0:
+        return now + default
+    return now + min(timedelta(seconds=seconds), cap)
+
+
+# -- New: the ACME account ----------------------------------------------------------------
+
+
+async def step_new(snap: OrderSnapshot, ports: Ports) -> Outcome:
+    now = ports.clock.now()
+    if snap.account is None:
+        # Persist a key before registering: a crash after newAccount then finds the key and
+        # newAccount with a known key returns the same account, never a second one.
+        # If another order already made the store's account, the store links to that one.
+        key = ports.acme.generate_account_key()
+        return Wait(
+            now,
+            "account key created",
+            effects=Effects(new_account=NewAccount(ports.acme.directory_url, key)),
+        )
+    if snap.account.directory_url != ports.acme.directory_url:
+        raise PermanentError(
+            f"order belongs to the account at {snap.account.directory_url}, but this worker "
+            f"talks to {ports.acme.directory_url}"
+        )
+    if snap.account.url and snap.account.status == "valid":
+        return Advance("account_ready", note={"account": snap.account.url, "reused": True})
+    registered = await ports.acme.register_account(AcmeAccount(snap.account.key_pem, None))
+    if registered.status != "valid":
+        raise PermanentError(f"ACME account {registered.url} is {registered.status}")
+    return Advance(
+        "account_ready",
+        note={"account": registered.url},
+        effects=Effects(account_update=AccountUpdate(registered.url, registered.status)),
+    )
+
+
+# -- Registered: place the ACME order -------------------------------------------------------
+
+
+def _order_request(snap: OrderSnapshot, ports: Ports) -> dict[str, Any]:
+    return {
+        "identifier": snap.identifier,
+        "profile": ports.settings.profile,
+        "replaces": snap.data.get("replaces"),
+    }
+
+
+async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
+    now = ports.clock.now()
+    account = _account(snap)
+    data = snap.data
+    if not data.get("order_url"):
+        request = _order_request(snap, ports)
+        digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+        intent = data.get("new_order_intent")
+        if not isinstance(intent, Mapping) or intent.get("request") != digest:
+            return Wait(
+                now,
+                "newOrder intent recorded",
+                updates={"new_order_intent": {"request": digest, "at": iso(now), **request}},
+            )
+        try:
+            order = await ports.acme.new_order(
+                account,
+                snap.identifier,
+                profile=request["profile"],
+                replaces=request["replaces"],
+            )
+        except Exception as exc:
+            if request["replaces"] and _replaces_refused(exc):
+                # 409 alreadyReplaced, or the CA does not know the cert (LE: 404 malformed):
+                # order again without `replaces` rather than looping on it.
+                return Wait(
+                    now,
+                    "replaces refused; ordering without it",
+                    updates={"replaces": None, "replaces_dropped": f"{problem_type(exc)}: {exc}"},
+                )
+            raise
+        return Wait(now, "order placed", updates=_order_fields(order))
+    order = await ports.acme.get_order(account, str(data["order_url"]))
+    if order.status in ("invalid", "expired") or _expired(order, now):
+        return Wait(
+            now,
+            f"stored order is {order.status}; placing a new one",
+            clear=ORDER_KEYS,
+        )
+    if len(order.authorizations) != 1:
+        raise PermanentError(
+            f"order {order.url} has {len(order.authorizations)} authorizations, expected 1"
+        )
+    authz = await ports.acme.get_authorization(account, order.authorizations[0])
+    challenge = authz.challenge("dns-01")
+    if challenge is None:
+        raise PermanentError(f"authorization {authz.url} offers no dns-01 challenge")
+    if authz.status not in ("pending", "valid"):
+        return Wait(now, f"authorization is {authz.status}; placing a new order", clear=ORDER_KEYS)
+    expires = authz.expires or order.expires
+    if expires is None:
+        raise TransientError(f"authorization {authz.url} has no expiry")
+    return Advance(
+        "order_placed",
+        updates={
+            **_order_fields(order),
+            "authz_url": authz.url,
+            "authz_expires": iso(expires),
+            "authz_status": authz.status,
+            "challenge_url": challenge.url,
+            "token": challenge.token,
+            "dns_value": ports.acme.dns01_value(account, challenge.token),
+        },
+        note={"order_url": order.url, "authz_status": authz.status},
+    )
+
+
+def _order_fields(order: AcmeOrderView) -> dict[str, Any]:
+    return {
+        "order_url": order.url,
+        "order_expires": iso(order.expires) if order.expires else None,
+        "finalize_url": order.finalize,
+    }
+
+
+def _expired(order: AcmeOrderView, now: datetime) -> bool:
+    return order.expires is not None and order.expires <= now
+
+
+def _replaces_refused(exc: BaseException) -> bool:
+    """409 alreadyReplaced, 404 for a certificate the CA will not replace, or Let's Encrypt's
+    "account did not request" refusal: all mean "order again without replaces"."""
+    kind = problem_type(exc)
+    if kind == "alreadyReplaced":
+        return True
+    if kind == "malformed" and problem_status(exc) == 404:
+        return True
+    message = str(exc).lower()
+    return kind in ("malformed", "unauthorized") and (
+        "replace" in message or "did not request" in message
+    )
+
+
+# -- Challenged: the broker -------------------------------------------------------------
+
+
+async def step_challenged(snap: OrderSnapshot, ports: Ports) -> Outcome:
+    now = ports.clock.now()
+    data = snap.data
+    if data.get("authz_status") == "valid":
+        # The CA reused a still-valid authorization for this account: there is nothing to
+        # publish, so neither the broker nor DNS is bothered.
+        return Advance(
+            "authorization_reused",
+            updates={"authz_valid_at": iso(now)},
+            note={"authz_url": data.get("authz_url")},
+        )
+    health = await ports.broker.health()
+    if not health.healthy:
+        # Touch nothing at the CA while the broker is down: every order burnt here would
+        # count against Let's Encrypt's limits.
+        raise RateLimitedError(
+            f"broker unhealthy: {health.detail or 'health check failed'}",
+            retry_after=health.wait_s,
+        )
+    addresses = await ports.broker.register(snap.peer_id, str(_need(data, "dns_value")))
+    authz_expires = parse_time(_need(data, "authz_expires"), "authz_expires")
+    deadline = min(authz_expires - AUTHZ_EXPIRY_MARGIN, now + ports.settings.dns_deadline_cap)
+    return Advance(
+        "broker_accepted",
+        updates={
+            "broker_sent_at": iso(now),
+            "broker_addresses": list(addresses),
+            "txt_deadline": iso(deadline),
+        },
+        note={"addresses": list(addresses)},
+    )
+
+
+# -- BrokerNotified: DNS propagation -----------------------------------------------------------
+
+
+def txt_name(peer_id: str, zone: str) -> str:
+    return f"_acme-challenge.{peer_id}.{zone}"
+
+
+async def step_broker_notified(snap: OrderSnapshot, ports: Ports) -> Outcome:
+    now = ports.clock.now()
+    data = snap.data
+    check = await ports.dns.check_txt(
+        txt_name(snap.peer_id, ports.settings.zone), str(_need(data, "dns_value"))
+    )
+    if check.visible:
+        return Advance(
+            "txt_visible",
+            updates={"txt_seen_at": iso(now), "txt_servers": dict(check.servers)},
+            note={"servers": dict(check.servers)},
+        )
+    deadline = parse_time(_need(data, "txt_deadline"), "txt_deadline")
+    if now < deadline:
+        return Wait(
+            min(now + ports.settings.dns_poll_interval, deadline),
+            "waiting for the TXT record on the authoritative servers",
+            updates={"txt_last_check": dict(check.servers)},
+        )
+    resends = int(data.get("txt_resends") or 0)
+    authz_expires = parse_time(_need(data, "authz_expires"), "authz_expires")
+    if resends < ports.settings.txt_resend_limit and authz_expires - now > AUTHZ_EXPIRY_MARGIN:
+        return Advance(
+            "txt_timeout",
+            updates={"txt_resends": resends + 1, "txt_last_check": dict(check.servers)},
+            clear=("broker_sent_at", "txt_deadline"),
+            note={"servers": dict(check.servers), "resend": resends + 1},
+        )
+    # Never answer a challenge whose TXT nobody can see: the CA would fail it, and failed
+    # validations are rate-limited. Abandon this order (nothing failed at the CA).
+    return Advance(
+        "reorder",
+        clear=ORDER_KEYS,
+        note={"reason": "TXT record never became visible", "servers": dict(check.servers)},
+        run_at=now + ports.settings.reorder_backoff[0],
+    )
+
+
+# -- DNSPropagated: answer the challenge, await validation ---------------------------------
+
+
+async def step_dns_propagated(snap: OrderSnapshot, ports: Ports) -> Outcome:
+    now = ports.clock.now()
+    data = snap.data
+    account = _account(snap)
+    if not data.get("answered_at"):
+        await ports.acme.answer_challenge(account, str(_need(data, "challenge_url")))
+        return Wait(now, "challenge answered", updates={"answered_at": iso(now)})
+    authz = await ports.acme.get_authorization(account, str(_need(data, "authz_url")))
+    if authz.status == "valid":
+        return Advance("authorization_valid", updates={"authz_valid_at": iso(now)})
+    if authz.status == "pending":
+        return Wait(
+            _later(
+                now,
+                authz.retry_after,
+                ports.settings.authz_poll_interval,
+                ports.settings.max_poll_interval,
+            ),
+            "waiting for the CA to validate",
+        )
+    challenge = authz.challenge("dns-01")
+    problem = challenge.error if challenge is not None else None
+    detail = problem.get("detail") if isinstance(problem, Mapping) else None
+    raise OrderInvalidError(
+        f"authorization {authz.status}" + (f": {detail}" if detail else ""),
+        problem=problem,
+    )
+
+
+# -- Validated: key, CSR, finalize ------------------------------------------------------------
+
+
+async def step_validated(snap: OrderSnapshot, ports: Ports) -> Outcome:
+    now = ports.clock.now()
+    data = snap.data
+    account = _account(snap)
+    if snap.cert_key_pem is None or not data.get("csr_der"):
+        key = ports.acme.generate_certificate_key()
+        csr = ports.acme.make_csr(key, [snap.identifier])
+        return Wait(
+            now,
+            "certificate key and CSR recorded",
+            updates={
+                "csr_der": base64.b64encode(csr).decode("ascii"),
+                "csr_sha256": hashlib.sha256(csr).hexdigest(),
+            },
+            effects=Effects(cert_key_pem=key),
+        )
+    order = await ports.acme.get_order(account, str(_need(data, "order_url")))
+    if order.status == "ready":
+        csr = base64.b64decode(str(data["csr_der"]))
+        order = await ports.acme.finalize(account, order.url, order.finalize, csr)
+    return _after_finalize(order, now, ports)
+
+
+def _after_finalize(order: AcmeOrderView, now: datetime, ports: Ports) -> Outcome:
+    if order.status == "valid":
+        if not order.certificate:
+            raise TransientError(f"order {order.url} is valid but has no certificate URL yet")
+        return Advance(
+            "certificate_issued",
+            updates={"certificate_url": order.certificate},
+            note={"certificate_url": order.certificate},
+        )
+    if order.status in ("processing", "ready"):
+        return Wait(
+            _later(
+                now,
+                order.retry_after,
+                ports.settings.order_poll_interval,
+                ports.settings.max_poll_interval,
+            ),
+            f"order {order.status}",
+        )
+    if order.status == "invalid" or _expired(order, now):
+        detail = order.error.get("detail") if order.error else None
+        raise OrderInvalidError(
+            f"order {order.status}" + (f": {detail}" if detail else ""), problem=order.error
+        )
+    raise TransientError(f"order {order.url} is {order.status} after validation")
+
+
+# -- Finalized: download, verify, install -------------------------------------------------------
+
+
+async def step_finalized(snap: OrderSnapshot, ports: Ports) -> Outcome:
+    now = ports.clock.now()
+    data = snap.data
+    account = _account(snap)
+    if snap.cert_key_pem is None:
+        raise PermanentError("the certificate key of this order is missing from the store")
+    chain = await ports.acme.download_certificate(account, str(_need(data, "certificate_url")))
+    csr = base64.b64decode(str(data["csr_der"])) if data.get("csr_der") else None
+    installed = await ports.installer.install(
+        snap.peer_id, snap.identifier, chain.pem, snap.cert_key_pem, csr
+    )
+    return Advance(
+        "certificate_installed",
+        updates={
+            "installed_at": iso(now),
+            "serial": installed.serial,
+            "not_after": iso(installed.not_after),
+            "renewal": None,
+        },
+        note={"serial": installed.serial, "not_after": iso(installed.not_after)},
+        effects=Effects(
+            cert_key_pem=None,
+            new_certificate=NewCertificate(
+                chain_pem=installed.chain_pem,
+                key_pem=snap.cert_key_pem,
+                serial=installed.serial,
+                cert_id=ports.acme.cert_id(installed.chain_pem),
+                not_before=installed.not_before,
+                not_after=installed.not_after,
+                acme_order_url=str(data.get("order_url") or "") or None,
+                replaces_cert_id=data.get("replaces"),
+            ),
+        ),
+    )
+
+
+# -- Installed: wait for renewal time ---------------------------------------------------------
+
+
+async def step_installed(snap: OrderSnapshot, ports: Ports) -> Outcome:
+    now = ports.clock.now()
+    cert = snap.certificate
+    if cert is None:
+        raise PermanentError("order is Installed but has no certificate record")
+    settings = ports.settings
+    renewal: dict[str, Any] = dict(snap.data.get("renewal") or {})
+    if now >= cert.not_after:
+        return Advance(
+            "renewal_due",
+            updates={"replaces": None, "renewal_reason": "expired"},
+            note={"reason": "expired", "not_after": iso(cert.not_after)},
+        )
+    ari = await ports.acme.supports_ari()
+    if ari and cert.cert_id:
+        due_check = renewal.get("next_ari_check")
+        if due_check is None or parse_time(due_check, "next_ari_check") <= now:
+            renewal = await _refresh_ari(renewal, cert.chain_pem, now, ports)
+    ari_time = parse_time(renewal["ari_time"], "ari_time") if renewal.get("ari_time") else None
+    plan = plan_renewal(
+        now=now,
+        not_before=cert.not_before,
+        not_after=cert.not_after,
+        ari_time=ari_time,
+        emergency_fraction=settings.emergency_fraction,
+    )
+    if now >= plan.renew_at:
+        replaces = cert.cert_id if ari and cert.cert_id else None
+        return Advance(
+            "renewal_due",
+            updates={"replaces": replaces, "renewal_reason": plan.reason, "renewal": renewal},
+            note={"reason": plan.reason, "replaces": replaces},
+        )
+    until = plan.renew_at
+    if renewal.get("next_ari_check"):
+        until = min(until, parse_time(renewal["next_ari_check"], "next_ari_check"))
+    renewal.update(renew_at=iso(plan.renew_at), reason=plan.reason)
+    return Wait(
+        until, f"renewal at {iso(plan.renew_at)} ({plan.reason})", updates={"renewal": renewal}
+    )
+
+
+async def _refresh_ari(
+    renewal: dict[str, Any], chain_pem: str, now: datetime, ports: Ports
+) -> dict[str, Any]:
+    settings = ports.settings
+    try:
+        window = await ports.acme.renewal_info(chain_pem)
+    except (TransientError, RateLimitedError) as exc:
+        # ARI trouble never endangers the certificate: keep the last window (or the backstop)
+        # and ask again later.
+        retry = exc.retry_after or settings.ari_min_recheck.total_seconds()
+        return {
+            **renewal,
+            "next_ari_check": iso(_clamped_recheck(now, retry, ports)),
+            "ari_error": str(exc),
+        }
+    if window is None:
+        return {**renewal, "next_ari_check": iso(now + settings.ari_max_recheck)}
+    previous = renewal.get("window")
+    current = [iso(window.start), iso(window.end)]
+    ari_time = renewal.get("ari_time")
+    if previous != current or not ari_time:
+        ari_time = iso(pick_in_window(window, now, ports.rng))
+    return {
+        "window": current,
+        "ari_time": ari_time,
+        "explanation_url": window.explanation_url,
+        "next_ari_check": iso(_clamped_recheck(now, window.retry_after, ports)),
+    }
+
+
+def _clamped_recheck(now: datetime, retry_after: float | None, ports: Ports) -> datetime:
+    s = ports.settings
+    wait = timedelta(seconds=retry_after) if retry_after else timedelta(hours=6)
+    return now + max(s.ari_min_recheck, min(wait, s.ari_max_recheck))
+
+
+# -- RenewDue: back to ordering ----------------------------------------------------------------
+
+
+async def step_renew_due(snap: OrderSnapshot, ports: Ports) -> Outcome:
+    now = ports.clock.now()
+    replaces = snap.data.get("replaces")
+    cert = snap.certificate
+    if cert is not None and now >= cert.not_after:
+        # Never `replaces` an expired certificate: Let's Encrypt answers 404 and the Go
+        # client looped forever on it.
+        replaces = None
+    return Advance(
+        "start_renewal",
+        updates={"replaces": replaces, "txt_resends": 0},
+        clear=ORDER_KEYS,
+        note={"replaces": replaces},
+    )
+
+
+STEPS: Mapping[State, Step] = {
+    State.NEW: step_new,
+    State.REGISTERED: step_registered,
+    State.CHALLENGED: step_challenged,
+    State.BROKER_NOTIFIED: step_broker_notified,
+    State.DNS_PROPAGATED: step_dns_propagated,
+    State.VALIDATED: step_validated,
+    State.FINALIZED: step_finalized,
+    State.INSTALLED: step_installed,
+    State.RENEW_DUE: step_renew_due,
+}

@@ -1,0 +1,350 @@
+"""The worker: claim due orders, run one step each, commit, sleep until the next due time.
+
+* Bounded concurrency: at most ``concurrency`` steps in flight; new claims fill free slots.
+* No busy polling: when idle it sleeps until the store's next due time (or ``idle_poll``,
+  to notice rows other processes add; :meth:`Worker.wake` cuts the sleep short).
+* Long steps keep their lease alive (renewed every third of the lease); a worker that still
+  loses it finds its commit refused by the fence and drops the result.
+* Graceful shutdown: stop claiming, give in-flight steps ``grace`` seconds to finish and
+  commit, then cancel the rest and release their leases (nothing they did is committed, as
+  if the process had died there; the next claim reconciles).
+* One bad order never stops the worker: corrupt rows are failed and set aside, exceptions
+  become classified retries or failures of that order only, and database errors are
+  logged and retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from fsm.errors import AutoTLSError, PermanentError
+from fsm.faults import FaultPlan, FaultPoint
+from fsm.machine import InvalidTransitionError, State
+from fsm.policy import plan_error, plan_outcome, plan_unexpected
+from fsm.ports import Ports
+from fsm.steps import STEPS, Step
+from persistence.records import CommitPlan, OrderSnapshot
+from persistence.store import ClaimedOrder, CorruptOrder, Store
+
+log = logging.getLogger("autotls.worker")
+
+
+@dataclass(frozen=True)
+class OrderEvent:
+    """What happened to an order in one commit (for callbacks, metrics, progress)."""
+
+    order_id: int
+    peer_id: str
+    from_state: str
+    to_state: str
+    trigger: str | None  # None for a wait
+    error_class: str | None
+    message: str | None
+    next_run_at: datetime | None
+
+
+EventListener = Callable[[OrderEvent], Awaitable[None] | None]
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        ports: Ports,
+        *,
+        worker_id: str | None = None,
+        concurrency: int = 4,
+        lease: timedelta = timedelta(seconds=60),
+        idle_poll: timedelta = timedelta(seconds=30),
+        faults: FaultPlan | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.store = store
+        self.ports = ports
+        self.id = worker_id or default_worker_id()
+        self.concurrency = concurrency
+        self.lease = lease
+        self.idle_poll = idle_poll
+        self.faults = faults or FaultPlan()
+        self._listeners: list[EventListener] = []
+        self._wake = asyncio.Event()
+        self.steps_run = 0
+        self.lost_leases = 0
+
+    # -- public -------------------------------------------------------------------------------
+
+    def subscribe(self, listener: EventListener) -> None:
+        self._listeners.append(listener)
+
+    def wake(self) -> None:
+        """New work may be due now (an order was created or retried)."""
+        self._wake.set()
+
+    async def run_once(self) -> int:
+        """Claim what is due now, run those steps concurrently, commit. Returns how many."""
+        claimed = await self._claim(self.concurrency)
+        if claimed:
+            await asyncio.gather(*(self._process(c) for c in claimed))
+        return len(claimed)
+
+    async def run(self, stop: asyncio.Event, *, grace: float = 10.0) -> None:
+        """Work until ``stop`` is set; then shut down gracefully."""
+        inflight: set[asyncio.Task[None]] = set()
+        db_failures = 0
+        stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                free = self.concurrency - len(inflight)
+                claimed: list[ClaimedOrder] = []
+                if free > 0:
+                    try:
+                        claimed = await self._claim(free)
+                        db_failures = 0
+                    except Exception:
+                        db_failures += 1
+                        delay = min(60.0, 2.0**db_failures)
+                        log.exception("claiming due orders failed; retrying in %.0fs", delay)
+                        await self._sleep(timedelta(seconds=delay), stop_wait, inflight)
+                        continue
+                for order in claimed:
+                    inflight.add(asyncio.ensure_future(self._process(order)))
+                if claimed and len(inflight) < self.concurrency:
+                    continue  # more may be due right now
+                await self._sleep(await self._idle_for(inflight), stop_wait, inflight)
+                inflight = {t for t in inflight if not t.done()}
+        finally:
+            stop_wait.cancel()
+            await self._shutdown(inflight, grace)
+
+    # -- loop internals -----------------------------------------------------------------
+
+    async def _claim(self, limit: int) -> list[ClaimedOrder]:
+        return await self.store.claim_due(
+            self.id,
+            now=self.ports.clock.now(),
+            lease_seconds=self.lease.total_seconds(),
+            limit=limit,
+        )
+
+    async def _idle_for(self, inflight: set[asyncio.Task[None]]) -> timedelta:
+        if len(inflight) >= self.concurrency:
+            return self.idle_poll
+        try:
+            due = await self.store.next_due_at()
+        except Exception:
+            log.exception("reading the next due time failed")
+            return timedelta(seconds=5)
+        if due is None:
+            return self.idle_poll
+        return max(timedelta(0), min(self.idle_poll, due - self.ports.clock.now()))
+
+    async def _sleep(
+        self,
+        duration: timedelta,
+        stop_wait: asyncio.Future[Any],
+        inflight: set[asyncio.Task[None]],
+    ) -> None:
+        """Sleep until ``duration`` passes, a step finishes, work is woken, or stop."""
+        if duration <= timedelta(0):
+            return
+        self._wake.clear()
+        sleeper: asyncio.Future[Any] = asyncio.ensure_future(
+            self.ports.clock.sleep_until(self.ports.clock.now() + duration, self._wake)
+        )
+        waiting: set[asyncio.Future[Any]] = {sleeper, stop_wait, *inflight}
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+
+    async def _shutdown(self, inflight: set[asyncio.Task[None]], grace: float) -> None:
+        if not inflight:
+            return
+        log.info("stopping: waiting up to %.0fs for %d step(s)", grace, len(inflight))
+        _done, pending = await asyncio.wait(inflight, timeout=grace)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- one order ------------------------------------------------------------------------
+
+    async def _process(self, claimed: ClaimedOrder) -> None:
+        if isinstance(claimed, CorruptOrder):
+            await self._set_aside(claimed)
+            return
+        snap = claimed
+        try:
+            state = State(snap.state)
+            step = STEPS[state]
+        except (ValueError, KeyError):
+            await self._set_aside(
+                CorruptOrder(snap.id, snap.fence, snap.peer_id, snap.state, "unknown state")
+            )
+            return
+        self.faults.hit(FaultPoint.BEFORE_EFFECT, snap.state)
+        keeper = asyncio.ensure_future(self._keep_lease(snap))
+        try:
+            plan = await self._run_step(step, snap)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.release(snap.id, snap.fence))
+            raise
+        finally:
+            keeper.cancel()
+        self.steps_run += 1
+        self.faults.hit(FaultPoint.AFTER_EFFECT, snap.state)
+        now = self.ports.clock.now()
+        try:
+            committed = await self.store.commit(snap, plan, now=now, worker=self.id)
+        except Exception:
+            # E.g. a unique index refused the new state. The lease runs out and the order is
+            # retried; nothing half-done was written (the commit is one transaction).
+            log.exception("order %s: commit failed", snap.id, extra={"order_id": snap.id})
+            return
+        if not committed:
+            self.lost_leases += 1
+            log.warning(
+                "order %s: lease lost while in %s; result dropped",
+                snap.id,
+                snap.state,
+                extra={"order_id": snap.id, "state": snap.state},
+            )
+            return
+        self.faults.hit(FaultPoint.AFTER_COMMIT, snap.state)
+        await self._announce(snap, plan)
+
+    async def _run_step(self, step: Step, snap: OrderSnapshot) -> CommitPlan:
+        clock, settings, rng = self.ports.clock, self.ports.settings, self.ports.rng
+        try:
+            outcome = await step(snap, self.ports)
+            return plan_outcome(snap, outcome, clock.now())
+        except AutoTLSError as error:
+            return plan_error(snap, error, clock.now(), settings, rng)
+        except InvalidTransitionError as error:
+            log.error("order %s: step asked for an impossible move: %s", snap.id, error)
+            return plan_error(snap, PermanentError(str(error)), clock.now(), settings, rng)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception(
+                "order %s: unexpected error in step %s",
+                snap.id,
+                snap.state,
+                extra={"order_id": snap.id, "state": snap.state},
+            )
+            return plan_unexpected(snap, exc, clock.now(), settings, rng)
+
+    async def _keep_lease(self, snap: OrderSnapshot) -> None:
+        period = self.lease.total_seconds() / 3
+        clock = self.ports.clock
+        while True:
+            await clock.sleep_until(clock.now() + timedelta(seconds=period))
+            until = clock.now() + self.lease
+            try:
+                if not await self.store.renew_lease(snap.id, snap.fence, self.id, until):
+                    log.warning("order %s: lease taken over during a long step", snap.id)
+                    return
+            except Exception:
+                log.exception("order %s: lease renewal failed", snap.id)
+
+    async def _set_aside(self, order: CorruptOrder) -> None:
+        log.error(
+            "order %s is corrupt and is set aside as Failed: %s",
+            order.id,
+            order.error,
+            extra={"order_id": order.id},
+        )
+        now = self.ports.clock.now()
+        if await self.store.fail_corrupt(
+            order, failed_state=State.FAILED.value, now=now, worker=self.id
+        ):
+            await self._emit(
+                OrderEvent(
+                    order.id,
+                    order.peer_id or "?",
+                    order.state or "?",
+                    State.FAILED.value,
+                    "fail",
+                    "permanent",
+                    f"corrupt order row: {order.error}",
+                    None,
+                )
+            )
+
+    async def _announce(self, snap: OrderSnapshot, plan: CommitPlan) -> None:
+        trigger = plan.journal.trigger if plan.journal and plan.journal.kind != "error" else None
+        extra = {"order_id": snap.id, "state": plan.to_state}
+        if trigger:
+            log.info(
+                "order %s: %s -> %s (%s)", snap.id, snap.state, plan.to_state, trigger, extra=extra
+            )
+        elif plan.last_error_class:
+            log.warning(
+                "order %s: %s in %s, next try %s: %s",
+                snap.id,
+                plan.last_error_class,
+                snap.state,
+                plan.next_run_at.isoformat(),
+                plan.last_error_message,
+                extra=extra,
+            )
+        else:
+            log.debug("order %s: waiting in %s until %s", snap.id, snap.state, plan.next_run_at)
+        await self._emit(
+            OrderEvent(
+                snap.id,
+                snap.peer_id,
+                snap.state,
+                plan.to_state,
+                trigger,
+                plan.last_error_class,
+                plan.last_error_message,
+                plan.next_run_at,
+            )
+        )
+
+    async def _emit(self, event: OrderEvent) -> None:
+        for listener in self._listeners:
+            try:
+                result = listener(event)
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("event listener failed for order %s", event.order_id)
+
+
+async def run_until_idle(
+    worker: Worker,
+    *,
+    advance_clock: Callable[[datetime], None] | None = None,
+    stop_when: Callable[[], Awaitable[bool]] | None = None,
+    max_rounds: int = 10_000,
+) -> int:
+    """Drive a worker deterministically (tests, replays): run what is due; when nothing is,
+    jump the clock (``advance_clock``) to the next due time. Returns the rounds taken."""
+    for rounds in range(1, max_rounds + 1):
+        if stop_when is not None and await stop_when():
+            return rounds
+        if await worker.run_once():
+            continue
+        due = await worker.store.next_due_at()
+        if due is None or advance_clock is None:
+            return rounds
+        advance_clock(max(due, worker.ports.clock.now()))
+    raise RuntimeError(f"worker did not settle within {max_rounds} rounds")
