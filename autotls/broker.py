@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
 import logging
 import re
 import ssl
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import metadata
 from types import TracebackType
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from autotls.acme.messages import parse_retry_after
 from autotls.peerid import PrivateKey
 from autotls.peeridauth import (
     HandshakeRefused,
@@ -52,7 +52,6 @@ __all__ = [
     "InvalidChallengeValue",
     "NoDialableAddresses",
     "health_wait",
-    "parse_retry_after",
     "validate_challenge_value",
 ]
 
@@ -158,24 +157,6 @@ class BrokerHealth:
     detail: str
 
 
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date); ``None`` if absent
-    or unparseable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
-
-
 def health_wait(retry_after: float | None) -> float:
     """How long to wait before issuing when the broker is unhealthy."""
     hint = MIN_OUTAGE_WAIT if retry_after is None else retry_after
@@ -208,7 +189,7 @@ def classify_response(status: int, body: bytes, headers: Any) -> BrokerError | N
     if 200 <= status < 300:
         return None
     detail = _detail(body)
-    retry_after = parse_retry_after(headers.get("Retry-After")) if headers else None
+    retry_after = parse_retry_after(headers.get("Retry-After"), _now()) if headers else None
     if status == 400:
         if DIAL_ERROR_MARKER in detail.lower():
             return BrokerDialError(
@@ -320,7 +301,7 @@ class BrokerClient:
             raise BrokerNetworkError(f"broker health check failed: {_describe(exc)}") from None
         if 200 <= status < 300:
             return BrokerHealth(True, 0.0, f"healthy ({status})")
-        wait = health_wait(parse_retry_after(retry_after))
+        wait = health_wait(parse_retry_after(retry_after, _now()))
         detail = f"unhealthy: {status} {_detail(body, 120)}".rstrip()
         log.warning("broker %s %s; waiting %.0f s before issuing", self.base_url, detail, wait)
         return BrokerHealth(False, wait, detail)
@@ -387,6 +368,10 @@ class BrokerClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _describe(exc: BaseException) -> str:

@@ -28,7 +28,6 @@ from autotls.broker import (
     InvalidChallengeValue,
     NoDialableAddresses,
     health_wait,
-    parse_retry_after,
     validate_challenge_value,
 )
 from autotls.peerid import PrivateKey
@@ -115,16 +114,6 @@ def test_health_wait_bounds() -> None:
     assert health_wait(10) == 3600
     assert health_wait(7200) == 7200
     assert health_wait(10**7) == 86400
-
-
-def test_parse_retry_after() -> None:
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("120") == 120
-    assert parse_retry_after("soon") is None
-    now = datetime(2026, 1, 1, tzinfo=UTC)
-    date = format_datetime(now + timedelta(hours=2), usegmt=True)
-    assert parse_retry_after(date, now=now.timestamp()) == 7200
-    assert parse_retry_after(format_datetime(now, usegmt=True), now=now.timestamp() + 5) == 0
 
 
 @pytest.mark.parametrize(
@@ -363,3 +352,13 @@ async def test_external_session_is_not_closed(broker: FakeBroker) -> None:
         await client.register(VALUE, PUBLIC)
         await client.close()
         assert not session.closed
+
+
+async def test_health_down_with_http_date(broker: FakeBroker) -> None:
+    broker.health_status = 503
+    later = datetime.now(UTC) + timedelta(hours=5)
+    broker.health_headers = {"Retry-After": format_datetime(later, usegmt=True)}
+    async with client_for(broker) as client:
+        health = await client.health()
+    assert not health.healthy
+    assert 5 * 3600 - 60 < health.wait_s <= 5 * 3600
