@@ -200,34 +200,36 @@ def _encode_key_proto(key_type: int, data: bytes) -> bytes:
 def _decode_key_proto(data: bytes, what: str) -> tuple[KeyType, bytes]:
     if not data:
         raise PeerIdError(f"{what} protobuf is empty")
+
+    def varint(at: int) -> tuple[int, int]:
+        try:
+            return uvarint_decode(data, at)
+        except PeerIdError as exc:
+            raise PeerIdError(f"{what} protobuf is malformed: {exc.message}") from None
+
     fields: dict[int, int | bytes] = {}
     offset = 0
-    try:
-        while offset < len(data):
-            tag, offset = uvarint_decode(data, offset)
-            field, wire = tag >> 3, tag & 7
-            if field in fields:
-                raise PeerIdError(f"{what} protobuf repeats field {field}")
-            if field == 1 and wire == 0:
-                fields[1], offset = uvarint_decode(data, offset)
-            elif field == 2 and wire == 2:
-                length, offset = uvarint_decode(data, offset)
-                if offset + length > len(data):
-                    raise PeerIdError(
-                        f"{what} protobuf is truncated: field 2 says {length} bytes, "
-                        f"{len(data) - offset} left"
-                    )
-                fields[2] = data[offset : offset + length]
-                offset += length
-            else:
+    while offset < len(data):
+        tag, offset = varint(offset)
+        field, wire = tag >> 3, tag & 7
+        if field in fields:
+            raise PeerIdError(f"{what} protobuf repeats field {field}")
+        if field == 1 and wire == 0:
+            fields[1], offset = varint(offset)
+        elif field == 2 and wire == 2:
+            length, offset = varint(offset)
+            if offset + length > len(data):
                 raise PeerIdError(
-                    f"{what} protobuf has an unexpected field {field} (wire type {wire}); "
-                    "expected only 1 = KeyType and 2 = Data"
+                    f"{what} protobuf is truncated: field 2 says {length} bytes, "
+                    f"{len(data) - offset} left"
                 )
-    except PeerIdError as exc:
-        if "protobuf" in exc.message:
-            raise
-        raise PeerIdError(f"{what} protobuf is malformed: {exc.message}") from None
+            fields[2] = data[offset : offset + length]
+            offset += length
+        else:
+            raise PeerIdError(
+                f"{what} protobuf has an unexpected field {field} (wire type {wire}); "
+                "expected only 1 = KeyType and 2 = Data"
+            )
     if 1 not in fields or 2 not in fields:
         missing = "KeyType (field 1)" if 1 not in fields else "Data (field 2)"
         raise PeerIdError(f"{what} protobuf lacks {missing}")

@@ -487,7 +487,7 @@ class PeerIdAuthClient:
             method,
             url,
             headers=sent,
-            data=body if body is not None else None,
+            data=body,
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             ssl=self.ssl,
             allow_redirects=False,

@@ -21,7 +21,6 @@ import base64
 import binascii
 import json
 import logging
-import os
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -136,9 +135,7 @@ class LocalBroker:
         self.dial_timeout = dial_timeout
         self.dial_tls_context = dial_tls_context
         self._dialer = dialer or self._dial_back
-        self.auth = PeerIdAuthServer(
-            self.identity, hostnames=hostnames, hmac_key=hmac_key or os.urandom(32), now=now
-        )
+        self.auth = PeerIdAuthServer(self.identity, hostnames=hostnames, hmac_key=hmac_key, now=now)
         self.counters = _Counters()
         self.records: dict[str, RegistrationRecord] = {}
         self.outage = False
