@@ -5,4 +5,8 @@ from __future__ import annotations
 
 pytest_plugins = [
     "tests.fixtures.components",
+    "tests.fixtures.libp2p",
+    "tests.fixtures.engine",
+    "tests.fixtures.postgres",
+    "tests.fixtures.pebble",
 ]

@@ -1,0 +1,348 @@
+"""Each step and each error class, against the in-memory fake ports (tests/fakes/ports.py)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from datetime import timedelta
+
+from fsm.errors import (
+    AutoTLSError,
+    ErrorClass,
+    OrderInvalidError,
+    PermanentError,
+    RateLimitedError,
+    TransientError,
+)
+from fsm.journal import is_valid_journal
+from fsm.machine import State
+from tests.fakes.ports import acme_problem
+from tests.fixtures.engine import Engine
+
+HAPPY_PATH = [
+    "create",
+    "account_ready",
+    "order_placed",
+    "broker_accepted",
+    "txt_visible",
+    "authorization_valid",
+    "certificate_issued",
+    "certificate_installed",
+]
+
+
+async def transitions(engine: Engine, order_id: int) -> list[str]:
+    return [j.trigger for j in await engine.store.journal(order_id) if j.kind != "error"]
+
+
+async def test_happy_path_installs_one_certificate(engine: Engine) -> None:
+    order = await engine.order()
+    snap = await engine.drive_to(order.id, State.INSTALLED)
+    assert await transitions(engine, order.id) == HAPPY_PATH
+    assert is_valid_journal(await engine.store.journal(order.id))
+    certs = await engine.store.certificates(order_id=order.id)
+    assert len(certs) == 1
+    assert snap.certificate is not None and snap.certificate.id == certs[0].id
+    assert engine.installer.installed == [(order.peer_id, certs[0].serial)]
+    assert snap.cert_key_pem is None, "the in-flight key moves to the certificate row"
+    assert certs[0].key_pem.startswith(b"-----BEGIN PRIVATE KEY")
+    assert engine.ca.count("new_order") == 1 and engine.ca.count("finalize") == 1
+    assert engine.broker.registrations == [(order.peer_id, snap.data["dns_value"])]
+    # The Installed step then schedules renewal: with 1/3 of 90 days left, no ARI.
+    assert await engine.worker().run_once() == 1
+    snap = await engine.store.get_order(order.id)
+    assert snap.next_run_at == certs[0].not_before + timedelta(days=60)
+    assert snap.data["renewal"]["reason"] == "backstop"
+
+
+async def test_journal_never_holds_secrets(engine: Engine) -> None:
+    order = await engine.order()
+    await engine.drive_to(order.id, State.INSTALLED)
+    text = repr([j.detail for j in await engine.store.journal(order.id)])
+    assert "PRIVATE KEY" not in text
+    assert "token" not in text
+
+
+async def test_account_is_shared_and_registered_once(engine: Engine) -> None:
+    first, second = await engine.order(), await engine.order()
+    await engine.drive()
+    a, b = await engine.store.get_order(first.id), await engine.store.get_order(second.id)
+    assert a.state == b.state == State.INSTALLED.value
+    assert a.account is not None and b.account is not None
+    assert a.account.id == b.account.id
+    assert len(await engine.store.accounts()) == 1
+    assert len(engine.ca.accounts) == 1
+
+
+async def test_transient_error_retries_with_backoff_and_keeps_state(engine: Engine) -> None:
+    order = await engine.order()
+    engine.ca.fail("new_order", TransientError("connection reset"))
+    worker = engine.worker()
+    await engine.drive_to(order.id, State.REGISTERED, worker)
+    for _ in range(3):  # the intent, then the failing newOrder
+        await worker.run_once()
+    snap = await engine.store.get_order(order.id)
+    assert snap.state == State.REGISTERED.value
+    assert snap.attempts == 1
+    assert snap.last_error_class == "transient"
+    assert snap.last_error_message == "connection reset"
+    delay = snap.next_run_at - engine.clock.now()
+    assert timedelta(seconds=1) <= delay <= timedelta(seconds=2)
+    errors = [j for j in await engine.store.journal(order.id) if j.kind == "error"]
+    assert [e.trigger for e in errors] == ["retry:transient"]
+    await engine.drive_to(order.id, State.INSTALLED, worker)
+    assert (await engine.store.get_order(order.id)).attempts == 0
+
+
+async def test_backoff_grows_and_survives_a_new_worker(engine: Engine) -> None:
+    order = await engine.order()
+    engine.ca.fail("register_account", *[TransientError("down")] * 4)
+    await engine.worker().run_once()  # the account key
+    delays = []
+    for _ in range(4):
+        worker = engine.worker()  # a fresh worker each time: the schedule lives in the row
+        await worker.run_once()
+        snap = await engine.store.get_order(order.id)
+        if snap.last_error_class:
+            delays.append((snap.next_run_at - engine.clock.now()).total_seconds())
+        engine.clock.set(snap.next_run_at)
+    assert len(delays) == 4
+    assert all(later > earlier for earlier, later in itertools.pairwise(delays))
+    assert (await engine.store.get_order(order.id)).attempts == 4
+
+
+async def test_retry_after_wins_over_backoff(engine: Engine) -> None:
+    order = await engine.order()
+    engine.ca.fail("register_account", TransientError("503", retry_after=600))
+    worker = engine.worker()
+    await worker.run_once()  # account key
+    await worker.run_once()  # register -> 503
+    snap = await engine.store.get_order(order.id)
+    assert snap.next_run_at == engine.clock.now() + timedelta(seconds=600)
+
+
+async def test_rate_limited_waits_for_retry_after(engine: Engine) -> None:
+    order = await engine.order()
+    engine.ca.fail(
+        "new_order", acme_problem("rateLimited", "too many orders", 429, retry_after=7200)
+    )
+    await engine.drive_to(order.id, State.REGISTERED)
+    worker = engine.worker()
+    await worker.run_once()
+    await worker.run_once()
+    snap = await engine.store.get_order(order.id)
+    assert snap.last_error_class == ErrorClass.RATE_LIMITED.value
+    assert snap.next_run_at == engine.clock.now() + timedelta(hours=2)
+    await engine.drive_to(order.id, State.INSTALLED)
+
+
+async def test_permanent_error_fails_with_problem_document(engine: Engine) -> None:
+    order = await engine.order()
+    engine.ca.fail("register_account", acme_problem("unauthorized", "account is deactivated", 403))
+    await engine.drive()
+    snap = await engine.store.get_order(order.id)
+    assert snap.state == State.FAILED.value
+    assert snap.last_error_class == "permanent"
+    journal = await engine.store.journal(order.id)
+    assert journal[-1].trigger == "fail"
+    assert journal[-1].detail["problem"]["type"].endswith(":unauthorized")
+    assert is_valid_journal(journal)
+    # Failed orders are never claimed again.
+    assert await engine.worker().run_once() == 0
+
+
+async def test_failed_validation_reorders_within_budget(engine: Engine) -> None:
+    engine.ca.validation = "invalid"
+    order = await engine.order()
+    await engine.drive_to(order.id, State.DNS_PROPAGATED)
+    worker = engine.worker()
+    await worker.run_once()  # answer
+    await worker.run_once()  # authz invalid -> reorder
+    snap = await engine.store.get_order(order.id)
+    assert snap.state == State.REGISTERED.value
+    assert snap.last_error_class == "order_invalid"
+    assert "TXT mismatch" in (snap.last_error_message or "")
+    assert len(snap.data["validation_failures"]) == 1
+    assert "order_url" not in snap.data
+    assert snap.next_run_at == engine.clock.now() + timedelta(minutes=1)
+
+
+async def test_validation_budget_holds_back_the_fourth_try(engine: Engine) -> None:
+    engine.ca.validation = "invalid"
+    order = await engine.order()
+    start = engine.clock.now()
+    orders_before = 0
+
+    async def failures() -> int:
+        return len((await engine.store.get_order(order.id)).data.get("validation_failures", []))
+
+    async def three_failures() -> bool:
+        return await failures() >= 3
+
+    await engine.drive(until=three_failures)
+    orders_before = engine.ca.count("new_order")
+    snap = await engine.store.get_order(order.id)
+    # 3 failures inside an hour spend the budget: the next order waits for the window.
+    assert snap.next_run_at >= start + timedelta(hours=1)
+    engine.ca.validation = "valid"
+    await engine.drive_to(order.id, State.INSTALLED)
+    assert engine.ca.count("new_order") == orders_before + 1
+    answered = engine.ca.count("answer_challenge")
+    assert answered == 4, "never more than the budget of failed validations per hour"
+
+
+async def test_account_lost_registers_again(engine: Engine) -> None:
+    order = await engine.order()
+    await engine.drive_to(order.id, State.REGISTERED)
+    engine.ca.forget_accounts()  # e.g. Pebble restarted
+    await engine.drive_to(order.id, State.INSTALLED)
+    triggers = await transitions(engine, order.id)
+    assert "account_lost" in triggers
+    assert engine.ca.count("register_account") == 2
+    assert len(await engine.store.accounts()) == 1, "same key, same row: never a second account"
+
+
+async def test_broker_down_waits_and_touches_nothing_at_the_ca(engine: Engine) -> None:
+    order = await engine.order()
+    await engine.drive_to(order.id, State.CHALLENGED)
+    engine.broker.healthy = False
+    calls_before = len(engine.ca.calls)
+    worker = engine.worker()
+    await worker.run_once()
+    snap = await engine.store.get_order(order.id)
+    assert snap.state == State.CHALLENGED.value
+    assert snap.last_error_class == "rate_limited"
+    assert snap.next_run_at == engine.clock.now() + timedelta(hours=1)
+    assert len(engine.ca.calls) == calls_before
+    engine.broker.healthy = True
+    await engine.drive_to(order.id, State.INSTALLED)
+
+
+async def test_broker_errors_are_classified(engine: Engine) -> None:
+    order = await engine.order()
+    await engine.drive_to(order.id, State.CHALLENGED)
+    engine.broker.fail(TransientError("error testing addresses: dial timeout"))
+    worker = engine.worker()
+    await worker.run_once()
+    snap = await engine.store.get_order(order.id)
+    assert (snap.state, snap.last_error_class) == (State.CHALLENGED.value, "transient")
+    engine.broker.fail(PermanentError("403 forbidden: denylisted"))
+    engine.clock.set(snap.next_run_at)
+    await worker.run_once()
+    assert (await engine.store.get_order(order.id)).state == State.FAILED.value
+
+
+async def test_dns_lag_polls_then_advances(engine: Engine) -> None:
+    engine.dns.lag = 3
+    order = await engine.order()
+    await engine.drive_to(order.id, State.BROKER_NOTIFIED)
+    snap = await engine.drive_to(order.id, State.DNS_PROPAGATED)
+    assert engine.dns.checks == 4
+    assert snap.data["txt_servers"] == {"ns1.fake": "ok"}
+    # Polling is not journaled: only the transition is.
+    assert [j.trigger for j in await engine.store.journal(order.id)][-1] == "txt_visible"
+
+
+async def test_txt_never_visible_resends_then_reorders_without_answering(engine: Engine) -> None:
+    engine.dns.never_visible = True
+    engine.ports.settings = replace(engine.ports.settings, dns_poll_interval=timedelta(minutes=3))
+    order = await engine.order()
+
+    async def resent_three_times() -> bool:
+        return (await transitions(engine, order.id)).count("txt_timeout") >= 3
+
+    await engine.drive(until=resent_three_times)
+
+    async def reordered() -> bool:
+        return "reorder" in await transitions(engine, order.id)
+
+    await engine.drive(until=reordered)
+    assert engine.ca.count("answer_challenge") == 0, "never answer what DNS does not show"
+    assert len(engine.broker.registrations) == 4
+    assert is_valid_journal(await engine.store.journal(order.id))
+
+
+async def test_pending_authorization_honours_retry_after(engine: Engine) -> None:
+    engine.ca.pending_polls = 2
+    engine.ca.retry_after = 17
+    order = await engine.order()
+    await engine.drive_to(order.id, State.DNS_PROPAGATED)
+    worker = engine.worker()
+    await worker.run_once()  # answer
+    await worker.run_once()  # pending, Retry-After 17
+    snap = await engine.store.get_order(order.id)
+    assert snap.next_run_at == engine.clock.now() + timedelta(seconds=17)
+    await engine.drive_to(order.id, State.INSTALLED)
+
+
+async def test_processing_order_is_polled_and_finalized_once(engine: Engine) -> None:
+    engine.ca.processing_polls = 3
+    order = await engine.order()
+    await engine.drive_to(order.id, State.INSTALLED)
+    assert engine.ca.count("finalize") == 1
+
+
+async def test_reused_authorization_skips_broker_and_dns(engine: Engine) -> None:
+    engine.ca.reuse_authz = True
+    order = await engine.order()
+    await engine.drive_to(order.id, State.INSTALLED)
+    assert "authorization_reused" in await transitions(engine, order.id)
+    assert engine.broker.registrations == []
+    assert engine.dns.checks == 0
+
+
+async def test_installer_rejection_is_permanent(engine: Engine) -> None:
+    order = await engine.order()
+    engine.installer.fail(PermanentError("certificate names the wrong domain"))
+    await engine.drive()
+    snap = await engine.store.get_order(order.id)
+    assert snap.state == State.FAILED.value
+    assert snap.cert_key_pem is not None, "nothing stored is lost on failure"
+
+
+async def test_unexpected_exception_retries_then_fails_without_stopping_others(
+    engine: Engine,
+) -> None:
+    bad, good = await engine.order(), await engine.order()
+    engine.broker.fail(*[ZeroDivisionError("bug")] * 10, peer=bad.peer_id)
+    await engine.drive()
+    bad_snap, good_snap = (
+        await engine.store.get_order(bad.id),
+        await engine.store.get_order(good.id),
+    )
+    assert good_snap.state == State.INSTALLED.value
+    assert bad_snap.state == State.FAILED.value
+    assert bad_snap.attempts == 5
+    assert "internal error in step Challenged: ZeroDivisionError: bug" in (
+        bad_snap.last_error_message or ""
+    )
+
+
+async def test_error_classes_from_every_port_reach_the_row(engine: Engine) -> None:
+    cases: list[tuple[str, AutoTLSError, str]] = [
+        ("get_authorization", TransientError("timeout"), "transient"),
+        ("get_authorization", RateLimitedError("slow down", retry_after=30), "rate_limited"),
+    ]
+    order = await engine.order()
+    await engine.drive_to(order.id, State.REGISTERED)
+    worker = engine.worker()
+    await worker.run_once()  # intent
+    await worker.run_once()  # newOrder
+    for operation, error, klass in cases:
+        engine.ca.fail(operation, error)
+        await worker.run_once()
+        snap = await engine.store.get_order(order.id)
+        assert snap.last_error_class == klass
+        engine.clock.set(snap.next_run_at)
+    await engine.drive_to(order.id, State.INSTALLED, worker)
+
+
+async def test_order_invalid_outside_an_order_is_retried_not_reordered(engine: Engine) -> None:
+    order = await engine.order()
+    engine.ca.fail("register_account", OrderInvalidError("odd"))
+    worker = engine.worker()
+    await worker.run_once()
+    await worker.run_once()
+    snap = await engine.store.get_order(order.id)
+    assert snap.state == State.NEW.value
+    assert snap.last_error_class == "order_invalid"

@@ -1,0 +1,95 @@
+"""Alembic owns the schema: models and migrations agree, upgrades work from nothing and from
+the previous revision, and a database from a newer autotls is refused with a clear message."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, pool, text
+
+from persistence import schema
+from persistence.errors import SchemaOutdatedError, SchemaTooNewError
+from persistence.models import Base
+from persistence.store import Store
+from persistence.urls import parse_database_url, sync_url
+
+
+def _sync_engine(url: str):  # type: ignore[no-untyped-def]
+    return create_engine(sync_url(parse_database_url(url)), poolclass=pool.NullPool)
+
+
+def test_models_and_migrations_agree(database_url: str) -> None:
+    url = parse_database_url(database_url)
+    schema.upgrade(url)
+    engine = _sync_engine(database_url)
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diffs == []
+
+
+def test_upgrade_from_the_previous_revision_keeps_rows(database_url: str) -> None:
+    url = parse_database_url(database_url)
+    previous = "0001"
+    schema.upgrade(url, previous)
+    engine = _sync_engine(database_url)
+    now = datetime(2026, 1, 1, tzinfo=UTC).replace(tzinfo=None)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO orders (peer_id, identifier, state, data, fence, seq, next_run_at,"
+                " attempts, created_at, updated_at) VALUES ('k51x', '*.k51x.libp2p.direct',"
+                " 'Registered', '{\"a\": 1}', 3, 2, :now, 0, :now, :now)"
+            ),
+            {"now": now},
+        )
+    engine.dispose()
+    status = schema.upgrade(url)
+    assert status.up_to_date and status.current == schema.head_revision()
+    engine = _sync_engine(database_url)
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT state, data, fence, current_certificate_id FROM orders")
+        ).one()
+    engine.dispose()
+    assert tuple(row) == ("Registered", '{"a": 1}', 3, None)
+
+
+async def test_store_upgrades_an_older_database_on_open(database_url: str) -> None:
+    schema.upgrade(parse_database_url(database_url), "0001")
+    store = await Store.open(database_url)
+    await store.close()
+    assert schema.check(parse_database_url(database_url)).up_to_date
+
+
+async def test_store_refuses_a_newer_schema(database_url: str) -> None:
+    url = parse_database_url(database_url)
+    schema.upgrade(url)
+    engine = _sync_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+    engine.dispose()
+    with pytest.raises(SchemaTooNewError, match=r"9999_future.*newer autotls"):
+        await Store.open(database_url)
+
+
+async def test_store_without_upgrade_names_the_command(database_url: str) -> None:
+    schema.upgrade(parse_database_url(database_url), "0001")
+    with pytest.raises(SchemaOutdatedError, match="autotls db upgrade"):
+        await Store.open(database_url, upgrade=False)
+
+
+def test_database_url_errors_are_clear() -> None:
+    from persistence.errors import DatabaseURLError
+
+    with pytest.raises(DatabaseURLError, match="unsupported database 'mysql'"):
+        parse_database_url("mysql://root@localhost/x")
+    with pytest.raises(DatabaseURLError, match="in-memory"):
+        parse_database_url("sqlite://")
+    with pytest.raises(DatabaseURLError, match="empty"):
+        parse_database_url("  ")
+    assert parse_database_url("postgres://u:secret@h/db").get_backend_name() == "postgresql"
+    assert parse_database_url("/tmp/x.db").database == "/tmp/x.db"
