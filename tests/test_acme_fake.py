@@ -1,0 +1,410 @@
+"""AcmeClient against FakeAcmeServer, for the Let's Encrypt behaviours Pebble 2.4.0 lacks: ARI,
+profiles, Retry-After while polling, order reuse, ``replaces``, 429/503 with Retry-After and
+injected badNonce. Time is a fake clock shared by server and client; the client sleeps through
+the clock, so every wait is asserted, none is spent."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from autotls.acme import (
+    AccountDoesNotExist,
+    AcmeClient,
+    AcmeNetworkError,
+    AlreadyReplaced,
+    AuthorizationFailed,
+    BadNonce,
+    CertificateChain,
+    InvalidProfile,
+    Malformed,
+    Order,
+    OrderFailed,
+    PollTimeout,
+    RateLimited,
+    Unauthorized,
+    cert_id,
+    dns01_value,
+    generate_account_key,
+    generate_certificate_key,
+    make_csr,
+)
+from autotls.acme.jws import AccountKey
+from fsm.errors import ErrorClass
+from tests.fakes.acme_server import FakeAcmeServer
+
+B36 = "k51qzi5uqu5dgy8qsq67hbz73jqkw87l3fgf4a91qb0d9b5173tir7n4vxk1oe"
+WILDCARD = f"*.{B36}.libp2p.direct"
+START = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+class FakeClock:
+    """One clock for server and client; sleeping advances it and is recorded."""
+
+    def __init__(self) -> None:
+        self.now = START
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def ca(clock: FakeClock) -> AsyncIterator[FakeAcmeServer]:
+    async with FakeAcmeServer(now=clock) as server:
+        yield server
+
+
+@pytest.fixture
+async def client(ca: FakeAcmeServer, clock: FakeClock) -> AsyncIterator[AcmeClient]:
+    async with AcmeClient(
+        ca.directory_url, generate_account_key(), now=clock, sleep=clock.sleep
+    ) as acme:
+        await acme.new_account()
+        yield acme
+
+
+async def validate(client: AcmeClient, order: Order) -> None:
+    for url in order.authorizations:
+        authz = await client.get_authorization(url)
+        if authz.status == "pending":
+            await client.answer_challenge(authz.challenge("dns-01").url)
+            await client.poll_authorization(url, timeout=60)
+
+
+async def issue(client: AcmeClient, order: Order) -> CertificateChain:
+    await validate(client, order)
+    key = generate_certificate_key()
+    order = await client.finalize(order, make_csr(key, [i.value for i in order.identifiers]))
+    order = await client.poll_order(order.url, timeout=60)
+    assert order.status == "valid" and order.certificate is not None
+    chain = await client.download_certificate(order.certificate)
+    assert chain.leaf.public_key() == key.public_key()
+    return chain
+
+
+def verify_chain(chain: CertificateChain, root_pem: str) -> None:
+    certs = [*chain.certificates(), x509.load_pem_x509_certificate(root_pem.encode())]
+    for child, parent in itertools.pairwise(certs):
+        child.verify_directly_issued_by(parent)
+
+
+async def test_full_issuance_with_a_profile(ca: FakeAcmeServer, client: AcmeClient) -> None:
+    directory = await client.directory()
+    assert set(directory.profiles) == {"classic", "tlsserver", "shortlived"}
+    order = await client.new_order([WILDCARD], profile="shortlived")
+    assert (order.status, order.profile) == ("pending", "shortlived")
+    chain = await issue(client, order)
+    verify_chain(chain, ca.root_pem)
+    leaf = chain.leaf
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == timedelta(hours=160, minutes=1)
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [WILDCARD]
+    # Every fetch was POST-as-GET with an empty payload.
+    assert all(p is None for e, p in ca.payloads if e in ("order", "authz", "certificate"))
+
+
+async def test_unknown_profile_is_invalid_profile(client: AcmeClient) -> None:
+    with pytest.raises(InvalidProfile) as caught:
+        await client.new_order([WILDCARD], profile="eternal")
+    assert caught.value.error_class is ErrorClass.PERMANENT
+    assert caught.value.status == 400
+
+
+async def test_pending_authorization_retry_after_is_honoured_and_capped(
+    ca: FakeAcmeServer, clock: FakeClock
+) -> None:
+    ca.authz_pending_polls = 2
+    ca.authz_retry_after = "7"
+    async with AcmeClient(
+        ca.directory_url, generate_account_key(), now=clock, sleep=clock.sleep, max_poll_interval=5
+    ) as acme:
+        await acme.new_account()
+        order = await acme.new_order([WILDCARD])
+        authz = await acme.get_authorization(order.authorizations[0])
+        await acme.answer_challenge(authz.challenge("dns-01").url)
+        valid = await acme.poll_authorization(authz.url, timeout=60)
+    assert valid.status == "valid"
+    assert clock.sleeps == [5, 5]  # Retry-After 7 capped at max_poll_interval
+
+
+async def test_http_date_retry_after_while_polling(
+    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+) -> None:
+    ca.authz_pending_polls = 1
+    ca.authz_retry_after = "Sun, 01 Mar 2026 12:00:09 GMT"  # START + 9 s
+    order = await client.new_order([WILDCARD])
+    authz = await client.get_authorization(order.authorizations[0])
+    await client.answer_challenge(authz.challenge("dns-01").url)
+    await client.poll_authorization(authz.url, timeout=60)
+    assert clock.sleeps == [9.0]
+
+
+async def test_processing_order_honours_retry_after(
+    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+) -> None:
+    ca.order_processing_polls = 3
+    order = await client.new_order([WILDCARD])
+    await validate(client, order)
+    finalized = await client.finalize(order, make_csr(generate_certificate_key(), [WILDCARD]))
+    assert (finalized.status, finalized.retry_after) == ("processing", 3.0)
+    valid = await client.poll_order(order.url, timeout=60)
+    assert valid.status == "valid"
+    assert clock.sleeps == [3.0, 3.0, 3.0]
+
+
+async def test_polling_gives_up_at_the_deadline(
+    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+) -> None:
+    ca.authz_pending_polls = 1000
+    ca.authz_retry_after = "4"
+    order = await client.new_order([WILDCARD])
+    authz = await client.get_authorization(order.authorizations[0])
+    await client.answer_challenge(authz.challenge("dns-01").url)
+    with pytest.raises(PollTimeout) as caught:
+        await client.poll_authorization(authz.url, timeout=10)
+    assert caught.value.error_class is ErrorClass.TRANSIENT
+    assert clock.sleeps == [4.0, 4.0, 2.0]  # the last sleep stops at the deadline
+
+
+async def test_failed_validation_makes_authorization_and_order_invalid(
+    ca: FakeAcmeServer, client: AcmeClient
+) -> None:
+    checked: list[tuple[str, str]] = []
+
+    async def wrong_txt(domain: str, expected: str) -> bool:
+        checked.append((domain, expected))
+        return False
+
+    ca.validator = wrong_txt
+    order = await client.new_order([WILDCARD])
+    authz = await client.get_authorization(order.authorizations[0])
+    await client.answer_challenge(authz.challenge("dns-01").url)
+    with pytest.raises(AuthorizationFailed) as caught:
+        await client.poll_authorization(authz.url, timeout=60)
+    assert caught.value.error_class is ErrorClass.ORDER_INVALID
+    assert caught.value.challenge_problem is not None
+    assert caught.value.challenge_problem.kind == "unauthorized"
+    assert caught.value.authorization.status == "invalid"
+    with pytest.raises(OrderFailed) as order_failed:
+        await client.poll_order(order.url, timeout=60)
+    assert order_failed.value.error_class is ErrorClass.ORDER_INVALID
+    assert checked == [
+        (
+            f"{B36}.libp2p.direct",
+            dns01_value(authz.challenge("dns-01").token or "", client.account_key),
+        )
+    ]
+
+
+async def test_order_reuse_returns_the_pending_order(client: AcmeClient) -> None:
+    first = await client.new_order([WILDCARD])
+    again = await client.new_order([WILDCARD])
+    assert again.url == first.url
+    other_profile = await client.new_order([WILDCARD], profile="tlsserver")
+    assert other_profile.url != first.url
+
+
+async def test_finalize_before_ready_refetches_the_order(
+    ca: FakeAcmeServer, client: AcmeClient
+) -> None:
+    order = await client.new_order([WILDCARD])
+    result = await client.finalize(order, make_csr(generate_certificate_key(), [WILDCARD]))
+    assert (result.url, result.status) == (order.url, "pending")
+    assert ca.count("finalize") == 1 and ca.count("order") == 1
+
+
+async def test_replaces(ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock) -> None:
+    old = await issue(client, await client.new_order([WILDCARD]))
+    old_id = cert_id(old.leaf)
+    renewal = await client.new_order([WILDCARD], replaces=old_id)
+    assert renewal.replaces == old_id
+    # The identical request again (a resumed engine replaying newOrder) is reused, not refused.
+    assert (await client.new_order([WILDCARD], replaces=old_id)).url == renewal.url
+    await issue(client, renewal)
+    with pytest.raises(AlreadyReplaced) as caught:
+        await client.new_order([WILDCARD], replaces=old_id)
+    assert (caught.value.status, caught.value.error_class) == (409, ErrorClass.ORDER_INVALID)
+    with pytest.raises(Malformed) as unknown:
+        await client.new_order([WILDCARD], replaces="AAAA.AAAA")
+    assert (unknown.value.status, unknown.value.error_class) == (404, ErrorClass.PERMANENT)
+
+
+async def test_replaces_for_an_expired_certificate_is_404(
+    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+) -> None:
+    chain = await issue(client, await client.new_order([WILDCARD]))
+    clock.now = chain.leaf.not_valid_after_utc + timedelta(seconds=1)
+    with pytest.raises(Malformed) as caught:
+        await client.new_order([WILDCARD], replaces=cert_id(chain.leaf))
+    assert caught.value.status == 404
+
+
+async def test_replaces_for_another_accounts_certificate(
+    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+) -> None:
+    chain = await issue(client, await client.new_order([WILDCARD]))
+    async with AcmeClient(
+        ca.directory_url, generate_account_key(), now=clock, sleep=clock.sleep
+    ) as other:
+        await other.new_account()
+        with pytest.raises(Unauthorized):
+            await other.new_order([WILDCARD], replaces=cert_id(chain.leaf))
+
+
+async def test_renewal_info(ca: FakeAcmeServer, client: AcmeClient) -> None:
+    chain = await issue(client, await client.new_order([WILDCARD]))
+    leaf = chain.leaf
+    info = await client.renewal_info(leaf)
+    assert info is not None
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert info.start == leaf.not_valid_before_utc + lifetime * 2 / 3
+    assert leaf.not_valid_before_utc < info.start < info.end < leaf.not_valid_after_utc
+    assert info.retry_after == 21600.0
+    start, end = START + timedelta(days=1), START + timedelta(days=2)
+    ca.set_renewal_window(
+        cert_id(leaf), start, end, retry_after="3600", explanation_url="https://ca.test/why"
+    )
+    info = await client.renewal_info(leaf)
+    assert info is not None
+    assert (info.start, info.end, info.retry_after, info.explanation_url) == (
+        start,
+        end,
+        3600.0,
+        "https://ca.test/why",
+    )
+    assert ca.count("renewalInfo") == 2
+
+
+async def test_revoked_certificate_window_is_in_the_past(
+    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+) -> None:
+    chain = await issue(client, await client.new_order([WILDCARD]))
+    leaf = chain.leaf
+    await client.revoke_certificate(leaf.public_bytes(serialization.Encoding.DER), reason=4)
+    info = await client.renewal_info(leaf)
+    assert info is not None and info.end < clock.now
+
+
+async def test_renewal_info_for_an_unknown_certificate(
+    ca: FakeAcmeServer, client: AcmeClient
+) -> None:
+    other_ca = FakeAcmeServer()
+    async with other_ca, AcmeClient(other_ca.directory_url, generate_account_key()) as elsewhere:
+        await elsewhere.new_account()
+        chain = await issue(elsewhere, await elsewhere.new_order([WILDCARD]))
+    with pytest.raises(Malformed) as caught:
+        await client.renewal_info(chain.leaf)
+    assert caught.value.status == 404
+
+
+async def test_no_ari_means_none(clock: FakeClock) -> None:
+    ca = FakeAcmeServer(now=clock, ari=False)
+    async with ca, AcmeClient(ca.directory_url, generate_account_key(), now=clock) as acme:
+        await acme.new_account()
+        chain = await issue(acme, await acme.new_order([WILDCARD]))
+        requests_before = acme.request_count
+        assert await acme.renewal_info(chain.leaf) is None
+        assert acme.request_count == requests_before
+
+
+async def test_rate_limited_with_retry_after(ca: FakeAcmeServer, client: AcmeClient) -> None:
+    ca.rate_limit_next("newOrder", retry_after="3600")
+    with pytest.raises(RateLimited) as caught:
+        await client.new_order([WILDCARD])
+    assert (caught.value.status, caught.value.retry_after) == (429, 3600.0)
+    assert caught.value.error_class is ErrorClass.RATE_LIMITED
+    assert caught.value.problem is not None and caught.value.problem["detail"]
+    assert (await client.new_order([WILDCARD])).status == "pending"
+
+
+async def test_service_unavailable_with_retry_after(ca: FakeAcmeServer, client: AcmeClient) -> None:
+    order = await client.new_order([WILDCARD])
+    ca.unavailable_next("order", retry_after="120")
+    with pytest.raises(AcmeNetworkError) as caught:
+        await client.get_order(order.url)
+    assert (caught.value.status, caught.value.retry_after) == (503, 120.0)
+    assert caught.value.error_class is ErrorClass.TRANSIENT
+    ca.fail_next("order", status=503, problem_type="serverInternal", retry_after="30")
+    with pytest.raises(Exception) as typed:
+        await client.get_order(order.url)
+    assert getattr(typed.value, "kind", None) == "serverInternal"
+    assert typed.value.retry_after == 30.0  # type: ignore[attr-defined]
+
+
+async def test_bad_nonce_injection_is_retried(ca: FakeAcmeServer, client: AcmeClient) -> None:
+    ca.reject_nonces(3)
+    posts_before = ca.count("newOrder")
+    order = await client.new_order([WILDCARD])
+    assert order.status == "pending"
+    assert ca.count("newOrder") - posts_before == 4
+    ca.reject_nonces(100)
+    with pytest.raises(BadNonce) as caught:
+        await client.get_order(order.url)
+    assert caught.value.error_class is ErrorClass.TRANSIENT
+    assert ca.count("order") == 6  # the first try and five retries
+
+
+async def test_accounts(ca: FakeAcmeServer, clock: FakeClock) -> None:
+    key = generate_account_key()
+    async with AcmeClient(ca.directory_url, key, now=clock) as acme:
+        with pytest.raises(AccountDoesNotExist) as missing:
+            await acme.lookup_account()
+        assert missing.value.error_class is ErrorClass.PERMANENT
+        created = await acme.new_account(contact=["mailto:ops@example.test"])
+        assert created.contact == ("mailto:ops@example.test",)
+        again = await acme.new_account()
+        assert again.url == created.url
+    # A client that only has the key finds its account before the first kid request.
+    async with AcmeClient(ca.directory_url, key, now=clock) as resumed:
+        order = await resumed.new_order([WILDCARD])
+        assert resumed.account_url == created.url
+        assert order.status == "pending"
+        deactivated = await resumed.deactivate_account()
+        assert deactivated.status == "deactivated"
+        with pytest.raises(Unauthorized):
+            await resumed.get_order(order.url)
+
+
+async def test_key_rollover(ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock) -> None:
+    old_key, new_key = client.account_key, generate_account_key()
+    await client.rollover_key(new_key)
+    assert client.account_key is new_key
+    assert (await client.new_order([WILDCARD])).status == "pending"
+    async with AcmeClient(ca.directory_url, old_key, now=clock) as stale:
+        with pytest.raises(AccountDoesNotExist):
+            await stale.lookup_account()
+
+
+@pytest.mark.parametrize("kind", ["ed25519", "rsa", "p384"])
+async def test_ed25519_rsa_and_p384_accounts_issue(
+    ca: FakeAcmeServer, clock: FakeClock, kind: str
+) -> None:
+    # Pebble and Let's Encrypt refuse EdDSA account keys; the fake verifies EdDSA, so an
+    # existing Ed25519 account of another CA is shown to be fully usable here.
+    key: AccountKey
+    if kind == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    elif kind == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP384R1())
+    async with AcmeClient(ca.directory_url, key, now=clock, sleep=clock.sleep) as acme:
+        await acme.new_account()
+        chain = await issue(acme, await acme.new_order([WILDCARD]))
+    verify_chain(chain, ca.root_pem)
