@@ -391,6 +391,8 @@ def test_cert_id_without_aki_is_an_input_error() -> None:
         ("", None),
         (None, None),
         ("Mon, 99 Foo 2026 99:99:99 GMT", None),
+        ("9" * 5000, None),  # beyond int() limits: garbage, not a crash
+        ("99999999999999999999", 1e20),
     ],
 )
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:
@@ -536,6 +538,9 @@ def test_error_for_response_without_problem_document() -> None:
     odd = error_for_response(404, "text/html", html, retry_after=None, url="u")
     assert isinstance(odd, AcmeProtocolError)
     assert odd.error_class is ErrorClass.TRANSIENT
+    deep = b"[" * 100_000 + b"]" * 100_000
+    nested = error_for_response(500, "application/json", deep, retry_after=None, url="u")
+    assert isinstance(nested, AcmeNetworkError)
     typed = error_for_response(
         400,
         "application/problem+json",

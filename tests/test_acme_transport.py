@@ -111,6 +111,7 @@ async def test_body_over_the_limit_when_streamed(
         (b"<html>hello</html>", "text/html", "directory is not valid JSON"),
         (b"[1, 2]", "application/json", "directory is a JSON list, not an object"),
         (b'{"newNonce": 1}', "application/json", "'newNonce' must be a non-empty string"),
+        (b"[" * 50_000 + b"]" * 50_000, "application/json", "directory is not valid JSON"),
     ],
 )
 async def test_unusable_directories(

@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from cryptography import x509
@@ -114,12 +114,14 @@ class _Response:
 
     @property
     def location(self) -> str | None:
-        return self.headers.get("Location")
+        location = self.headers.get("Location")
+        # RFC 8555 wants absolute URLs; resolving a relative one costs nothing.
+        return urljoin(self.url, location) if location else None
 
     def json_object(self, what: str) -> Mapping[str, Any]:
         try:
             value = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise AcmeProtocolError(
                 f"{what} is not valid JSON (HTTP {self.status})", url=self.url, status=self.status
             ) from None
@@ -321,7 +323,8 @@ class AcmeClient:
         error response carried."""
         key = signer if signer is not None else self._key
         kid = None if embed_jwk else await self._account_kid()
-        for attempt in range(self._bad_nonce_retries + 1):
+        retries = 0
+        while True:
             nonce = await self._nonce()
             if isinstance(key, rsa.RSAPrivateKey):
                 # RSA signing with big keys takes milliseconds: keep the event loop free.
@@ -335,17 +338,15 @@ class AcmeClient:
                     "POST", url, body=json_bytes(jws), accept=accept, limit=limit
                 )
             except BadNonce:
-                if attempt >= self._bad_nonce_retries:
+                if retries >= self._bad_nonce_retries:
                     raise
-                log.debug("badNonce at %s, retrying (%d)", url, attempt + 1)
-        raise AssertionError("unreachable")  # pragma: no cover
+                retries += 1
+                log.debug("badNonce at %s, retry %d", url, retries)
 
     async def _account_kid(self) -> str:
         if self._account_url is None:
             # A kid-signed request before we know the account: find it by key rather than fail.
-            await self.lookup_account()
-        if self._account_url is None:  # pragma: no cover - lookup_account sets it or raises
-            raise AcmeProtocolError("account lookup gave no account URL")
+            return (await self.lookup_account()).url
         return self._account_url
 
     def _retry_after(self, response: _Response) -> float | None:
@@ -472,7 +473,8 @@ class AcmeClient:
     async def poll_authorization(self, url: str, *, timeout: float) -> Authorization:  # noqa: ASYNC109
         """Fetch until the authorization leaves ``pending``. Returns it when ``valid``; raises
         AuthorizationFailed (order_invalid) for any other final status, PollTimeout at the
-        deadline."""
+        deadline. ``timeout`` is measured on the injected clock (not an asyncio cancel scope)
+        so tests can drive it; each request keeps its own network timeout."""
         started = self._now()
         deadline = started + timedelta(seconds=timeout)
         while True:
@@ -500,7 +502,8 @@ class AcmeClient:
 
     async def poll_order(self, url: str, *, timeout: float) -> Order:  # noqa: ASYNC109
         """Fetch while the order is ``processing`` (honouring Retry-After). Raises OrderFailed
-        when it turns ``invalid``, PollTimeout at the deadline; returns any other status."""
+        when it turns ``invalid``, PollTimeout at the deadline (on the injected clock, as for
+        :meth:`poll_authorization`); returns any other status."""
         started = self._now()
         deadline = started + timedelta(seconds=timeout)
         while True:

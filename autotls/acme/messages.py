@@ -408,14 +408,20 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if not text:
         return None
     if text.isdigit() and text.isascii():
-        return float(int(text))
+        try:
+            return float(int(text))
+        except (ValueError, OverflowError):  # thousands of digits: not a delay, garbage
+            return None
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
+    try:
+        return max(0.0, (when - now).total_seconds())
+    except OverflowError:
+        return None
 
 
 @dataclass(frozen=True)

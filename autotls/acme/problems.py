@@ -127,7 +127,7 @@ class AcmeProblem(AutoTLSError):
 
     def __init__(
         self,
-        type: str,
+        problem_type: str,
         detail: str,
         *,
         status: int | None = None,
@@ -137,7 +137,7 @@ class AcmeProblem(AutoTLSError):
         instance: str | None = None,
         url: str | None = None,
     ) -> None:
-        self.type = type
+        self.type = problem_type
         self.detail = detail
         self.status = status
         self.subproblems = list(subproblems)
@@ -145,11 +145,12 @@ class AcmeProblem(AutoTLSError):
         self.url = url
         where = f" at {url}" if url else ""
         code = f"HTTP {status} " if status is not None else ""
+        summary = f"ACME {code}{problem_type}{where}"
         super().__init__(
-            f"ACME {code}{type}{where}: {detail}" if detail else f"ACME {code}{type}{where}",
-            error_class=classify(type, status, self.subproblems),
+            f"{summary}: {detail}" if detail else summary,
+            error_class=classify(problem_type, status, self.subproblems),
             retry_after=retry_after,
-            problem=problem if problem is not None else {"type": type, "detail": detail},
+            problem=problem if problem is not None else {"type": problem_type, "detail": detail},
         )
 
     @property
@@ -402,7 +403,7 @@ def error_for_response(
     if body and ("json" in content_type or body.lstrip()[:1] == b"{"):
         try:
             document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             document = None
     if isinstance(document, Mapping) and isinstance(document.get("type"), str):
         return problem_from_document(document, status=status, retry_after=retry_after, url=url)
