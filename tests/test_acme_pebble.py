@@ -56,7 +56,7 @@ def acme_client(stack: PebbleStack, key: AccountKey | None = None, **kwargs: obj
     return AcmeClient(
         stack.directory_url,
         key if key is not None else generate_account_key(),
-        ca_file=str(stack.ca_file),
+        ca_file=stack.ca_file,
         poll_interval=0.1,
         **kwargs,  # type: ignore[arg-type]
     )

@@ -10,6 +10,7 @@ import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -279,3 +280,12 @@ async def test_new_account_without_location(serve: Callable[..., Awaitable[TestS
 async def test_bad_directory_url_is_rejected() -> None:
     with pytest.raises(AcmeInputError, match="http"):
         AcmeClient("ftp://ca.test/dir", generate_account_key())
+
+
+def test_an_unusable_ca_file_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(AcmeInputError, match="CA file"):
+        AcmeClient("https://ca.test/dir", generate_account_key(), ca_file=tmp_path / "missing.pem")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(AcmeInputError, match="CA file"):
+        AcmeClient("https://ca.test/dir", generate_account_key(), ca_file=garbage)

@@ -3,8 +3,8 @@
 
 What this module owns, and nothing else:
 
-* one HTTP exchange at a time, each under a timeout, each body read up to a size limit
-  (certificate chains get a larger one), each counted in :attr:`AcmeClient.request_count`;
+* every HTTP exchange: under a timeout, its body read up to a size limit (certificate chains
+  get a larger one), counted in :attr:`AcmeClient.request_count`;
 * the nonce pool, fed by every ``Replay-Nonce`` the server sends and never persisted;
 * signing: ``kid`` once the account URL is known, ``jwk`` for newAccount and revocation by
   certificate key; POST-as-GET for every fetch of an ACME resource;
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import ssl
 from collections import deque
@@ -152,7 +153,7 @@ class AcmeClient:
         account_key: AccountKey,
         *,
         account_url: str | None = None,
-        ca_file: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
         session: aiohttp.ClientSession | None = None,
         timeout: float = 30.0,
         max_body: int = DEFAULT_MAX_BODY,
@@ -172,7 +173,7 @@ class AcmeClient:
         self.directory_url = directory_url
         self._key = check_account_key(account_key)
         self._account_url = account_url
-        self._ca_file = ca_file
+        self._ssl = _ssl_context(ca_file) if session is None else None
         self._session = session
         self._owns_session = session is None
         self._timeout = timeout
@@ -218,10 +219,7 @@ class AcmeClient:
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            if self._ca_file is not None:
-                context = ssl.create_default_context(cafile=self._ca_file)
-            else:
-                context = ssl.create_default_context()
+            context = self._ssl if self._ssl is not None else _ssl_context(None)
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=context),
                 trust_env=False,
@@ -575,6 +573,17 @@ class AcmeClient:
         return RenewalInfo.parse(
             response.json_object("renewalInfo"), url, retry_after=self._retry_after(response)
         )
+
+
+def _ssl_context(ca_file: str | os.PathLike[str] | None) -> ssl.SSLContext:
+    """Verify the CA's TLS against ``ca_file`` when given (tests, private CAs), else against the
+    system trust store."""
+    try:
+        if ca_file is not None:
+            return ssl.create_default_context(cafile=ca_file)
+        return ssl.create_default_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise AcmeInputError(f"CA file {os.fspath(ca_file or '')!r} is unusable: {exc}") from None
 
 
 async def _read_limited(
