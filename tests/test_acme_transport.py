@@ -143,9 +143,7 @@ async def test_a_server_that_never_answers_times_out(
     assert caught.value.error_class is ErrorClass.TRANSIENT
 
 
-async def test_a_tls_handshake_that_never_completes_is_a_transient_timeout(
-    tmp_path: object,
-) -> None:
+async def test_a_tls_handshake_that_never_completes_is_a_transient_timeout() -> None:
     accepted: list[asyncio.StreamWriter] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
