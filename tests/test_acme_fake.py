@@ -35,6 +35,7 @@ from autotls.acme import (
     generate_certificate_key,
     make_csr,
 )
+from autotls.acme.client import DEFAULT_BAD_NONCE_RETRIES
 from autotls.acme.jws import AccountKey
 from fsm.errors import ErrorClass
 from tests.fakes.acme_server import FakeAcmeServer
@@ -357,7 +358,7 @@ async def test_bad_nonce_injection_is_retried(ca: FakeAcmeServer, client: AcmeCl
     with pytest.raises(BadNonce) as caught:
         await client.get_order(order.url)
     assert caught.value.error_class is ErrorClass.TRANSIENT
-    assert ca.count("order") == 6  # the first try and five retries
+    assert ca.count("order") == 1 + DEFAULT_BAD_NONCE_RETRIES
 
 
 async def test_accounts(ca: FakeAcmeServer, clock: FakeClock) -> None:
