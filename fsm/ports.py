@@ -187,7 +187,7 @@ class EngineSettings:
     dns_deadline_cap: timedelta = timedelta(minutes=15)
     txt_resend_limit: int = 3
     authz_poll_interval: timedelta = timedelta(seconds=2)
-    order_poll_interval: timedelta = timedelta(seconds=3)
+    order_poll_interval: timedelta = timedelta(seconds=1)  # Boulder sends Retry-After: 3
     max_poll_interval: timedelta = timedelta(minutes=5)
     # Let's Encrypt allows 5 failed authorizations per identifier per account per hour.
     validation_budget: int = 3

@@ -529,6 +529,8 @@ async def step_renew_due(snap: OrderSnapshot, ports: Ports) -> Outcome:
         # Never `replaces` an expired certificate: Let's Encrypt answers 404 and the Go
         # client looped forever on it.
         replaces = None
+    if replaces and not await ports.acme.supports_ari():
+        replaces = None  # RFC 9773: only to a CA that advertises renewalInfo
     return Advance(
         "start_renewal",
         updates={"replaces": replaces, "txt_resends": 0},

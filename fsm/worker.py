@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -70,6 +70,7 @@ class Worker:
         lease: timedelta = timedelta(seconds=60),
         idle_poll: timedelta = timedelta(seconds=30),
         faults: FaultPlan | None = None,
+        peers: Collection[str] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -80,6 +81,7 @@ class Worker:
         self.lease = lease
         self.idle_poll = idle_poll
         self.faults = faults or FaultPlan()
+        self.peers = frozenset(peers) if peers is not None else None
         self._listeners: list[EventListener] = []
         self._wake = asyncio.Event()
         self.steps_run = 0
@@ -138,13 +140,14 @@ class Worker:
             now=self.ports.clock.now(),
             lease_seconds=self.lease.total_seconds(),
             limit=limit,
+            peers=self.peers,
         )
 
     async def _idle_for(self, inflight: set[asyncio.Task[None]]) -> timedelta:
         if len(inflight) >= self.concurrency:
             return self.idle_poll
         try:
-            due = await self.store.next_due_at()
+            due = await self.store.next_due_at(peers=self.peers)
         except Exception:
             log.exception("reading the next due time failed")
             return timedelta(seconds=5)
@@ -343,7 +346,7 @@ async def run_until_idle(
             return rounds
         if await worker.run_once():
             continue
-        due = await worker.store.next_due_at()
+        due = await worker.store.next_due_at(peers=worker.peers)
         if due is None or advance_clock is None:
             return rounds
         advance_clock(max(due, worker.ports.clock.now()))

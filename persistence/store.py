@@ -170,9 +170,18 @@ class Store:
         return await self.get_order(order_id)
 
     async def claim_due(
-        self, owner: str, *, now: datetime, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        *,
+        now: datetime,
+        lease_seconds: float,
+        limit: int,
+        peers: Collection[str] | None = None,
     ) -> list[ClaimedOrder]:
-        """Lease up to ``limit`` due orders to ``owner`` in one statement; bump their fences."""
+        """Lease up to ``limit`` due orders to ``owner`` in one statement; bump their fences.
+
+        ``peers`` restricts the claim to orders of those peer identities (a node's own worker
+        on a shared database holds only its own key)."""
         due = (
             select(orders.c.id)
             .where(
@@ -183,6 +192,8 @@ class Store:
             .order_by(orders.c.next_run_at, orders.c.id)
             .limit(limit)
         )
+        if peers is not None:
+            due = due.where(orders.c.peer_id.in_(list(peers)))
         if self.dialect == "postgresql":
             due = due.with_for_update(skip_locked=True)
         claim = (
@@ -316,19 +327,20 @@ class Store:
             ).all()
             return [await self._load_claimed(conn, int(r.id), int(r.fence)) for r in rows]
 
-    async def next_due_at(self) -> datetime | None:
-        """The earliest moment any active order can be claimed: its ``next_run_at``, or the end
-        of a live lease on it, whichever is later."""
+    async def next_due_at(self, *, peers: Collection[str] | None = None) -> datetime | None:
+        """The earliest moment any active order (of ``peers``) can be claimed: its
+        ``next_run_at``, or the end of a live lease on it, whichever is later."""
         claimable_at = case(
             (orders.c.lease_until > orders.c.next_run_at, orders.c.lease_until),
             else_=orders.c.next_run_at,
         )
+        query = select(type_coerce(func.min(claimable_at), UTCDateTime())).where(
+            orders.c.state.not_in(INACTIVE_STATES)
+        )
+        if peers is not None:
+            query = query.where(orders.c.peer_id.in_(list(peers)))
         async with self._read() as conn:
-            result = await conn.execute(
-                select(type_coerce(func.min(claimable_at), UTCDateTime())).where(
-                    orders.c.state.not_in(INACTIVE_STATES)
-                )
-            )
+            result = await conn.execute(query)
             value: datetime | None = result.scalar_one_or_none()
         return value
 

@@ -1,0 +1,292 @@
+"""Installing a certificate: verify it, write it, serve it.
+
+Nothing the CA sends is served unverified. :func:`verify_chain` checks that
+
+* the leaf names exactly ``*.<peer>.libp2p.direct`` (SAN only; the 78-character name cannot
+  be a CN, and Pebble's CN is ignored),
+* the leaf's key is the key we generated, and the one in our CSR,
+* every certificate is issued by the next one, and -- when trust roots are configured
+  (Let's Encrypt: the system bundle; the local stack: Pebble's roots) -- the chain builds to
+  one of them under the Web PKI server policy,
+* the dates are sane (already valid, allowing clock skew; not expired).
+
+:class:`Installer` (the engine's installer port) then writes ``fullchain.pem`` (0644) and
+``privkey.pem`` (0600), atomically, under ``<data_dir>/certs/<peer>/``, and reloads every
+registered :class:`LiveTlsContext`. A reload is ``load_cert_chain`` on the *same*
+``ssl.SSLContext`` object: handshakes that start afterwards serve the new certificate, so a
+renewal reaches running listeners without a restart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import verification
+from cryptography.x509.oid import NameOID
+
+from autotls._files import write_atomic, write_secret
+from fsm.clock import Clock, SystemClock
+from fsm.errors import ConfigurationError, PermanentError
+from fsm.ports import InstalledCertificate
+
+log = logging.getLogger(__name__)
+
+MAX_CLOCK_SKEW = timedelta(minutes=10)
+FULLCHAIN = "fullchain.pem"
+PRIVKEY = "privkey.pem"
+
+
+class CertificateRejected(PermanentError):
+    """The CA's certificate fails verification; it is not installed. Permanent on purpose:
+    re-ordering on our own would burn Let's Encrypt's 5-per-week duplicate limit."""
+
+
+@dataclass(frozen=True)
+class VerifiedChain:
+    certificates: tuple[x509.Certificate, ...]
+    chain_pem: str
+    serial: str
+    not_before: datetime
+    not_after: datetime
+    fingerprint_sha256: str
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.certificates[0]
+
+
+def load_trust_roots(path: str | Path) -> list[x509.Certificate]:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read trust roots {path}: {exc.strerror}") from None
+    try:
+        roots = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigurationError(f"trust roots {path} is not a PEM certificate bundle") from None
+    return roots
+
+
+def _public_der(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined, no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def verify_chain(
+    chain_pem: str,
+    *,
+    identifier: str,
+    key_pem: bytes,
+    csr_der: bytes | None,
+    now: datetime,
+    trust_roots: Sequence[x509.Certificate] = (),
+) -> VerifiedChain:
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise CertificateRejected("the downloaded chain is not PEM certificates") from None
+    leaf = certs[0]
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise CertificateRejected("the certificate has no subjectAltName") from None
+    names = san.get_values_for_type(x509.DNSName)
+    others = [n for n in san if not isinstance(n, x509.DNSName)]
+    if names != [identifier] or others:
+        raise CertificateRejected(f"the certificate names {names + others} instead of {identifier}")
+    try:
+        key = serialization.load_pem_private_key(key_pem, None)
+    except (ValueError, TypeError):
+        raise CertificateRejected("the order's certificate key is unreadable") from None
+    if _public_der(key.public_key()) != _public_der(leaf.public_key()):
+        raise CertificateRejected("the certificate does not carry this order's key")
+    if csr_der is not None:
+        csr = x509.load_der_x509_csr(csr_der)
+        if _public_der(csr.public_key()) != _public_der(leaf.public_key()):
+            raise CertificateRejected("the certificate's key differs from the CSR's")
+    for child, parent in itertools.pairwise(certs):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise CertificateRejected(
+                f"chain broken: {_name(child)} is not issued by {_name(parent)} ({exc})"
+            ) from None
+    not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    if not_after <= now:
+        raise CertificateRejected(f"the certificate expired at {not_after.isoformat()}")
+    if not_before > now + MAX_CLOCK_SKEW:
+        raise CertificateRejected(f"the certificate is valid only from {not_before.isoformat()}")
+    if not_after <= not_before:
+        raise CertificateRejected("the certificate's validity period is empty")
+    if trust_roots:
+        _verify_path(certs, identifier, trust_roots, max(now, not_before))
+    return VerifiedChain(
+        certificates=tuple(certs),
+        chain_pem="".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs),
+        serial=f"{leaf.serial_number:x}",
+        not_before=not_before,
+        not_after=not_after,
+        fingerprint_sha256=leaf.fingerprint(hashes.SHA256()).hex(),
+    )
+
+
+def _verify_path(
+    certs: Sequence[x509.Certificate],
+    identifier: str,
+    roots: Sequence[x509.Certificate],
+    at: datetime,
+) -> None:
+    probe = "probe." + identifier.removeprefix("*.")  # the wildcard must cover a real label
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store(list(roots)))
+        .time(at)
+        .build_server_verifier(x509.DNSName(probe))
+    )
+    try:
+        verifier.verify(certs[0], list(certs[1:]))
+    except verification.VerificationError as exc:
+        raise CertificateRejected(f"the chain does not build to a trusted root: {exc}") from None
+
+
+def _name(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
+
+
+def placeholder_certificate(identifier: str, *, now: datetime | None = None) -> tuple[str, bytes]:
+    """A self-signed certificate for ``identifier``, so a TLS listener can start before the
+    real one is issued (ssl contexts refuse handshakes without a certificate)."""
+    now = now or datetime.now(UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "autotls placeholder")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(identifier)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+
+
+def server_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class LiveTlsContext:
+    """An ``ssl.SSLContext`` that always serves the newest certificate of one peer."""
+
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+        self.context = context or server_context()
+        self.serving: str | None = None  # fingerprint of what new handshakes get
+        self.loaded = False
+
+    def load(self, certfile: Path, keyfile: Path, fingerprint: str | None = None) -> None:
+        self.context.load_cert_chain(str(certfile), str(keyfile))
+        self.serving = fingerprint
+        self.loaded = True
+
+    def load_placeholder(self, directory: Path, identifier: str) -> None:
+        """Serve a self-signed certificate until the real one is installed."""
+        cert_pem, key_pem = placeholder_certificate(identifier)
+        write_atomic(directory / "placeholder.pem", cert_pem.encode())
+        write_secret(directory / "placeholder.key", key_pem)
+        self.load(directory / "placeholder.pem", directory / "placeholder.key", None)
+
+
+InstallListener = Callable[[str, InstalledCertificate], Awaitable[None] | None]
+
+
+class Installer:
+    """The engine's installer port: verify, write, reload, notify."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        trust_roots: Sequence[x509.Certificate] = (),
+        clock: Clock | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.trust_roots = list(trust_roots)
+        self.clock = clock or SystemClock()
+        self._contexts: dict[str, list[LiveTlsContext]] = {}
+        self._listeners: list[InstallListener] = []
+
+    def certificate_dir(self, peer_id: str) -> Path:
+        return self.data_dir / "certs" / peer_id
+
+    def paths(self, peer_id: str) -> tuple[Path, Path]:
+        directory = self.certificate_dir(peer_id)
+        return directory / FULLCHAIN, directory / PRIVKEY
+
+    def serve(self, peer_id: str, context: LiveTlsContext) -> None:
+        """Keep ``context`` loaded with the peer's newest certificate (now, if one exists)."""
+        self._contexts.setdefault(peer_id, []).append(context)
+        chain, key = self.paths(peer_id)
+        if chain.exists() and key.exists():
+            try:
+                context.load(chain, key)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("stored certificate for %s not loadable yet: %s", peer_id, exc)
+
+    def subscribe(self, listener: InstallListener) -> None:
+        self._listeners.append(listener)
+
+    async def install(
+        self, peer_id: str, identifier: str, chain_pem: str, key_pem: bytes, csr_der: bytes | None
+    ) -> InstalledCertificate:
+        verified = verify_chain(
+            chain_pem,
+            identifier=identifier,
+            key_pem=key_pem,
+            csr_der=csr_der,
+            now=self.clock.now(),
+            trust_roots=self.trust_roots,
+        )
+        chain_path, key_path = self.paths(peer_id)
+        # Key first: a reader that sees the new chain must also find its key.
+        write_secret(key_path, key_pem)
+        write_atomic(chain_path, verified.chain_pem.encode())
+        for context in self._contexts.get(peer_id, []):
+            context.load(chain_path, key_path, verified.fingerprint_sha256)
+        installed = InstalledCertificate(
+            chain_pem=verified.chain_pem,
+            serial=verified.serial,
+            not_before=verified.not_before,
+            not_after=verified.not_after,
+            fingerprint_sha256=verified.fingerprint_sha256,
+            locations={"fullchain": str(chain_path), "privkey": str(key_path)},
+        )
+        log.info(
+            "installed certificate %s for %s (valid until %s) at %s",
+            verified.serial,
+            identifier,
+            verified.not_after.isoformat(),
+            chain_path,
+        )
+        for listener in self._listeners:
+            result = listener(peer_id, installed)
+            if result is not None:
+                await result
+        return installed

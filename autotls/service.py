@@ -1,0 +1,388 @@
+"""The embedding API: one object an asyncio service starts and stops.
+
+::
+
+    async with AutoTLS(identity, data_dir="/var/lib/mynode",
+                       addresses=lambda: node.listen_addresses) as autotls:
+        server_ctx = autotls.ssl_context          # always serves the newest certificate
+        autotls.on("renewed", lambda cert: ...)   # "loaded" | "renewed" | "failed" | "transition"
+        announce(autotls.forge_addresses())       # empty until a valid certificate is held
+
+It owns a store (SQLite in ``data_dir`` unless ``database_url`` says otherwise), the engine's
+adapters, and a worker that serves only this peer's order. On start it restores the newest
+certificate from the store (rewriting its files if they went missing) before anything else,
+so a restarted node serves TLS at once; a missing order is created; an order left mid-flight
+by a crash resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from cryptography import x509
+
+from autotls._files import write_atomic, write_secret
+from autotls.acme import ExternalAccountBinding
+from autotls.adapters import LETS_ENCRYPT, AcmeAdapter, BrokerAdapter
+from autotls.broker import DEFAULT_BROKER_URL
+from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
+from autotls.install import Installer, LiveTlsContext, load_trust_roots
+from autotls.multiaddrs import DEFAULT_ZONE, forge_addresses, wildcard_name
+from autotls.peerid import PrivateKey
+from fsm.clock import Clock, SystemClock
+from fsm.machine import State
+from fsm.ports import EngineSettings, InstalledCertificate, Ports
+from fsm.worker import OrderEvent, Worker
+from persistence.errors import ActiveOrderExistsError
+from persistence.records import CertificateRecord, OrderSnapshot
+from persistence.store import Store
+
+log = logging.getLogger(__name__)
+
+EventName = Literal["loaded", "renewed", "failed", "transition"]
+DATABASE_FILE = "autotls.db"
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    peer_id: str
+    domain: str  # *.<peer>.libp2p.direct
+    serial: str
+    not_before: datetime
+    not_after: datetime
+    chain_path: Path
+    key_path: Path
+
+
+@dataclass(frozen=True)
+class Failure:
+    order_id: int
+    error_class: str | None
+    message: str | None
+
+
+Callback = Callable[..., Awaitable[None] | None]
+
+
+def system_trust_roots() -> list[x509.Certificate]:
+    """The system CA bundle, read from its explicit path (never from SSL_CERT_FILE)."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and os.path.exists(candidate):
+            return load_trust_roots(candidate)
+    log.warning("no system CA bundle found: issued chains are checked only for consistency")
+    return []
+
+
+class AutoTLS:
+    def __init__(
+        self,
+        identity: PrivateKey,
+        *,
+        data_dir: str | Path,
+        addresses: Sequence[str] | Callable[[], Sequence[str]] = (),
+        database_url: str | None = None,
+        directory_url: str = LETS_ENCRYPT,
+        ca_file: str | None = None,
+        broker_url: str = DEFAULT_BROKER_URL,
+        broker_ca_file: str | None = None,
+        forge_auth: str | None = None,
+        dns_servers: Sequence[str] | None = None,
+        allow_private_addresses: bool = False,
+        trust_roots: Sequence[x509.Certificate] | str | Path | None = None,
+        eab: ExternalAccountBinding | None = None,
+        profile: str | None = None,
+        contact: Sequence[str] = (),
+        preferred_chain: str | None = None,
+        zone: str = DEFAULT_ZONE,
+        settings: EngineSettings | None = None,
+        clock: Clock | None = None,
+        run_worker: bool = True,
+    ) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id.to_base36()
+        self.domain = wildcard_name(self.peer_id, zone)
+        self.zone = zone
+        self.data_dir = Path(data_dir)
+        self.database_url = database_url or f"sqlite:///{self.data_dir / DATABASE_FILE}"
+        self._addresses = addresses
+        self.clock = clock or SystemClock()
+        self.settings = settings or EngineSettings()
+        if zone != self.settings.zone:
+            self.settings = replace(self.settings, zone=zone)
+        if isinstance(trust_roots, (str, Path)):
+            roots = load_trust_roots(trust_roots)
+        elif trust_roots is None:
+            roots = system_trust_roots()
+        else:
+            roots = list(trust_roots)
+        self.acme = AcmeAdapter(
+            directory_url,
+            ca_file=ca_file,
+            eab=eab,
+            contact=contact,
+            preferred_chain=preferred_chain,
+        )
+        self.broker = BrokerAdapter(
+            identity=lambda peer: self.identity if peer == self.peer_id else None,
+            addresses=lambda _peer: self.addresses(),
+            base_url=broker_url,
+            ca_file=broker_ca_file,
+            forge_auth=forge_auth,
+            allow_private_addresses=allow_private_addresses,
+        )
+        self.dns = AuthoritativeTxtChecker(
+            zone=zone,
+            nameservers=[parse_nameserver(s) for s in dns_servers] if dns_servers else None,
+        )
+        self.installer = Installer(self.data_dir, trust_roots=roots)
+        self.tls = LiveTlsContext()
+        self._profile = profile
+        self._run_worker = run_worker
+        self._callbacks: dict[str, list[Callback]] = {}
+        self._store: Store | None = None
+        self._worker: Worker | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._certificate: CertificateInfo | None = None
+        self._installed = asyncio.Event()
+        self._failed: Failure | None = None
+        self.order_id: int | None = None
+
+    # -- public surface ---------------------------------------------------------------------
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server context that always holds the newest certificate (a self-signed
+        placeholder until the first one is issued)."""
+        return self.tls.context
+
+    @property
+    def certificate(self) -> CertificateInfo | None:
+        cert = self._certificate
+        if cert is None or cert.not_after <= self.clock.now():
+            return None
+        return cert
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("AutoTLS is not started")
+        return self._store
+
+    @property
+    def acme_requests(self) -> int:
+        return self.acme.request_count
+
+    def addresses(self) -> list[str]:
+        source = self._addresses
+        return list(source() if callable(source) else source)
+
+    def forge_addresses(self, addresses: Sequence[str] | None = None) -> list[str]:
+        """The ``*.libp2p.direct`` addresses to announce: only while a valid cert is held."""
+        if self.certificate is None:
+            return []
+        return forge_addresses(
+            self.addresses() if addresses is None else addresses, self.peer_id, zone=self.zone
+        )
+
+    def on(self, event: EventName, callback: Callback) -> None:
+        """``loaded``/``renewed`` get a :class:`CertificateInfo`, ``failed`` a :class:`Failure`,
+        ``transition`` an :class:`fsm.worker.OrderEvent`."""
+        if event not in ("loaded", "renewed", "failed", "transition"):
+            raise ValueError(f"unknown event {event!r}")
+        self._callbacks.setdefault(event, []).append(callback)
+
+    async def order(self) -> OrderSnapshot:
+        if self.order_id is None:
+            raise RuntimeError("AutoTLS is not started")
+        return await self.store.get_order(self.order_id)
+
+    async def wait_for_certificate(self) -> CertificateInfo:
+        """Until a valid certificate is installed (bound it with ``asyncio.timeout``); raises
+        :class:`IssuanceFailed` if the order fails permanently first."""
+        while True:
+            if self._failed is not None:
+                raise IssuanceFailed(self._failed)
+            cert = self.certificate
+            if cert is not None:
+                return cert
+            self._installed.clear()
+            await self._installed.wait()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> AutoTLS:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._store = await Store.open(self.database_url)
+        try:
+            self.installer.subscribe(self._on_install)
+            await self._restore()
+            self.installer.serve(self.peer_id, self.tls)
+            if not self.tls.loaded:
+                self.tls.load_placeholder(self.installer.certificate_dir(self.peer_id), self.domain)
+            snapshot = await self._ensure_order()
+            self.order_id = snapshot.id
+            ports = Ports(
+                acme=self.acme,
+                broker=self.broker,
+                dns=self.dns,
+                installer=self.installer,
+                clock=self.clock,
+                settings=self._settings_with_profile(),
+            )
+            self._worker = Worker(self._store, ports, peers={self.peer_id})
+            self._worker.subscribe(self._on_event)
+            if self._run_worker:
+                self._stop.clear()
+                self._task = asyncio.create_task(self._worker.run(self._stop), name="autotls")
+        except BaseException:
+            await self._close_clients()
+            raise
+        log.info(
+            "AutoTLS for %s started (order %s, %s)", self.domain, self.order_id, snapshot.state
+        )
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        task, self._task = self._task, None
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._close_clients()
+
+    async def __aenter__(self) -> AutoTLS:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def worker(self) -> Worker:
+        if self._worker is None:
+            raise RuntimeError("AutoTLS is not started")
+        return self._worker
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _settings_with_profile(self) -> EngineSettings:
+        if self._profile is None:
+            return self.settings
+        return replace(self.settings, profile=self._profile)
+
+    async def _close_clients(self) -> None:
+        await self.acme.close()
+        await self.broker.close()
+        store, self._store = self._store, None
+        if store is not None:
+            await store.close()
+
+    async def _ensure_order(self) -> OrderSnapshot:
+        store = self.store
+        active = await store.active_order(self.peer_id)
+        if active is not None:
+            return active
+        try:
+            return await store.create_order(
+                self.peer_id,
+                self.domain,
+                initial_state=State.NEW.value,
+                now=self.clock.now(),
+                actor=f"autotls:{os.getpid()}",
+            )
+        except ActiveOrderExistsError:  # another process of this peer just made it
+            active = await store.active_order(self.peer_id)
+            assert active is not None
+            return active
+
+    async def _restore(self) -> None:
+        """Serve the newest valid certificate from the store, rewriting missing files."""
+        certs = await self.store.certificates(peer_id=self.peer_id)
+        now = self.clock.now()
+        valid = [c for c in certs if c.not_after > now]
+        if not valid:
+            return
+        newest = max(valid, key=lambda c: c.not_after)
+        chain_path, key_path = self.installer.paths(self.peer_id)
+        if not _files_hold(chain_path, key_path, newest):
+            write_secret(key_path, newest.key_pem)
+            write_atomic(chain_path, newest.chain_pem.encode())
+            log.info("restored certificate %s for %s from the store", newest.serial, self.peer_id)
+        self._certificate = CertificateInfo(
+            self.peer_id,
+            self.domain,
+            newest.serial,
+            newest.not_before,
+            newest.not_after,
+            chain_path,
+            key_path,
+        )
+        self._installed.set()
+        await self._emit("loaded", self._certificate)
+
+    async def _on_install(self, peer_id: str, installed: InstalledCertificate) -> None:
+        chain_path, key_path = self.installer.paths(peer_id)
+        previous = self._certificate
+        self._certificate = CertificateInfo(
+            peer_id,
+            self.domain,
+            installed.serial,
+            installed.not_before,
+            installed.not_after,
+            chain_path,
+            key_path,
+        )
+        self._installed.set()
+        if previous is None:
+            await self._emit("loaded", self._certificate)
+        elif previous.serial != installed.serial:
+            await self._emit("renewed", self._certificate)
+
+    async def _on_event(self, event: OrderEvent) -> None:
+        await self._emit("transition", event)
+        if event.to_state != State.FAILED.value:
+            self._failed = None
+        elif event.from_state != State.FAILED.value:
+            self._failed = Failure(event.order_id, event.error_class, event.message)
+            self._installed.set()
+            await self._emit("failed", self._failed)
+
+    async def _emit(self, event: str, payload: object) -> None:
+        for callback in self._callbacks.get(event, []):
+            try:
+                result = callback(payload)
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("AutoTLS %s callback failed", event)
+
+
+class IssuanceFailed(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(
+            f"order {failure.order_id} failed ({failure.error_class}): {failure.message}"
+        )
+        self.failure = failure
+
+
+def _files_hold(chain_path: Path, key_path: Path, cert: CertificateRecord) -> bool:
+    try:
+        return chain_path.read_text() == cert.chain_pem and key_path.read_bytes() == cert.key_pem
+    except OSError:
+        return False

@@ -1,0 +1,57 @@
+"""What an operator may do to an order (the CLI's ``renew --force`` and ``retry``), as moves
+of the same machine: validated by :func:`fsm.machine.fire`, fenced like a worker's commit,
+journaled with the actor's name."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+
+from fsm.machine import State, fire
+from fsm.steps import ORDER_KEYS
+from persistence.records import CommitPlan, JournalNote, OrderSnapshot
+from persistence.store import Store
+
+
+def _plan(
+    snap: OrderSnapshot, trigger: str, now: datetime, *, clear: tuple[str, ...]
+) -> CommitPlan:
+    data = {k: v for k, v in snap.data.items() if k not in clear}
+    to_state = fire(snap.state, trigger, data)
+    return CommitPlan(
+        to_state=to_state.value,
+        data=data,
+        next_run_at=now,
+        attempts=0,
+        last_error_class=None,
+        last_error_message=None,
+        last_problem=None,
+        journal=JournalNote("operator", trigger, {"previous_error": snap.last_error_message}),
+    )
+
+
+async def retry(store: Store, order_id: int, *, now: datetime, actor: str) -> OrderSnapshot:
+    """Failed -> New: start over (the account is kept; the failed ACME order is dropped)."""
+    return await store.operator_commit(
+        order_id,
+        allowed_states={State.FAILED.value},
+        build=lambda snap: _plan(
+            snap, "retry", now, clear=(*ORDER_KEYS, "validation_failures", "unexpected_errors")
+        ),
+        now=now,
+        actor=actor,
+    )
+
+
+async def force_renewal(store: Store, order_id: int, *, now: datetime, actor: str) -> OrderSnapshot:
+    """Installed -> RenewDue now (``replaces`` the current certificate when ARI allows)."""
+
+    def build(snap: OrderSnapshot) -> CommitPlan:
+        plan = _plan(snap, "force_renewal", now, clear=())
+        cert = snap.certificate
+        replaces = cert.cert_id if cert is not None and cert.not_after > now else None
+        return replace(plan, data={**plan.data, "replaces": replaces, "renewal_reason": "forced"})
+
+    return await store.operator_commit(
+        order_id, allowed_states={State.INSTALLED.value}, build=build, now=now, actor=actor
+    )
