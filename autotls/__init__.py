@@ -1,0 +1,33 @@
+"""autotls: get and keep a ``*.<peerid>.libp2p.direct`` certificate for a libp2p node.
+
+The public surface is small: :class:`AutoTLS` (the embedding API), identity keys and PeerIds,
+the error types, and the ``autotls`` command line (``autotls.cli``). Everything else is
+reachable for the curious but may change.
+"""
+
+from autotls.peerid import (
+    KeyType,
+    PeerId,
+    PeerIdError,
+    PrivateKey,
+    load_private_key,
+    save_private_key,
+)
+from autotls.service import AutoTLS, CertificateInfo, Failure, IssuanceFailed
+from fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
+
+__all__ = [
+    "AutoTLS",
+    "AutoTLSError",
+    "CertificateInfo",
+    "ConfigurationError",
+    "ErrorClass",
+    "Failure",
+    "IssuanceFailed",
+    "KeyType",
+    "PeerId",
+    "PeerIdError",
+    "PrivateKey",
+    "load_private_key",
+    "save_private_key",
+]
