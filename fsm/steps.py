@@ -320,12 +320,18 @@ async def step_dns_propagated(snap: OrderSnapshot, ports: Ports) -> Outcome:
     now = ports.clock.now()
     data = snap.data
     account = _account(snap)
-    if not data.get("answered_at"):
-        await ports.acme.answer_challenge(account, str(_need(data, "challenge_url")))
-        return Wait(now, "challenge answered", updates={"answered_at": iso(now)})
     authz = await ports.acme.get_authorization(account, str(_need(data, "authz_url")))
+    answered: dict[str, Any] = {}
+    if not data.get("answered_at"):
+        challenge = authz.challenge("dns-01")
+        if authz.status == "pending" and challenge is not None and challenge.status == "pending":
+            await ports.acme.answer_challenge(account, str(_need(data, "challenge_url")))
+            return Wait(now, "challenge answered", updates={"answered_at": iso(now)})
+        # Answered by a run that crashed before its commit: the CA's view decides from here
+        # (Pebble refuses a second answer once the challenge has left "pending").
+        answered = {"answered_at": iso(now)}
     if authz.status == "valid":
-        return Advance("authorization_valid", updates={"authz_valid_at": iso(now)})
+        return Advance("authorization_valid", updates={**answered, "authz_valid_at": iso(now)})
     if authz.status == "pending":
         return Wait(
             _later(
@@ -335,6 +341,7 @@ async def step_dns_propagated(snap: OrderSnapshot, ports: Ports) -> Outcome:
                 ports.settings.max_poll_interval,
             ),
             "waiting for the CA to validate",
+            updates=answered,
         )
     challenge = authz.challenge("dns-01")
     problem = challenge.error if challenge is not None else None

@@ -187,7 +187,8 @@ class Store:
             .where(
                 orders.c.state.not_in(INACTIVE_STATES),
                 orders.c.next_run_at <= now,
-                or_(orders.c.lease_until.is_(None), orders.c.lease_until < now),
+                # A lease is over at its end: next_due_at reports that very moment.
+                or_(orders.c.lease_until.is_(None), orders.c.lease_until <= now),
             )
             .order_by(orders.c.next_run_at, orders.c.id)
             .limit(limit)
@@ -299,7 +300,7 @@ class Store:
                     f"order {order_id} is {current.state}; this action needs one of "
                     + ", ".join(sorted(allowed_states))
                 )
-            if current.lease_until is not None and current.lease_until >= now:
+            if current.lease_until is not None and current.lease_until > now:
                 raise OrderBusyError(
                     f"order {order_id} is being worked on by {current.lease_owner} until "
                     f"{current.lease_until.isoformat()}; try again after that"

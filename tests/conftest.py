@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.engine",
     "tests.fixtures.postgres",
     "tests.fixtures.pebble",
+    "tests.fixtures.realstack",
 ]

@@ -6,6 +6,8 @@ import itertools
 from dataclasses import replace
 from datetime import timedelta
 
+import pytest
+
 from fsm.errors import (
     AutoTLSError,
     ErrorClass,
@@ -346,3 +348,18 @@ async def test_order_invalid_outside_an_order_is_retried_not_reordered(engine: E
     snap = await engine.store.get_order(order.id)
     assert snap.state == State.NEW.value
     assert snap.last_error_class == "order_invalid"
+
+
+async def test_crash_after_answering_never_answers_twice(engine: Engine) -> None:
+    from fsm.faults import FaultPlan, FaultPoint, FaultRule, InjectedCrash
+
+    order = await engine.order()
+    await engine.drive_to(order.id, State.DNS_PROPAGATED)
+    doomed = engine.worker(
+        faults=FaultPlan([FaultRule(FaultPoint.AFTER_EFFECT, "DNSPropagated", 1, "raise")])
+    )
+    with pytest.raises(InjectedCrash):
+        await doomed.run_once()
+    assert engine.ca.count("answer_challenge") == 1
+    await engine.drive_to(order.id, State.INSTALLED)
+    assert engine.ca.count("answer_challenge") == 1

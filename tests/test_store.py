@@ -197,3 +197,18 @@ async def test_manual_clock_wakes_sleepers_only_when_advanced() -> None:
     clock.advance(1)
     await asyncio.wait_for(task, 1)
     assert woke.is_set()
+
+
+async def test_an_order_is_claimable_exactly_when_next_due_at_says(store: Store) -> None:
+    """next_due_at and claim_due agree on the boundary: a lease is over at its end time
+    (a deterministic driver that jumps the clock to next_due_at must find work there)."""
+    await _new(store)
+    await store.claim_due("crashed", now=NOW, lease_seconds=60, limit=1)
+    due = await store.next_due_at()
+    assert due == NOW + timedelta(seconds=60)
+    assert (
+        await store.claim_due("w", now=due - timedelta(microseconds=1), lease_seconds=60, limit=1)
+        == []
+    )
+    [claimed] = await store.claim_due("w", now=due, lease_seconds=60, limit=1)
+    assert not isinstance(claimed, CorruptOrder) and claimed.fence == 2

@@ -268,9 +268,15 @@ class FakeCA:
         self._enter("answer_challenge")
         self._check_account(account)
         authz = next(a for a in self.authzs.values() if a.challenge_url == url)
-        if authz.challenge_status == "pending":
-            authz.challenge_status = "processing"
-            authz.pending_polls = self.pending_polls
+        if authz.challenge_status != "pending":
+            # As Pebble does (and a one-shot CA may): a challenge is answered once.
+            raise acme_problem(
+                "malformed",
+                f"Cannot update challenge with status {authz.challenge_status}, only pending",
+                400,
+            )
+        authz.challenge_status = "processing"
+        authz.pending_polls = self.pending_polls
         return ChallengeView(url, "dns-01", authz.challenge_status, authz.token)
 
     def _conclude(self, authz: FakeAuthz) -> None:
