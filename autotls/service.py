@@ -39,6 +39,7 @@ from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
 from autotls.install import Installer, LiveTlsContext, load_trust_roots
 from autotls.multiaddrs import DEFAULT_ZONE, forge_addresses, wildcard_name
 from autotls.peerid import PrivateKey
+from fsm import operator
 from fsm.clock import Clock, SystemClock
 from fsm.machine import State
 from fsm.ports import EngineSettings, InstalledCertificate, Ports
@@ -219,6 +220,15 @@ class AutoTLS:
                 return cert
             self._installed.clear()
             await self._installed.wait()
+
+    async def renew_now(self) -> None:
+        """Renew the installed certificate now (``replaces`` it when the CA offers ARI).
+        The served certificate changes once the new one is installed."""
+        snap = await self.order()
+        await operator.force_renewal(
+            self.store, snap.id, now=self.clock.now(), actor=f"autotls:{os.getpid()}"
+        )
+        self.worker.wake()
 
     # -- lifecycle ------------------------------------------------------------------------
 
