@@ -148,6 +148,10 @@ class FakeCA:
     def fail(self, operation: str, *errors: BaseException) -> None:
         self._errors[operation].extend(errors)
 
+    def heal(self) -> None:
+        """Drop every scripted error not raised yet."""
+        self._errors.clear()
+
     def _enter(self, operation: str) -> None:
         self.calls.append(operation)
         queue = self._errors.get(operation)
@@ -432,6 +436,11 @@ class FakeBroker:
         """The next registrations (of ``peer`` only, when given) raise these."""
         (self._errors if peer is None else self._peer_errors[peer]).extend(errors)
 
+    def heal(self) -> None:
+        self._errors.clear()
+        self._peer_errors.clear()
+        self.healthy = True
+
     async def health(self) -> BrokerHealthView:
         if self.healthy:
             return BrokerHealthView(True)
@@ -456,6 +465,9 @@ class FakeInstaller:
 
     def fail(self, *errors: BaseException) -> None:
         self._errors.extend(errors)
+
+    def heal(self) -> None:
+        self._errors.clear()
 
     async def install(
         self, peer_id: str, identifier: str, chain_pem: str, key_pem: bytes, csr_der: bytes | None
