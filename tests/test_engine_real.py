@@ -19,6 +19,7 @@ from autotls.localstack.pebble import PebbleOptions, PebbleStack
 from fsm import operator
 from fsm.journal import is_valid_journal
 from fsm.machine import State
+from tests.fixtures.engine import HAPPY_TRIGGERS
 from tests.fixtures.realstack import (
     CountingAcme,
     RealStack,
@@ -68,16 +69,7 @@ async def test_issues_through_the_worker(
         order = await stack.order()
         snap = await stack.drive(stack.worker(), order.id, [State.INSTALLED, State.FAILED])
         await assert_installed_once(stack, snap.id)
-        assert [j.trigger for j in await stack.store.journal(order.id)] == [
-            "create",
-            "account_ready",
-            "order_placed",
-            "broker_accepted",
-            "txt_visible",
-            "authorization_valid",
-            "certificate_issued",
-            "certificate_installed",
-        ]
+        assert [j.trigger for j in await stack.store.journal(order.id)] == HAPPY_TRIGGERS
         assert stack.broker.counters.accepted == 1
     finally:
         await close_real_stack(stack)

@@ -19,18 +19,7 @@ from fsm.errors import (
 from fsm.journal import is_valid_journal
 from fsm.machine import State
 from tests.fakes.ports import acme_problem
-from tests.fixtures.engine import Engine
-
-HAPPY_PATH = [
-    "create",
-    "account_ready",
-    "order_placed",
-    "broker_accepted",
-    "txt_visible",
-    "authorization_valid",
-    "certificate_issued",
-    "certificate_installed",
-]
+from tests.fixtures.engine import HAPPY_TRIGGERS, Engine
 
 
 async def transitions(engine: Engine, order_id: int) -> list[str]:
@@ -40,7 +29,7 @@ async def transitions(engine: Engine, order_id: int) -> list[str]:
 async def test_happy_path_installs_one_certificate(engine: Engine) -> None:
     order = await engine.order()
     snap = await engine.drive_to(order.id, State.INSTALLED)
-    assert await transitions(engine, order.id) == HAPPY_PATH
+    assert await transitions(engine, order.id) == HAPPY_TRIGGERS
     assert is_valid_journal(await engine.store.journal(order.id))
     certs = await engine.store.certificates(order_id=order.id)
     assert len(certs) == 1
