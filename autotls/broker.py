@@ -28,6 +28,7 @@ import aiohttp
 from yarl import URL
 
 from autotls.acme.messages import parse_retry_after
+from autotls.multiaddrs import select_dialable
 from autotls.peerid import PrivateKey
 from autotls.peeridauth import (
     HandshakeRefused,
@@ -309,8 +310,6 @@ class BrokerClient:
     async def register(self, value: str, addresses: Sequence[str]) -> list[str]:
         """Register the DNS-01 ``value``; returns the addresses actually sent."""
         validate_challenge_value(value)
-        from autotls.multiaddrs import select_dialable
-
         selected = select_dialable(addresses, allow_private=self.allow_private_addresses)
         if not selected:
             raise NoDialableAddresses(
