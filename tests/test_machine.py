@@ -146,3 +146,9 @@ def test_svg_renders_when_graphviz_is_installed() -> None:
 
         component_missing("graphviz `dot`")
     assert diagrams.svg().lstrip().startswith("<?xml")
+
+
+def test_readme_diagram_matches_the_declaration() -> None:
+    readme = (diagrams.DIAGRAM_DIR.parent / "README.md").read_text()
+    block = readme.split("```mermaid\n", 1)[1].split("```", 1)[0]
+    assert block == diagrams.mermaid(), "paste `python -m fsm.diagrams` output into README.md"
