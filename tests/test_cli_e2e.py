@@ -1,0 +1,348 @@
+"""The ``autotls`` command line end to end: real processes (``python -m autotls``) against the
+local stack (Pebble + challtestsrv + the local broker, which dials the node back over real
+libp2p), then the operator commands against the database those runs leave behind.
+
+* ``run --once``: a permanent failure (the CA wants External Account Binding) exits 1; after
+  ``retry`` and with the EAB key from the environment the same order is issued and exits 0;
+  ``renew --force`` + ``run --once`` renews it; ``revoke`` revokes it at Pebble.
+* SIGINT and SIGTERM stop a running node cleanly (130 and 0) and the next start resumes the
+  same order: no second ACME order is placed.
+* ``demo --json`` prints one JSON object with ``tls_verified: true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509 import verification
+
+from autotls.localstack.pebble import PebbleOptions, pebble_available
+from autotls.localstack.stack import LocalStack
+from autotls.peerid import load_private_key
+from persistence.records import OrderSnapshot
+from persistence.store import Store
+from tests.fixtures.components import component_missing
+from tests.test_cli import arun_cli
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTEN = ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/tcp/0/tls/sni/*.libp2p.direct/ws"]
+PROCESS_DEADLINE_S = 90.0
+POLL_DEADLINE_S = 30.0
+
+
+@dataclass
+class Finished:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+
+def _environment(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTOTLS_")}
+    env.update(extra)
+    return env
+
+
+async def start_autotls(*argv: object, env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "autotls",
+        *[str(a) for a in argv],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_environment(env),
+        cwd=ROOT,
+    )
+
+
+async def finish(process: asyncio.subprocess.Process) -> Finished:
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), PROCESS_DEADLINE_S)
+    except TimeoutError:
+        process.kill()
+        out, err = await process.communicate()
+        pytest.fail(f"autotls did not finish in {PROCESS_DEADLINE_S}s:\n{err.decode()}")
+    assert process.returncode is not None
+    return Finished(process.returncode, out.decode(), err.decode())
+
+
+async def autotls(*argv: object, env: dict[str, str]) -> Finished:
+    return await finish(await start_autotls(*argv, env=env))
+
+
+@pytest.fixture
+def components(libp2p_installed: None) -> None:
+    if not pebble_available():
+        component_missing("pebble (the pebble and pebble-challtestsrv binaries)")
+
+
+@pytest.fixture
+async def eab_stack(components: None, tmp_path: Path) -> AsyncIterator[tuple[LocalStack, str]]:
+    hmac_key = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    options = PebbleOptions(eab_keys={"kid-1": hmac_key})
+    async with LocalStack(tmp_path / "stack", pebble_options=options) as stack:
+        yield stack, hmac_key
+
+
+@pytest.fixture
+async def stack(components: None, tmp_path: Path) -> AsyncIterator[LocalStack]:
+    async with LocalStack(tmp_path / "stack") as running:
+        yield running
+
+
+def write_roots(stack: LocalStack, path: Path) -> Path:
+    path.write_text("".join(stack.pebble.issuer_roots_pem()))
+    return path
+
+
+def run_argv(stack: LocalStack, data_dir: Path, roots: Path, *extra: object) -> list[object]:
+    return [
+        "run",
+        "--data-dir",
+        data_dir,
+        "--ca",
+        stack.pebble.directory_url,
+        "--ca-bundle",
+        stack.pebble.ca_file,
+        "--trust-roots",
+        roots,
+        "--listen",
+        *LISTEN,
+        *extra,
+    ]
+
+
+def stack_env(stack: LocalStack, broker_url: str | None = None) -> dict[str, str]:
+    """Some settings come from the environment, as a service unit would give them."""
+    return {
+        "AUTOTLS_BROKER": broker_url or stack.broker_url,
+        "AUTOTLS_DNS_SERVER": stack.dns_server,
+        "AUTOTLS_ALLOW_PRIVATE_ADDRESSES": "1",
+    }
+
+
+async def status(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
+    result = await arun_cli(capsys, "status", "--json", "--data-dir", data_dir)
+    assert result.code == 0, result.err
+    rows: list[dict[str, object]] = json.loads(result.out)
+    return rows
+
+
+def verifies_for(chain_pem: bytes, roots_pem: list[str], name: str) -> bool:
+    roots = [c for pem in roots_pem for c in x509.load_pem_x509_certificates(pem.encode())]
+    leaf, *intermediates = x509.load_pem_x509_certificates(chain_pem)
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store(roots))
+        .build_server_verifier(x509.DNSName(name))
+    )
+    try:
+        verifier.verify(leaf, intermediates)
+    except verification.VerificationError:
+        return False
+    return True
+
+
+async def test_run_once_end_to_end_then_operator_commands(
+    eab_stack: tuple[LocalStack, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack, hmac_key = eab_stack
+    data_dir = tmp_path / "node"
+    roots = write_roots(stack, tmp_path / "roots.pem")
+    env = stack_env(stack)
+    outputs: list[str] = []
+
+    # 1. No EAB: the CA refuses the account, permanently -> Failed, exit 1. The key is new.
+    refused = await autotls(*run_argv(stack, data_dir, roots, "--once"), env=env)
+    outputs.append(refused.text)
+    assert refused.code == 1, refused.err
+    assert "generated a new identity key" in refused.err
+    error_line = refused.err.strip().splitlines()[-1]
+    assert error_line.startswith("autotls: error: order 1 failed (permanent)"), error_line
+    key_path = data_dir / "identity.key"
+    key_bytes = key_path.read_bytes()
+    label = load_private_key(key_path).peer_id.to_base36()
+    (row,) = await status(data_dir, capsys)
+    assert row["state"] == "Failed" and row["last_error_class"] == "permanent"
+
+    # 2. retry, and run again with the EAB key in the environment: the same order is issued.
+    retried = await arun_cli(capsys, "retry", "--order", 1, "--data-dir", data_dir)
+    assert retried.code == 0, retried.err
+    issued = await autotls(
+        *run_argv(stack, data_dir, roots, "--once", "--eab-kid", "kid-1"),
+        env={**env, "AUTOTLS_EAB_HMAC_KEY": hmac_key},
+    )
+    outputs.append(issued.text)
+    assert issued.code == 0, issued.err
+    assert key_path.read_bytes() == key_bytes  # the identity is kept, never rewritten
+    assert "order 1: Finalized -> Installed (certificate_installed)" in issued.err
+    assert f"certificate loaded: *.{label}.libp2p.direct" in issued.out
+    forge = [line.strip() for line in issued.out.splitlines() if line.startswith("  /")]
+    assert any(a.startswith(f"/dns4/127-0-0-1.{label}.libp2p.direct/tcp/") for a in forge), forge
+    assert any(f"/tls/sni/127-0-0-1.{label}.libp2p.direct/ws" in a for a in forge), forge
+
+    (row,) = await status(data_dir, capsys)
+    assert row["id"] == 1 and row["state"] == "Installed" and row["peer_id"] == label
+    assert row["not_after"] and row["last_error_class"] is None
+    first_serial = row["serial"]
+    chain = data_dir / "certs" / label / "fullchain.pem"
+    assert verifies_for(
+        chain.read_bytes(), stack.pebble.issuer_roots_pem(), f"127-0-0-1.{label}.libp2p.direct"
+    )
+    assert (data_dir / "certs" / label / "privkey.pem").stat().st_mode & 0o077 == 0
+
+    accounts = await arun_cli(capsys, "account", "show", "--json", "--data-dir", data_dir)
+    (account,) = json.loads(accounts.out)
+    assert account["directory_url"] == stack.pebble.directory_url
+    assert account["status"] == "valid" and account["account_url"].startswith("https://")
+    outputs.append(accounts.out)
+
+    diagram = await arun_cli(capsys, "diagram", "--order", 1, "--data-dir", data_dir)
+    assert f"title: order 1 · {label} · Installed" in diagram.out
+    assert "Failed --> New: retry #" in diagram.out
+    assert "Finalized --> Installed: certificate_installed #" in diagram.out
+
+    # 3. renew --force, then run --once renews it
+    renew = await arun_cli(capsys, "renew", "--force", "--data-dir", data_dir)
+    assert renew.code == 0, renew.err
+    renewed = await autotls(*run_argv(stack, data_dir, roots, "--once"), env=env)
+    outputs.append(renewed.text)
+    assert renewed.code == 0, renewed.err
+    assert "certificate renewed:" in renewed.out
+    (row,) = await status(data_dir, capsys)
+    assert row["state"] == "Installed" and row["serial"] != first_serial
+
+    # 4. revoke at Pebble with the stored account key, which forces a renewal
+    revoke = await arun_cli(
+        capsys, "revoke", "--reason", "superseded", "--ca-bundle", stack.pebble.ca_file,
+        "--data-dir", data_dir,
+    )  # fmt: skip
+    assert revoke.code == 0, revoke.err
+    assert f"revoked certificate {row['serial']} of order 1" in revoke.out
+    assert "Installed -> RenewDue" in revoke.out
+    again = await arun_cli(
+        capsys, "revoke", "--no-renew", "--ca-bundle", stack.pebble.ca_file,
+        "--data-dir", data_dir,
+    )  # fmt: skip
+    assert again.code == 0 and "already revoked" in again.out
+    (row,) = await status(data_dir, capsys)
+    assert row["state"] == "RenewDue"
+
+    everything = "".join(outputs) + revoke.out + again.out
+    assert "PRIVATE KEY" not in everything
+    assert hmac_key not in everything
+
+
+def _dead_broker_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there once the socket is closed
+
+
+async def poll(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Until ``check`` holds, with a deadline (the process runs on its own clock)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + POLL_DEADLINE_S
+    while not await check():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def read_order(db: Path) -> OrderSnapshot | None:
+    if not await asyncio.to_thread(db.exists):
+        return None
+    try:
+        async with await Store.open(f"sqlite:///{db}", upgrade=False) as store:
+            rows = await store.list_orders()
+    except Exception:  # the schema is being created by the process under test
+        return None
+    snaps = [r for r in rows if isinstance(r, OrderSnapshot)]
+    return snaps[0] if snaps else None
+
+
+async def test_signals_stop_cleanly_and_a_restart_resumes_the_order(
+    stack: LocalStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "node"
+    db = data_dir / "autotls.db"
+    roots = write_roots(stack, tmp_path / "roots.pem")
+    # The broker is down: the order is placed at the CA, then waits in Challenged.
+    down = stack_env(stack, broker_url=_dead_broker_url())
+    attempts_seen = 0
+
+    async def broker_attempted() -> bool:
+        snap = await read_order(db)
+        return (
+            snap is not None
+            and snap.state == "Challenged"
+            and snap.attempts > attempts_seen
+            and snap.last_error_class == "transient"
+        )
+
+    for signum, expected in ((signal.SIGINT, 130), (signal.SIGTERM, 0)):
+        process = await start_autotls(*run_argv(stack, data_dir, roots), env=down)
+        await poll(broker_attempted, "a failed broker attempt in Challenged")
+        process.send_signal(signum)
+        stopped = await finish(process)
+        assert stopped.code == expected, stopped.err
+        assert f"stopped on {signum.name}" in stopped.err
+        snap = await read_order(db)
+        assert snap is not None and snap.id == 1 and snap.state == "Challenged"
+        assert snap.lease_owner is None  # the worker let go of it
+        attempts_seen = snap.attempts
+
+    resumed = await autotls(*run_argv(stack, data_dir, roots, "--once"), env=stack_env(stack))
+    assert resumed.code == 0, resumed.err
+    rows = await status(data_dir, capsys)
+    assert [(r["id"], r["state"]) for r in rows] == [(1, "Installed")]
+    async with await Store.open(f"sqlite:///{db}", upgrade=False) as store:
+        triggers = [entry.trigger for entry in await store.journal(1)]
+    assert triggers.count("create") == 1
+    assert triggers.count("order_placed") == 1  # resumed: no second ACME order
+    assert triggers[-1] == "certificate_installed"
+
+
+async def test_demo_json(
+    components: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workdir = tmp_path / "demo"
+    demo = await autotls("demo", "--json", "--workdir", workdir, env={})
+    assert demo.code == 0, demo.err
+    lines = demo.out.strip().splitlines()
+    assert len(lines) == 1, demo.out  # exactly one JSON object on stdout
+    result = json.loads(lines[0])
+    assert {
+        "peer_id", "label", "domain", "state", "cert_path", "not_after", "addresses",
+        "acme_requests", "elapsed_s", "tls_verified",
+    } <= set(result)  # fmt: skip
+    assert result["state"] == "Installed" and result["tls_verified"] is True
+    assert result["domain"] == f"*.{result['label']}.libp2p.direct"
+    assert await asyncio.to_thread(Path(result["cert_path"]).is_file)
+    assert any(f"{result['label']}.libp2p.direct" in a for a in result["addresses"])
+    assert "New -> Registered" in demo.err  # progress goes to stderr
+    assert "PRIVATE KEY" not in demo.out + demo.err
+
+    # the commands work against the database the demo leaves
+    (row,) = await status(workdir, capsys)
+    assert row["state"] == "Installed" and row["peer_id"] == result["label"]
