@@ -26,8 +26,8 @@ Exit codes (stable; scripts may rely on them):
   unreadable or corrupt key file, a bad URL, multiaddr or DNS server, an unknown order id);
 * ``3`` database problem (missing, unusable, or its schema needs ``db upgrade`` or is newer
   than this autotls);
-* ``130`` interrupted (SIGINT; SIGTERM too, except for ``run``, where SIGTERM is the normal
-  way to stop and exits 0 once everything is closed).
+* ``130`` interrupted (SIGINT; SIGTERM too, except for ``run`` without ``--once``, where
+  SIGTERM is the normal way to stop and exits 0 once node, worker and store are closed).
 
 Every ``run`` option has an environment variable ``AUTOTLS_<OPTION>`` (``--dns-server`` ->
 ``AUTOTLS_DNS_SERVER``; lists separated by spaces or commas; switches take 1/0, true/false,
@@ -52,6 +52,7 @@ import struct
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -246,20 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="more detail: tracebacks and debug logs (twice: libraries' debug logs too)",
     )
+    # -v after the command works too; SUPPRESS keeps a subcommand from resetting the count.
+    verbose = _Parser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser(
-        "demo", help="issue a real certificate on the local stack and prove it with TLS"
+        "demo",
+        parents=[verbose],
+        help="issue a real certificate on the local stack and prove it with TLS",
     )
     demo.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     demo.add_argument(
         "--workdir", type=Path, default=None, metavar="DIR", help="default ./.autotls-demo"
     )
     demo.add_argument(
-        "--timeout", type=float, default=120.0, metavar="SECONDS", help="issuance deadline"
+        "--timeout", type=_seconds, default=120.0, metavar="SECONDS", help="issuance deadline"
     )
 
-    run = commands.add_parser("run", help="a py-libp2p node that keeps its certificate")
+    run = commands.add_parser(
+        "run", parents=[verbose], help="a py-libp2p node that keeps its certificate"
+    )
     _option(
         run,
         "--listen",
@@ -331,34 +341,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 once a valid certificate is installed, 1 on permanent failure",
     )
 
-    status = commands.add_parser("status", help="every order in the database")
+    status = commands.add_parser("status", parents=[verbose], help="every order in the database")
     _add_database_options(status)
     status.add_argument("--json", action="store_true", help="a JSON array on stdout")
 
-    diagram = commands.add_parser("diagram", help="the order machine, or one order's path")
+    diagram = commands.add_parser(
+        "diagram", parents=[verbose], help="the order machine, or one order's path"
+    )
     _add_database_options(diagram)
     diagram.add_argument("--order", type=_order_id, metavar="ID", help="draw this order's path")
     diagram.add_argument("--format", choices=("mermaid", "svg"), default="mermaid")
     diagram.add_argument("--output", type=Path, metavar="FILE", help="write here, not stdout")
 
-    db = commands.add_parser("db", help="database schema migrations")
+    db = commands.add_parser("db", parents=[verbose], help="database schema migrations")
     db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     for name, text in (
         ("upgrade", "bring the schema to this autotls's revision"),
         ("current", "show the current and the head revision"),
     ):
-        _add_database_options(db_commands.add_parser(name, help=text))
+        _add_database_options(db_commands.add_parser(name, parents=[verbose], help=text))
 
-    renew = commands.add_parser("renew", help="renew an Installed order now")
+    renew = commands.add_parser("renew", parents=[verbose], help="renew an Installed order now")
     _add_database_options(renew)
     renew.add_argument("--force", action="store_true", help="required: renew before it is due")
     renew.add_argument("--order", type=_order_id, metavar="ID", help="default: the only one")
 
-    retry = commands.add_parser("retry", help="start a Failed order over")
+    retry = commands.add_parser("retry", parents=[verbose], help="start a Failed order over")
     _add_database_options(retry)
     retry.add_argument("--order", type=_order_id, metavar="ID", required=True)
 
-    revoke = commands.add_parser("revoke", help="revoke an order's certificate, then renew")
+    revoke = commands.add_parser(
+        "revoke", parents=[verbose], help="revoke an order's certificate, then renew"
+    )
     _add_database_options(revoke)
     revoke.add_argument("--order", type=_order_id, metavar="ID", help="default: the only one")
     revoke.add_argument(
@@ -367,11 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--no-renew", action="store_true", help="do not force a renewal")
     _option(revoke, "--ca-bundle", metavar="FILE", help="CA file for the ACME server's HTTPS")
 
-    account = commands.add_parser("account", help="the stored ACME accounts")
+    account = commands.add_parser("account", parents=[verbose], help="the stored ACME accounts")
     account_commands = account.add_subparsers(
         dest="account_command", metavar="ACTION", required=True
     )
-    show = account_commands.add_parser("show", help="directory, URL, status, key thumbprint")
+    show = account_commands.add_parser(
+        "show", parents=[verbose], help="directory, URL, status, key thumbprint"
+    )
     _add_database_options(show)
     show.add_argument("--json", action="store_true", help="a JSON array on stdout")
     return parser
@@ -384,6 +400,16 @@ def _order_id(text: str) -> int:
         raise argparse.ArgumentTypeError(f"order id must be a number, not {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"order id must be positive, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
 
 
@@ -1406,6 +1432,7 @@ def exit_code_for(exc: BaseException) -> tuple[int, str]:
     """The exit code and the one-line message for an exception that ended a command."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from autotls.localstack.pebble import PebbleError
     from autotls.node import NodeError
     from autotls.service import IssuanceFailed
 
@@ -1426,6 +1453,8 @@ def exit_code_for(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, NodeError) and exc.error_class is ErrorClass.PERMANENT:
         return EXIT_USAGE, str(exc)
     if isinstance(exc, (IssuanceFailed, AutoTLSError)):
+        return EXIT_FAILED, str(exc)
+    if isinstance(exc, PebbleError):
         return EXIT_FAILED, str(exc)
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
@@ -1481,7 +1510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     secrets = _secrets(args)
-    with _logging(args.verbose):
+    with _logging(args.verbose), warnings.catch_warnings():
+        if not args.verbose:
+            # The system CA bundle holds a root with a negative serial; cryptography warns
+            # about it on every load, which tells an operator nothing they can act on.
+            from cryptography.utils import CryptographyDeprecationWarning
+
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         try:
             return asyncio.run(_dispatch(args))
         except (KeyboardInterrupt, asyncio.CancelledError):

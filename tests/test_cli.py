@@ -112,6 +112,7 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
         (["run", "--trust-roots", "/nonexistent/roots.pem"], ["--trust-roots:", "cannot read"]),
         (["status", "--jsn"], ["unrecognized arguments: --jsn"]),
         (["diagram", "--format", "png"], ["invalid choice: 'png'"]),
+        (["demo", "--timeout", "-1"], ["must be positive"]),
         (["diagram", "--order", "x"], ["order id must be a number"]),
         (["renew", "--force", "--order", "0"], ["order id must be positive"]),
         (["retry"], ["--order"]),
@@ -348,11 +349,15 @@ def test_libp2p_logs_are_routed_and_silenced(
 
 def test_database_passwords_never_reach_the_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     url = "postgresql://autotls:hunter2-secret@127.0.0.1:9/autotls"
-    for verbose in ([], ["--verbose"]):
-        result = run_cli(capsys, *verbose, "status", "--db", url)
-        assert result.code == cli.EXIT_DATABASE, result.err
-        assert "hunter2-secret" not in result.out + result.err
-        assert result.error_line.startswith("autotls: error: database postgresql://autotls:***@")
+    quiet = run_cli(capsys, "status", "--db", url)
+    assert_one_line_error(quiet, cli.EXIT_DATABASE, "database postgresql://autotls:***@")
+    # --verbose (before or after the command) adds the traceback, still without the password
+    for argv in (["--verbose", "status", "--db", url], ["status", "-v", "--db", url]):
+        loud = run_cli(capsys, *argv)
+        assert loud.code == cli.EXIT_DATABASE
+        assert "Traceback" in loud.err and len(loud.err.splitlines()) > 1
+        assert loud.error_line.startswith("autotls: error: database postgresql://autotls:***@")
+        assert "hunter2-secret" not in loud.out + loud.err
 
 
 def test_secrets_are_scrubbed_from_error_lines() -> None:

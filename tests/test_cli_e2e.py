@@ -34,7 +34,7 @@ from autotls.peerid import load_private_key
 from persistence.records import OrderSnapshot
 from persistence.store import Store
 from tests.fixtures.components import component_missing
-from tests.test_cli import arun_cli
+from tests.test_cli import arun_cli, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -346,3 +346,12 @@ async def test_demo_json(
     # the commands work against the database the demo leaves
     (row,) = await status(workdir, capsys)
     assert row["state"] == "Installed" and row["peer_id"] == result["label"]
+
+
+def test_demo_that_misses_its_deadline_exits_1(
+    components: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, "demo", "--timeout", "0.01", "--workdir", tmp_path / "demo")
+    assert result.code == 1, result.err
+    assert "tls_verified: false" in result.out and "state:" in result.out
+    assert result.error_line.startswith("autotls: error: demo failed: not installed after")
