@@ -53,11 +53,11 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
 from fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
@@ -148,14 +148,18 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+OptionKind = Literal["str", "list", "bool"]
+
+
 @dataclass(frozen=True)
 class _EnvOption:
     flag: str
     env: str
-    kind: str  # "str" | "list" | "bool"
+    kind: OptionKind
 
 
-# dest -> how to find it in the environment; filled as options are declared.
+# dest -> how to find it in the environment; filled by build_parser as options are declared
+# (the same dest always maps to the same variable, whichever command declares it).
 _ENV_OPTIONS: dict[str, _EnvOption] = {}
 
 
@@ -164,7 +168,7 @@ def _option(
     flag: str,
     *,
     help: str,
-    kind: str = "str",
+    kind: OptionKind = "str",
     metavar: str | None = None,
 ) -> None:
     """Declare ``--flag`` with its ``AUTOTLS_FLAG`` environment variable."""
@@ -184,10 +188,9 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _apply_environment(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> None:
+def _apply_environment(args: argparse.Namespace) -> None:
     """Fill every option left unset on the command line from its environment variable, and
     record where each value came from (``args._sources``) so errors can name it."""
-    env = os.environ if environ is None else environ
     sources: dict[str, str] = {}
     for dest, option in _ENV_OPTIONS.items():
         if not hasattr(args, dest):
@@ -195,7 +198,7 @@ def _apply_environment(args: argparse.Namespace, environ: Mapping[str, str] | No
         if getattr(args, dest) is not None:
             sources[dest] = option.flag
             continue
-        raw = env.get(option.env, "").strip()
+        raw = os.environ.get(option.env, "").strip()
         if not raw:
             continue
         sources[dest] = option.env
@@ -427,9 +430,8 @@ def _version() -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if environ is None else environ
-    base = env.get("XDG_DATA_HOME", "").strip()
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME", "").strip()
     root = Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "share"
     return root / "autotls"
 
@@ -880,31 +882,29 @@ async def cmd_run(args: argparse.Namespace, stop: _Stop) -> int:
     return await run_node(settings, stop)
 
 
-def load_or_create_identity(path: Path) -> tuple[PrivateKey, bool]:
-    """The identity key at ``path``; a new one is generated only when nothing is there.
-    A present but unreadable or corrupt file raises and is left exactly as it was."""
-    from autotls.peerid import PrivateKey, load_private_key, save_private_key
+def load_identity(path: Path) -> PrivateKey | None:
+    """The identity key at ``path``, or None when nothing is there. A present but
+    unreadable or corrupt file raises :class:`PeerIdError` and is left exactly as it was."""
+    from autotls.peerid import load_private_key
 
     if path.exists() or path.is_symlink():
-        return load_private_key(path), False
-    key = PrivateKey.generate()
-    save_private_key(key, path)
-    return key, True
+        return load_private_key(path)
+    return None
 
 
 async def run_node(settings: NodeSettings, stop: _Stop) -> int:
     from autotls.node import Libp2pNode, NodeError
+    from autotls.peerid import PrivateKey, save_private_key
     from autotls.service import AutoTLS
     from fsm.machine import State
     from persistence.urls import redact
 
     for note in settings.notes:
         _err(f"autotls: note: {note}")
-    if not settings.data_dir.exists():
-        settings.data_dir.mkdir(parents=True, mode=0o700)
-    key, created = load_or_create_identity(settings.key_path)
-    if created:
-        _err(f"generated a new identity key in {settings.key_path}")
+    key = load_identity(settings.key_path)
+    created = key is None
+    if key is None:
+        key = PrivateKey.generate()  # saved once the rest of the configuration is accepted
 
     node: Libp2pNode | None = None
 
@@ -936,9 +936,14 @@ async def run_node(settings: NodeSettings, stop: _Stop) -> int:
         node = Libp2pNode(key, listen=settings.listen, tls_context=auto.ssl_context)
     except NodeError as exc:
         raise UsageError(f"{exc}") from None
+    if not settings.data_dir.exists():
+        settings.data_dir.mkdir(parents=True, mode=0o700)
+    if created:
+        save_private_key(key, settings.key_path)
+        _err(f"generated a new identity key in {settings.key_path}")
 
     finished = asyncio.Event()
-    outcome: dict[str, Any] = {}
+    failures: list[Failure] = []
     announce = _Announcer(auto, settings.allow_private_addresses)
 
     def on_transition(event: OrderEvent) -> None:
@@ -947,12 +952,10 @@ async def run_node(settings: NodeSettings, stop: _Stop) -> int:
             finished.set()
 
     def on_failed(failure: Failure) -> None:
-        outcome["failure"] = failure
-        _err(
-            f"order {failure.order_id} failed ({failure.error_class}): {failure.message}; "
-            f"fix the cause, then `autotls retry --order {failure.order_id}`"
-        )
+        failures.append(failure)
         finished.set()
+        if not settings.once:  # a service keeps serving what it has; say what to do
+            _err(f"{_describe_failure(failure)}")
 
     auto.on("transition", on_transition)
     auto.on("failed", on_failed)
@@ -991,12 +994,16 @@ async def run_node(settings: NodeSettings, stop: _Stop) -> int:
         if stop.signal_name == "SIGTERM" and not settings.once:
             return EXIT_OK
         return EXIT_INTERRUPTED
-    failure: Failure | None = outcome.get("failure")
-    if failure is not None and final.state == State.FAILED.value:
-        raise OperationFailed(
-            f"order {failure.order_id} failed ({failure.error_class}): {failure.message}"
-        )
+    if failures and final.state == State.FAILED.value:
+        raise OperationFailed(_describe_failure(failures[-1]))
     return EXIT_OK
+
+
+def _describe_failure(failure: Failure) -> str:
+    return (
+        f"order {failure.order_id} failed ({failure.error_class}): {failure.message}; "
+        f"fix the cause, then `autotls retry --order {failure.order_id}`"
+    )
 
 
 class _Announcer:

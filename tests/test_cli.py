@@ -21,7 +21,7 @@ import pytest
 
 from autotls import cli
 from autotls.acme import jwk_thumbprint, load_account_key
-from autotls.peerid import PrivateKey, load_private_key, save_private_key
+from autotls.peerid import PrivateKey, save_private_key
 from fsm.diagrams import graphviz_available
 from fsm.machine import State
 from persistence import schema
@@ -224,14 +224,31 @@ def test_database_commands_read_the_environment_too(
 # -- key files ---------------------------------------------------------------------------------
 
 
-def test_a_missing_key_is_generated_once(tmp_path: Path) -> None:
-    path = tmp_path / "fresh" / "identity.key"
-    key, created = cli.load_or_create_identity(path)
-    assert created
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert load_private_key(path).peer_id == key.peer_id
-    again, created_again = cli.load_or_create_identity(path)
-    assert not created_again and again.peer_id == key.peer_id
+def test_a_missing_key_reads_as_none_and_a_present_one_loads(tmp_path: Path) -> None:
+    path = tmp_path / "identity.key"
+    assert cli.load_identity(path) is None
+    assert not path.exists()
+    key = PrivateKey.generate()
+    save_private_key(key, path)
+    loaded = cli.load_identity(path)
+    assert loaded is not None and loaded.peer_id == key.peer_id
+
+
+@pytest.mark.parametrize(
+    ("listen", "fragment"),
+    [
+        (["/ip4/127.0.0.1/udp/4001/quic-v1"], "unsupported listen address"),
+        (["/ip4/127.0.0.1/tcp/4001", "/ip4/127.0.0.1/tcp/4001/tls/ws"], "share a port"),
+        (["/ip4/127.0.0.1/tcp/4001/ws"], "plain WebSocket"),
+    ],
+)
+def test_listen_addresses_the_node_cannot_serve_are_refused_before_anything_is_written(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, listen: list[str], fragment: str
+) -> None:
+    data_dir = tmp_path / "node"
+    result = run_cli(capsys, "run", "--data-dir", data_dir, "--listen", *listen)
+    assert_one_line_error(result, 2, fragment)
+    assert not data_dir.exists()  # no key generated, no database created
 
 
 @pytest.mark.parametrize(
