@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -180,6 +181,8 @@ async def test_run_once_end_to_end_then_operator_commands(
     assert error_line.startswith("autotls: error: order 1 failed (permanent)"), error_line
     key_path = data_dir / "identity.key"
     key_bytes = key_path.read_bytes()
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     label = load_private_key(key_path).peer_id.to_base36()
     (row,) = await status(data_dir, capsys)
     assert row["state"] == "Failed" and row["last_error_class"] == "permanent"
