@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
@@ -65,15 +67,30 @@ class VerifiedChain:
         return self.certificates[0]
 
 
+PEM_END = b"-----END CERTIFICATE-----"
+
+
 def load_trust_roots(path: str | Path) -> list[x509.Certificate]:
+    """The certificates of a PEM bundle, one by one: a root that ``cryptography`` objects to
+    (system bundles carry a few with non-positive serials, deprecated and soon refused) is
+    skipped with a log line instead of failing or warning about the whole bundle."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigurationError(f"cannot read trust roots {path}: {exc.strerror}") from None
-    try:
-        roots = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise ConfigurationError(f"trust roots {path} is not a PEM certificate bundle") from None
+    roots: list[x509.Certificate] = []
+    blocks = [b + PEM_END for b in data.split(PEM_END) if b"-----BEGIN CERTIFICATE-----" in b]
+    if not blocks:
+        raise ConfigurationError(f"trust roots {path} is not a PEM certificate bundle")
+    for block in blocks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            try:
+                roots.append(x509.load_pem_x509_certificate(block))
+            except (ValueError, CryptographyDeprecationWarning) as exc:
+                log.debug("skipping a root in %s: %s", path, exc)
+    if not roots:
+        raise ConfigurationError(f"trust roots {path}: none of its certificates is usable")
     return roots
 
 

@@ -12,11 +12,16 @@ from fsm.steps import ORDER_KEYS
 from persistence.records import CommitPlan, JournalNote, OrderSnapshot
 from persistence.store import Store
 
+# What a step wrote about its own wait or its own trouble stops being true when an operator
+# moves the order.
+TRANSIENT_KEYS = ("waiting_for", "unexpected_errors")
+
 
 def _plan(
     snap: OrderSnapshot, trigger: str, now: datetime, *, clear: tuple[str, ...]
 ) -> CommitPlan:
-    data = {k: v for k, v in snap.data.items() if k not in clear}
+    dropped = (*clear, *TRANSIENT_KEYS)
+    data = {k: v for k, v in snap.data.items() if k not in dropped}
     to_state = fire(snap.state, trigger, data)
     return CommitPlan(
         to_state=to_state.value,
@@ -35,9 +40,7 @@ async def retry(store: Store, order_id: int, *, now: datetime, actor: str) -> Or
     return await store.operator_commit(
         order_id,
         allowed_states={State.FAILED.value},
-        build=lambda snap: _plan(
-            snap, "retry", now, clear=(*ORDER_KEYS, "validation_failures", "unexpected_errors")
-        ),
+        build=lambda snap: _plan(snap, "retry", now, clear=(*ORDER_KEYS, "validation_failures")),
         now=now,
         actor=actor,
     )

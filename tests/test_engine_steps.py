@@ -352,3 +352,15 @@ async def test_crash_after_answering_never_answers_twice(engine: Engine) -> None
     assert engine.ca.count("answer_challenge") == 1
     await engine.drive_to(order.id, State.INSTALLED)
     assert engine.ca.count("answer_challenge") == 1
+
+
+async def test_operator_moves_drop_the_steps_own_wait_note(engine: Engine) -> None:
+    from fsm import operator
+
+    order = await engine.order()
+    await engine.drive_to(order.id, State.INSTALLED)
+    await engine.worker().run_once()
+    assert "renewal at" in (await engine.store.get_order(order.id)).data["waiting_for"]
+    snap = await operator.force_renewal(engine.store, order.id, now=engine.clock.now(), actor="op")
+    assert snap.state == State.RENEW_DUE.value
+    assert "waiting_for" not in snap.data
