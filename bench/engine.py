@@ -1,0 +1,266 @@
+"""Engine overhead: issuances and steps per second through the real worker and store, with the
+in-memory fake ports and a :class:`fsm.clock.ManualClock`, and memory per order.
+
+The network is taken out (``tests/fakes/ports.py``: FakeCA issues real X.509 certificates from
+its own key, FakeBroker publishes into FakeDns, FakeInstaller checks SAN and key), the clock
+jumps to the next due time instead of sleeping (``fsm.worker.run_until_idle``), and the store
+is real (SQLite in a temporary directory by default, ``--db postgresql`` for a throw-away
+PostgreSQL database). What is left is the engine's own cost per step: claim, snapshot, step
+logic, policy, commit, journal -- plus the fakes' cryptography (key generation, CSR, signing).
+
+Figures, per worker concurrency: issuances/s (New to Installed), steps/s, steps per issuance,
+wall ms per step and the store's share of it. Then memory, measured in a separate run under
+``tracemalloc`` (which slows everything down, so it is kept out of the timings): peak and
+retained bytes per order for two sizes, their slope (the marginal cost of one more order),
+and how much of what is retained belongs to the fakes (which keep every order, authorization
+and certificate they ever made) rather than to the engine.
+
+``python -m bench.engine [--orders 200] [--concurrency 1,4,16] [--memory-orders 100,300]
+[--db sqlite|postgresql] [--json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import random
+import tempfile
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from autotls.peerid import PrivateKey
+from bench._common import Report, add_json_flag, emit, pg_database, pg_unavailable_reason
+from fsm.clock import ManualClock
+from fsm.machine import State
+from fsm.ports import EngineSettings, Ports
+from fsm.worker import OrderEvent, Worker, run_until_idle
+from persistence.records import CommitPlan, OrderSnapshot
+from persistence.store import ClaimedOrder, Store
+from tests.fakes.ports import FakeBroker, FakeCA, FakeDns, FakeInstaller
+
+# Deep enough that memory the fakes allocate through base64, cryptography or dataclasses is
+# still charged to the fakes.
+TRACE_FRAMES = 12
+
+
+class TimedStore(Store):
+    """The real store, adding up the time spent in the calls the worker makes per step."""
+
+    seconds = 0.0
+
+    async def claim_due(
+        self,
+        owner: str,
+        *,
+        now: datetime,
+        lease_seconds: float,
+        limit: int,
+        peers: Collection[str] | None = None,
+    ) -> list[ClaimedOrder]:
+        t0 = time.perf_counter()
+        try:
+            return await super().claim_due(
+                owner, now=now, lease_seconds=lease_seconds, limit=limit, peers=peers
+            )
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    async def commit(
+        self, snapshot: OrderSnapshot, plan: CommitPlan, *, now: datetime, worker: str
+    ) -> bool:
+        t0 = time.perf_counter()
+        try:
+            return await super().commit(snapshot, plan, now=now, worker=worker)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    async def next_due_at(self, *, peers: Collection[str] | None = None) -> datetime | None:
+        t0 = time.perf_counter()
+        try:
+            return await super().next_due_at(peers=peers)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+@dataclass
+class Outcome:
+    orders: int
+    elapsed_s: float
+    steps: int
+    store_s: float
+    peak_bytes: int = 0
+    retained_bytes: int = 0
+    retained_by_fakes: int = 0
+
+
+@contextlib.asynccontextmanager
+async def _database(kind: str) -> AsyncIterator[str]:
+    if kind == "postgresql":
+        with pg_database() as url:
+            yield url
+    else:
+        with tempfile.TemporaryDirectory(prefix="autotls-bench-") as tmp:
+            yield f"sqlite:///{Path(tmp) / 'engine.db'}"
+
+
+async def _issue_all(
+    db: str, orders: int, concurrency: int, *, trace_memory: bool = False
+) -> Outcome:
+    clock = ManualClock()
+    dns = FakeDns()
+    ports = Ports(
+        acme=FakeCA(clock),
+        broker=FakeBroker(dns),
+        dns=dns,
+        installer=FakeInstaller(),
+        clock=clock,
+        settings=EngineSettings(),
+        rng=random.Random(1),
+    )
+    store = await TimedStore.open(db)
+    assert isinstance(store, TimedStore)
+    try:
+        peers = [PrivateKey.generate().peer_id.to_base36() for _ in range(orders)]
+        for peer in peers:
+            await store.create_order(
+                peer, f"*.{peer}.libp2p.direct", initial_state=State.NEW.value, now=clock.now()
+            )
+        worker = Worker(store, ports, worker_id="bench", concurrency=concurrency)
+        installed = 0
+
+        def count(event: OrderEvent) -> None:
+            nonlocal installed
+            if event.to_state == State.INSTALLED.value != event.from_state:
+                installed += 1
+            elif event.to_state == State.FAILED.value:
+                raise RuntimeError(f"order {event.order_id} failed: {event.message}")
+
+        async def all_installed() -> bool:
+            return installed == orders
+
+        worker.subscribe(count)
+        gc.collect()
+        if trace_memory:
+            tracemalloc.start(TRACE_FRAMES)
+        started = time.perf_counter()
+        await run_until_idle(
+            worker, advance_clock=clock.set, stop_when=all_installed, max_rounds=100 * orders
+        )
+        elapsed = time.perf_counter() - started
+        outcome = Outcome(orders, elapsed, worker.steps_run, store.seconds)
+        if trace_memory:
+            gc.collect()
+            snapshot = tracemalloc.take_snapshot()
+            outcome.retained_bytes, outcome.peak_bytes = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            outcome.retained_by_fakes = sum(
+                stat.size
+                for stat in snapshot.statistics("traceback")
+                if any("tests/fakes/" in frame.filename for frame in stat.traceback)
+            )
+        if installed != orders:
+            raise RuntimeError(f"only {installed} of {orders} orders reached Installed")
+    finally:
+        await store.close()
+    return outcome
+
+
+async def run(
+    orders: int, concurrencies: Sequence[int], memory_orders: Sequence[int], db: str
+) -> list[Report]:
+    speed = Report(
+        f"engine on fake ports ({db} store, ManualClock)",
+        [
+            "conc",
+            "orders",
+            "issuances/s",
+            "steps/s",
+            "steps/issuance",
+            "ms/step",
+            "store ms/step",
+        ],
+        params={"orders": orders, "db": db},
+    )
+    for concurrency in concurrencies:
+        async with _database(db) as url:
+            out = await _issue_all(url, orders, concurrency)
+        speed.add(
+            conc=concurrency,
+            orders=orders,
+            **{
+                "issuances/s": out.orders / out.elapsed_s,
+                "steps/s": out.steps / out.elapsed_s,
+                "steps/issuance": out.steps / out.orders,
+                "ms/step": out.elapsed_s * 1000 / out.steps,
+                "store ms/step": out.store_s * 1000 / out.steps,
+            },
+        )
+    speed.notes.append(
+        "store ms/step adds up the claim, commit and next-due calls; with concurrency > 1 they"
+        " overlap, so it can exceed the wall ms/step"
+    )
+
+    memory = Report(
+        f"engine memory per order (tracemalloc, concurrency 4, {db} store)",
+        ["orders", "peak KiB", "peak B/order", "retained B/order", "fakes' B/order"],
+        params={"memory_orders": list(memory_orders)},
+    )
+    measured: list[Outcome] = []
+    for size in memory_orders:
+        async with _database(db) as url:
+            out = await _issue_all(url, size, 4, trace_memory=True)
+        measured.append(out)
+        memory.add(
+            orders=size,
+            **{
+                "peak KiB": out.peak_bytes / 1024,
+                "peak B/order": out.peak_bytes / size,
+                "retained B/order": out.retained_bytes / size,
+                "fakes' B/order": out.retained_by_fakes / size,
+            },
+        )
+    if len(measured) >= 2:
+        small, large = measured[0], measured[-1]
+        extra = large.orders - small.orders
+        if extra > 0:
+            memory.add(
+                orders=f"slope {small.orders}->{large.orders}",
+                **{
+                    "peak B/order": (large.peak_bytes - small.peak_bytes) / extra,
+                    "retained B/order": (large.retained_bytes - small.retained_bytes) / extra,
+                    "fakes' B/order": (large.retained_by_fakes - small.retained_by_fakes) / extra,
+                },
+            )
+    memory.notes.append(
+        "retained = still allocated after the run (after gc); fakes' = the part allocated in"
+        " by code called from tests/fakes (the fake CA keeps every order and certificate); the"
+        " rest of the retained memory is the engine's, SQLAlchemy's and the driver's"
+    )
+    return [speed, memory]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__)
+    parser.add_argument("--orders", type=int, default=200)
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated")
+    parser.add_argument("--memory-orders", default="100,300", help="comma-separated sizes")
+    parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    add_json_flag(parser)
+    args = parser.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    memory_orders = [int(n) for n in args.memory_orders.split(",") if n.strip()]
+    if args.orders < 1 or any(c < 1 for c in concurrencies) or any(n < 1 for n in memory_orders):
+        parser.error("--orders, --concurrency and --memory-orders must be positive")
+    if args.db == "postgresql" and (reason := pg_unavailable_reason()):
+        parser.error(reason)
+    emit(asyncio.run(run(args.orders, concurrencies, memory_orders, args.db)), args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Run every benchmark with its defaults (or ``--quick`` sizes) and print all the figures.
+
+``python -m bench.run_all [--quick] [--json] [--only store,engine,dns,issuance]``
+
+Benchmarks whose components are missing (PostgreSQL, Pebble) are reported as skipped, never
+failed: the figures are for reading, not for gating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from autotls.localstack.pebble import pebble_available
+from bench import dns, engine, issuance, store
+from bench._common import Report, add_json_flag, emit
+
+ALL = ("store", "engine", "dns", "issuance")
+
+
+def _skipped(name: str, reason: str) -> Report:
+    report = Report(f"{name}: skipped", ["reason"])
+    report.add(reason=reason)
+    return report
+
+
+def collect(names: Sequence[str], quick: bool) -> list[Report]:
+    reports: list[Report] = []
+    for name in names:
+        print(f"running bench.{name} ...", file=sys.stderr, flush=True)
+        if name == "store":
+            orders = 200 if quick else 1000
+            reports.append(asyncio.run(store.run(orders, [1, 4, 16], ["sqlite", "postgresql"])))
+        elif name == "engine":
+            orders, sizes = (50, [50, 100]) if quick else (200, [100, 300])
+            reports.extend(asyncio.run(engine.run(orders, [1, 4, 16], sizes, "sqlite")))
+        elif not pebble_available():
+            reports.append(_skipped(name, "pebble and pebble-challtestsrv are not on PATH"))
+        elif name == "dns":
+            reports.append(asyncio.run(dns.run(200 if quick else 1000, 16)))
+        elif name == "issuance":
+            runs, peers = (3, [4]) if quick else (10, [4, 16])
+            reports.extend(asyncio.run(issuance.run(runs, peers, ["product", "fast"])))
+    return reports
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--only", default=",".join(ALL), help="comma-separated subset")
+    add_json_flag(parser)
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    if unknown := sorted(set(names) - set(ALL)):
+        parser.error(f"unknown benchmarks {unknown}; known: {', '.join(ALL)}")
+    emit(collect(names, args.quick), args.json)
+
+
+if __name__ == "__main__":
+    main()
