@@ -86,6 +86,7 @@ class Worker:
         self._wake = asyncio.Event()
         self.steps_run = 0
         self.lost_leases = 0
+        self.lease_renewals = 0
 
     # -- public -------------------------------------------------------------------------------
 
@@ -263,6 +264,7 @@ class Worker:
                 if not await self.store.renew_lease(snap.id, snap.fence, self.id, until):
                     log.warning("order %s: lease taken over during a long step", snap.id)
                     return
+                self.lease_renewals += 1
             except Exception:
                 log.exception("order %s: lease renewal failed", snap.id)
 
