@@ -371,3 +371,41 @@ async def test_registration_is_concurrency_safe(
             f"_acme-challenge.{key.peer_id.to_base36()}.libp2p.direct."
         ) == [VALUE]
     assert broker.counters.accepted == 4
+
+
+async def test_401_mid_flow_restarts_the_handshake(
+    local_broker: tuple[LocalBroker, FakeDialer],
+    challtestsrv: ChallTestSrv,  # noqa: F811
+) -> None:
+    """The broker forgets its first challenge between the legs (a restarted or different
+    backend: its opaque no longer verifies) and answers 401; the client starts over from that
+    401's WWW-Authenticate and the registration still succeeds, once."""
+    import os
+
+    broker, dialer = local_broker
+    sign_first_leg = broker.auth._sign_challenge
+    refuse = broker.auth._challenge
+    first_legs = 0
+    refusals: list[str] = []
+
+    def forgetful(*args: Any, **kwargs: Any) -> Any:
+        nonlocal first_legs
+        decision = sign_first_leg(*args, **kwargs)
+        first_legs += 1
+        if first_legs == 1:
+            broker.auth._hmac_key = os.urandom(32)
+        return decision
+
+    def counted_refusal(hostname: str, reason: str) -> Any:
+        refusals.append(reason)
+        return refuse(hostname, reason)
+
+    broker.auth._sign_challenge = forgetful  # type: ignore[method-assign]
+    broker.auth._challenge = counted_refusal  # type: ignore[method-assign]
+    key = PrivateKey.generate()
+    async with BrokerClient(key, base_url=broker.url, allow_private_addresses=True) as client:
+        assert await client.register(VALUE, ADDRS) == ADDRS
+    assert any("HMAC invalid" in r for r in refusals), "the second leg was refused with a 401"
+    assert len(dialer.calls) == 1
+    name = f"_acme-challenge.{key.peer_id.to_base36()}.libp2p.direct."
+    assert await challtestsrv.txt(name) == [VALUE]
