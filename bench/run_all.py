@@ -35,7 +35,7 @@ def collect(names: Sequence[str], quick: bool) -> list[Report]:
             reports.append(asyncio.run(store.run(orders, [1, 4, 16], ["sqlite", "postgresql"])))
         elif name == "engine":
             orders, sizes = (50, [50, 100]) if quick else (200, [100, 300])
-            reports.extend(asyncio.run(engine.run(orders, [1, 4, 16], sizes, "sqlite")))
+            reports.extend(asyncio.run(engine.run(orders, [1, 4], sizes, "sqlite")))
         elif not pebble_available():
             reports.append(_skipped(name, "pebble and pebble-challtestsrv are not on PATH"))
         elif name == "dns":
