@@ -24,6 +24,7 @@ from autotls.multiaddrs import Multiaddr, MultiaddrError, forge_addresses
 from autotls.node import DialBackError, Libp2pNode, NodeError, dial_back
 from autotls.peerid import KeyType, PeerId, PrivateKey
 from fsm.errors import ErrorClass
+from tests.fixtures.components import component_missing
 from tests.fixtures.libp2p import RunningNode, client_context, server_context
 
 pytestmark = [pytest.mark.libp2p, pytest.mark.usefixtures("libp2p_installed")]
@@ -342,7 +343,7 @@ async def test_ipv6_loopback() -> None:
         with socket.socket(socket.AF_INET6) as probe:
             probe.bind(("::1", 0))
     except OSError:
-        pytest.skip("no IPv6 loopback on this machine")
+        component_missing("IPv6 loopback (::1)")
     key = PrivateKey.generate(KeyType.ED25519)
     async with Libp2pNode(key, listen=["/ip6/::1/tcp/0"]) as node:
         (address,) = node.listen_addresses
