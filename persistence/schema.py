@@ -7,6 +7,11 @@ synchronously; callers in async code run these functions in a thread.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +19,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import URL
 
 import migrations
@@ -74,18 +79,47 @@ def check(url: URL) -> SchemaStatus:
     return status
 
 
+# Alembic's ``context`` is one per process: two upgrades at once in one process corrupt each
+# other. Across processes (a fleet starting on a fresh database), the database-level lock in
+# _migration_lock serialises them; the loser then finds the schema already at head.
+_PROCESS_LOCK = threading.Lock()
+# pg_advisory_xact_lock key: "autotls" in ASCII, a constant only this program uses.
+_PG_LOCK_KEY = 0x6175746F746C73
+
+
+@contextlib.contextmanager
+def _migration_lock(url: URL) -> Iterator[None]:
+    with _PROCESS_LOCK:
+        if url.get_backend_name() != "sqlite":
+            yield  # PostgreSQL: the advisory lock is taken inside the transaction
+            return
+        lock_path = Path(f"{url.database}.migrate-lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
 def upgrade(url: URL, revision: str = "head") -> SchemaStatus:
-    """Bring the schema to ``revision``; refuses a database newer than we know."""
-    check(url)
-    engine = _engine(url)
-    try:
-        with engine.begin() as conn:
-            cfg = alembic_config()
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
-    finally:
-        engine.dispose()
-    return check(url)
+    """Bring the schema to ``revision``; refuses a database newer than we know. Safe when
+    several threads or processes upgrade the same database at once."""
+    with _migration_lock(url):
+        check(url)
+        engine = _engine(url)
+        try:
+            with engine.begin() as conn:
+                if url.get_backend_name() == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+                cfg = alembic_config()
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+        finally:
+            engine.dispose()
+        return check(url)
 
 
 def ensure_current(url: URL, *, upgrade_allowed: bool) -> SchemaStatus:

@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 import aiohttp
 from sqlalchemy import func, select
@@ -216,7 +216,7 @@ async def watch(store: RecordingStore, run: asyncio.Task[None], deadline: float)
 async def main(args: argparse.Namespace, steps_log: TextIO) -> int:
     deadline = time.monotonic() + args.deadline_s
     # The test migrated the database before starting the fleet; never race on upgrades here.
-    store = cast(RecordingStore, await RecordingStore.open(args.db, upgrade=False))
+    store = await RecordingStore.open(args.db, upgrade=False)
     store.steps_log = steps_log
     if args.stall_at:
         store.stall = CommitStall(args.stall_at, sys.stdout)

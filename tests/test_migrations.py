@@ -93,3 +93,40 @@ def test_database_url_errors_are_clear() -> None:
         parse_database_url("  ")
     assert parse_database_url("postgres://u:secret@h/db").get_backend_name() == "postgresql"
     assert parse_database_url("/tmp/x.db").database == "/tmp/x.db"
+
+
+def test_concurrent_upgrades_in_one_process(database_url: str) -> None:
+    """Alembic's context is per process: upgrades from several threads must not interleave."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = parse_database_url(database_url)
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda _: schema.upgrade(url), range(4)))
+    assert all(s.up_to_date for s in statuses)
+
+
+def test_concurrent_upgrades_from_separate_processes(database_url: str) -> None:
+    """A fleet starting at once on a fresh database: one process migrates, the rest find the
+    schema at head (PostgreSQL advisory lock; a lock file beside a SQLite database)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    program = (
+        "import sys; from persistence import schema; from persistence.urls import "
+        "parse_database_url; print(schema.upgrade(parse_database_url(sys.argv[1])).current)"
+    )
+    root = Path(__file__).resolve().parent.parent
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", program, database_url],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0, 0], [err for _, err in outputs]
+    assert {out.strip() for out, _ in outputs} == {schema.head_revision()}
