@@ -72,39 +72,40 @@ async def test_a_long_step_keeps_its_lease(engine: Engine) -> None:
     assert slow.lost_leases == 0
 
 
-async def test_graceful_shutdown_releases_what_it_cannot_finish(engine: Engine) -> None:
+async def stopping_during_a_hung_step(
+    engine: Engine, grace: float
+) -> tuple[int, BlockingBroker, asyncio.Future[None]]:
+    """An order whose broker registration hangs, a running worker inside that step, and
+    the worker told to stop: (order id, the hanging broker, the worker's run)."""
     order = await engine.order()
     await engine.drive_to(order.id, State.CHALLENGED)
     blocking = BlockingBroker(engine.broker)
     engine.ports.broker = blocking  # type: ignore[assignment]
     worker = Worker(engine.store, engine.ports, worker_id="stopping")
     stop = asyncio.Event()
-    running = asyncio.ensure_future(worker.run(stop, grace=0.05))
+    running = asyncio.ensure_future(worker.run(stop, grace=grace))
     await blocking.entered.wait()
     stop.set()
+    return order.id, blocking, running
+
+
+async def test_graceful_shutdown_releases_what_it_cannot_finish(engine: Engine) -> None:
+    order_id, blocking, running = await stopping_during_a_hung_step(engine, grace=0.05)
     await asyncio.wait_for(running, 5)
     assert blocking.cancelled, "the hanging call was cancelled after the grace period"
-    snap = await engine.store.get_order(order.id)
+    snap = await engine.store.get_order(order_id)
     assert snap.state == State.CHALLENGED.value, "nothing half-done was committed"
     assert snap.lease_owner is None and snap.lease_until is None, "the lease was given back"
     engine.ports.broker = engine.broker
-    await engine.drive_to(order.id, State.INSTALLED)
+    await engine.drive_to(order_id, State.INSTALLED)
 
 
 async def test_graceful_shutdown_lets_a_quick_step_commit(engine: Engine) -> None:
-    order = await engine.order()
-    await engine.drive_to(order.id, State.CHALLENGED)
-    blocking = BlockingBroker(engine.broker)
-    engine.ports.broker = blocking  # type: ignore[assignment]
-    worker = Worker(engine.store, engine.ports, worker_id="stopping")
-    stop = asyncio.Event()
-    running = asyncio.ensure_future(worker.run(stop, grace=30))
-    await blocking.entered.wait()
-    stop.set()
+    order_id, blocking, running = await stopping_during_a_hung_step(engine, grace=30)
     await settle_tasks()
     blocking.release.set()  # finishes within the grace period
     await asyncio.wait_for(running, 5)
-    assert (await engine.store.get_order(order.id)).state == State.BROKER_NOTIFIED.value
+    assert (await engine.store.get_order(order_id)).state == State.BROKER_NOTIFIED.value
 
 
 async def test_the_loop_sleeps_until_the_next_due_time_and_wakes_on_demand(engine: Engine) -> None:
