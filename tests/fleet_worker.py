@@ -43,12 +43,12 @@ from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TextIO
 
-import aiohttp
 from sqlalchemy import func, select
 
 from autotls.adapters import AcmeAdapter
 from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
 from autotls.install import Installer, load_trust_roots
+from autotls.localstack.challtestsrv import ChallTestSrv, ChallTestSrvError
 from fsm.clock import SystemClock
 from fsm.errors import TransientError
 from fsm.machine import State
@@ -68,7 +68,6 @@ FLEET_SETTINGS = EngineSettings(
     order_poll_interval=timedelta(milliseconds=500),
 )
 WATCH_INTERVAL_S = 0.25
-MAX_ERROR_BODY = 500
 
 
 class FakeTxtPublishingBroker:
@@ -84,36 +83,21 @@ class FakeTxtPublishingBroker:
     def __init__(
         self, challtestsrv_url: str, *, zone: str = "libp2p.direct", timeout: float = 5.0
     ) -> None:
-        self.url = challtestsrv_url.rstrip("/")
+        self.challtestsrv = ChallTestSrv(challtestsrv_url, timeout=timeout)
         self.zone = zone
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self._session: aiohttp.ClientSession | None = None
 
     async def health(self) -> BrokerHealthView:
         return BrokerHealthView(healthy=True)
 
     async def register(self, peer_id: str, value: str) -> Sequence[str]:
-        host = txt_name(peer_id, self.zone) + "."
-        # challtestsrv appends on set-txt: clear first so a re-sent value replaces the old one.
-        await self._post("/clear-txt", {"host": host})
-        await self._post("/set-txt", {"host": host, "value": value})
+        try:
+            await self.challtestsrv.replace_txt(txt_name(peer_id, self.zone), value)
+        except ChallTestSrvError as exc:
+            raise TransientError(str(exc)) from None
         return []
 
-    async def _post(self, path: str, body: dict[str, str]) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self.timeout, trust_env=False)
-        try:
-            async with self._session.post(self.url + path, json=body) as resp:
-                if resp.status != 200:
-                    text = (await resp.content.read(MAX_ERROR_BODY)).decode("utf-8", "replace")
-                    raise TransientError(f"challtestsrv {path}: HTTP {resp.status}: {text}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TransientError(f"challtestsrv {path} failed: {exc!r}") from None
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.challtestsrv.close()
 
 
 class CommitStall:

@@ -30,6 +30,7 @@ from types import TracebackType
 import aiohttp
 from aiohttp import web
 
+from autotls.localstack.challtestsrv import ChallTestSrv, ChallTestSrvError
 from autotls.multiaddrs import Multiaddr, MultiaddrError
 from autotls.peerid import PeerId, PrivateKey
 from autotls.peeridauth import AuthResult, PeerIdAuthServer
@@ -264,7 +265,7 @@ class LocalBroker:
         fqdn = self.fqdn_for(peer)
         try:
             await self._publish(fqdn, value)
-        except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
+        except ChallTestSrvError as exc:
             log.error("local broker: publishing %s failed: %s", fqdn, exc)
             return self._refuse(500, "dns", "failed to publish the TXT record")
         self.records[peer.to_base36()] = RegistrationRecord(
@@ -275,20 +276,11 @@ class LocalBroker:
         return web.Response(status=200)
 
     async def _publish(self, fqdn: str, value: str) -> None:
-        """One TXT value per peer, last write wins: clear, then set (set-txt appends)."""
+        """One TXT value per peer, last write wins."""
         session = self._session
         if session is None:
             raise RuntimeError("local broker is not started")
-        timeout = aiohttp.ClientTimeout(total=10)
-        for path, payload in (
-            ("/clear-txt", {"host": fqdn}),
-            ("/set-txt", {"host": fqdn, "value": value}),
-        ):
-            async with session.post(
-                self.challtestsrv_url + path, json=payload, timeout=timeout
-            ) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"challtestsrv {path} answered {resp.status}")
+        await ChallTestSrv(self.challtestsrv_url, session=session).replace_txt(fqdn, value)
 
     async def _dial_back(self, peer: PeerId, addresses: Sequence[str]) -> object:
         from autotls.node import dial_back

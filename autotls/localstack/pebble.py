@@ -33,13 +33,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from autotls._files import write_atomic, write_secret
+from autotls.localstack.challtestsrv import ChallTestSrv, ChallTestSrvError
 
 PEBBLE = "pebble"
 CHALLTESTSRV = "pebble-challtestsrv"
@@ -475,26 +475,18 @@ class PebbleStack:
             raise PebbleError("cert-status-by-serial did not answer an object")
         return raw
 
-    async def _challtestsrv_post(self, path: str, body: dict[str, str]) -> None:
-        url = self.challtestsrv_url + path
-        timeout = aiohttp.ClientTimeout(total=5)
-        async with (
-            aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
-            session.post(url, json=body) as resp,
-        ):
-            if resp.status != 200:
-                text = (await resp.content.read(500)).decode("utf-8", "replace")
-                raise PebbleError(f"POST {url}: HTTP {resp.status}: {text}")
-
     async def set_txt(self, fqdn: str, value: str) -> None:
-        """Serve ``value`` as a TXT record of ``fqdn`` (challtestsrv appends, it never
+        """Add ``value`` to the TXT record of ``fqdn`` (challtestsrv appends, it never
         replaces: clear first to change a value)."""
-        await self._challtestsrv_post("/set-txt", {"host": _dotted(fqdn), "value": value})
+        async with ChallTestSrv(self.challtestsrv_url) as client:
+            try:
+                await client.set_txt(fqdn, value)
+            except ChallTestSrvError as exc:
+                raise PebbleError(str(exc)) from None
 
     async def clear_txt(self, fqdn: str) -> None:
-        await self._challtestsrv_post("/clear-txt", {"host": _dotted(fqdn)})
-
-
-def _dotted(fqdn: str) -> str:
-    # challtestsrv silently never serves a host registered without the trailing dot.
-    return fqdn if fqdn.endswith(".") else fqdn + "."
+        async with ChallTestSrv(self.challtestsrv_url) as client:
+            try:
+                await client.clear_txt(fqdn)
+            except ChallTestSrvError as exc:
+                raise PebbleError(str(exc)) from None
