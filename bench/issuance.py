@@ -38,7 +38,7 @@ from autotls.node import Libp2pNode
 from autotls.peerid import PrivateKey
 from autotls.service import DATABASE_FILE, AutoTLS
 from bench._common import Report, add_json_flag, emit, percentile
-from fsm.machine import State
+from fsm.machine import ISSUANCE_PATH, State
 from fsm.ports import EngineSettings
 from fsm.worker import OrderEvent
 from persistence.store import Store
@@ -52,15 +52,7 @@ POLLS = {
     ),
 }
 # The states an issuance passes through, in order, for the breakdown columns.
-PATH = (
-    State.NEW,
-    State.REGISTERED,
-    State.CHALLENGED,
-    State.BROKER_NOTIFIED,
-    State.DNS_PROPAGATED,
-    State.VALIDATED,
-    State.FINALIZED,
-)
+PATH = ISSUANCE_PATH[:-1]
 
 
 @dataclass

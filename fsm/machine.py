@@ -59,6 +59,18 @@ ORDERING_STATES = (
     State.FINALIZED,
 )
 
+# The states of a straight issuance, in order.
+ISSUANCE_PATH = (
+    State.NEW,
+    State.REGISTERED,
+    State.CHALLENGED,
+    State.BROKER_NOTIFIED,
+    State.DNS_PROPAGATED,
+    State.VALIDATED,
+    State.FINALIZED,
+    State.INSTALLED,
+)
+
 # What ``data`` must hold for an order to be in a state (checked on entry, used by tests
 # that place rows directly into a state).
 STATE_REQUIRES: Mapping[State, tuple[str, ...]] = {
@@ -81,13 +93,7 @@ STATE_REQUIRES: Mapping[State, tuple[str, ...]] = {
 
 def requirements(state: State) -> tuple[str, ...]:
     """Every data key an order in ``state`` carries (its own and those of earlier steps)."""
-    chain = [
-        State.CHALLENGED,
-        State.BROKER_NOTIFIED,
-        State.DNS_PROPAGATED,
-        State.VALIDATED,
-        State.FINALIZED,
-    ]
+    chain = list(ISSUANCE_PATH[ISSUANCE_PATH.index(State.CHALLENGED) : -1])
     if state not in chain:
         return STATE_REQUIRES.get(state, ())
     keys: list[str] = []

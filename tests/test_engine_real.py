@@ -18,7 +18,7 @@ from cryptography import x509
 from autotls.localstack.pebble import PebbleOptions, PebbleStack
 from fsm import operator
 from fsm.journal import is_valid_journal
-from fsm.machine import State
+from fsm.machine import ISSUANCE_PATH, State
 from tests.fixtures.engine import HAPPY_TRIGGERS
 from tests.fixtures.realstack import (
     CountingAcme,
@@ -29,16 +29,7 @@ from tests.fixtures.realstack import (
 
 pytestmark = pytest.mark.usefixtures("libp2p_installed")
 
-HAPPY = [
-    State.NEW,
-    State.REGISTERED,
-    State.CHALLENGED,
-    State.BROKER_NOTIFIED,
-    State.DNS_PROPAGATED,
-    State.VALIDATED,
-    State.FINALIZED,
-    State.INSTALLED,
-]
+HAPPY = ISSUANCE_PATH
 
 
 async def assert_installed_once(stack: RealStack, order_id: int) -> x509.Certificate:
