@@ -30,7 +30,13 @@ from typing import Any
 
 from fsm.errors import AutoTLSError, ErrorClass, PermanentError
 from fsm.journal import sanitize
-from fsm.machine import ORDERING_STATES, State, fire
+from fsm.machine import (
+    OPERATOR_TRIGGERS,
+    ORDERING_STATES,
+    InvalidTransitionError,
+    State,
+    fire,
+)
 from fsm.outcomes import Advance, Effects, Outcome, Wait
 from fsm.ports import EngineSettings, problem_type
 from fsm.steps import ORDER_KEYS, iso
@@ -88,6 +94,8 @@ def plan_outcome(snap: OrderSnapshot, outcome: Outcome, now: datetime) -> Commit
             effects=outcome.effects,
         )
     assert isinstance(outcome, Advance)
+    if outcome.trigger in OPERATOR_TRIGGERS:
+        raise InvalidTransitionError(f"{outcome.trigger!r} is an operator's move, not a step's")
     data.pop("waiting_for", None)
     data.pop("unexpected_errors", None)
     to_state = fire(snap.state, outcome.trigger, data)

@@ -152,3 +152,35 @@ def test_readme_diagram_matches_the_declaration() -> None:
     readme = (diagrams.DIAGRAM_DIR.parent / "README.md").read_text()
     block = readme.split("```mermaid\n", 1)[1].split("```", 1)[0]
     assert block == diagrams.mermaid(), "paste `python -m fsm.diagrams` output into README.md"
+
+
+def test_a_step_cannot_fire_an_operators_trigger() -> None:
+    from datetime import UTC, datetime
+
+    from fsm.outcomes import Advance
+    from fsm.policy import plan_outcome
+    from persistence.records import OrderSnapshot
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    snap = OrderSnapshot(
+        id=1,
+        peer_id="k51x",
+        identifier="*.k51x.libp2p.direct",
+        state="Installed",
+        data=FULL,
+        fence=1,
+        attempts=0,
+        next_run_at=now,
+        account=None,
+        cert_key_pem=None,
+        certificate=None,
+        last_error_class=None,
+        last_error_message=None,
+        lease_owner="w",
+        lease_until=now,
+        created_at=now,
+        updated_at=now,
+    )
+    with pytest.raises(InvalidTransitionError, match="operator's move"):
+        plan_outcome(snap, Advance("force_renewal"), now)
+    assert plan_outcome(snap, Advance("renewal_due"), now).to_state == State.RENEW_DUE.value
