@@ -172,11 +172,12 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
             raise
         return Wait(now, "order placed", updates=_order_fields(order))
     order = await ports.acme.get_order(account, str(data["order_url"]))
+    # Dropping a dead order waits like a re-order does: a CA that kept handing back dead
+    # orders must not turn this into a tight loop.
+    retry_at = now + ports.settings.reorder_backoff[0]
     if order.status in ("invalid", "expired") or _expired(order, now):
         return Wait(
-            now,
-            f"stored order is {order.status}; placing a new one",
-            clear=ORDER_KEYS,
+            retry_at, f"stored order is {order.status}; placing a new one", clear=ORDER_KEYS
         )
     if len(order.authorizations) != 1:
         raise PermanentError(
@@ -187,7 +188,9 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
     if challenge is None:
         raise PermanentError(f"authorization {authz.url} offers no dns-01 challenge")
     if authz.status not in ("pending", "valid"):
-        return Wait(now, f"authorization is {authz.status}; placing a new order", clear=ORDER_KEYS)
+        return Wait(
+            retry_at, f"authorization is {authz.status}; placing a new order", clear=ORDER_KEYS
+        )
     expires = authz.expires or order.expires
     if expires is None:
         raise TransientError(f"authorization {authz.url} has no expiry")

@@ -364,3 +364,19 @@ async def test_operator_moves_drop_the_steps_own_wait_note(engine: Engine) -> No
     snap = await operator.force_renewal(engine.store, order.id, now=engine.clock.now(), actor="op")
     assert snap.state == State.RENEW_DUE.value
     assert "waiting_for" not in snap.data
+
+
+async def test_a_dead_stored_order_is_replaced_after_a_pause_not_in_a_loop(engine: Engine) -> None:
+    order = await engine.order()
+    await engine.drive_to(order.id, State.REGISTERED)
+    worker = engine.worker()
+    await worker.run_once()  # intent
+    await worker.run_once()  # newOrder: the URL is stored
+    snap = await engine.store.get_order(order.id)
+    engine.ca.orders[snap.data["order_url"]].status = "invalid"  # e.g. expired during an outage
+    await worker.run_once()
+    snap = await engine.store.get_order(order.id)
+    assert snap.state == State.REGISTERED.value and "order_url" not in snap.data
+    assert snap.next_run_at == engine.clock.now() + timedelta(minutes=1)
+    await engine.drive_to(order.id, State.INSTALLED)
+    assert engine.ca.count("new_order") == 2
