@@ -44,7 +44,7 @@ from fsm.clock import Clock, SystemClock
 from fsm.machine import State
 from fsm.ports import EngineSettings, InstalledCertificate, Ports
 from fsm.worker import OrderEvent, Worker
-from persistence.errors import ActiveOrderExistsError
+from persistence.errors import ActiveOrderExistsError, OrderBusyError
 from persistence.records import CertificateRecord, OrderSnapshot
 from persistence.store import Store
 
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 EventName = Literal["loaded", "renewed", "failed", "transition"]
 DATABASE_FILE = "autotls.db"
+RENEW_RETRY_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -223,11 +224,25 @@ class AutoTLS:
 
     async def renew_now(self) -> None:
         """Renew the installed certificate now (``replaces`` it when the CA offers ARI).
-        The served certificate changes once the new one is installed."""
-        snap = await self.order()
-        await operator.force_renewal(
-            self.store, snap.id, now=self.clock.now(), actor=f"autotls:{os.getpid()}"
-        )
+        The served certificate changes once the new one is installed. Raises
+        :class:`persistence.errors.OrderBusyError` when the order is not Installed."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.worker.lease.total_seconds()
+        while True:
+            snap = await self.order()
+            try:
+                await operator.force_renewal(
+                    self.store, snap.id, now=self.clock.now(), actor=f"autotls:{os.getpid()}"
+                )
+                break
+            except OrderBusyError:
+                # Our own worker may hold the order for a moment: the certificate is served
+                # (and wait_for_certificate returns) just before its Installed commit.
+                current = await self.order()
+                held = current.lease_until is not None and current.lease_until > self.clock.now()
+                if not held or loop.time() > give_up:
+                    raise
+                await asyncio.sleep(RENEW_RETRY_S)
         self.worker.wake()
 
     # -- lifecycle ------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import hashlib
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
+from sqlalchemy import text
 
 from autotls import AutoTLS, IssuanceFailed, PrivateKey
 from autotls.localstack.broker import LocalBroker
@@ -120,7 +121,20 @@ async def test_issue_serve_and_renew_live_behind_the_nodes_listener(setup: Setup
         # Renewal while the node keeps running: new handshakes get the new certificate.
         renewed = asyncio.Event()
         auto.on("renewed", lambda _c: renewed.set())
+        # A worker holds the order for a moment (as our own does right after installing):
+        # renew_now waits for the lease instead of failing.
+        snap = await auto.order()
+        held_until = datetime.now(UTC) + timedelta(milliseconds=300)
+        async with auto.store.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "UPDATE orders SET lease_owner = 'busy-worker', lease_until = :until,"
+                    " state = 'Installed' WHERE id = :id"
+                ),
+                {"until": held_until.replace(tzinfo=None), "id": snap.id},
+            )
         await auto.renew_now()
+        assert datetime.now(UTC) >= held_until
         async with asyncio.timeout(60):
             await renewed.wait()
         new = auto.certificate
@@ -165,6 +179,15 @@ async def test_a_permanent_failure_is_reported_and_ends_the_wait(setup: Setup) -
         assert snap.state == State.FAILED.value
     assert [name for name, _ in setup.events] == ["failed"]
     assert auto.forge_addresses() == []
+
+
+async def test_renew_now_refuses_an_order_that_is_not_installed(setup: Setup) -> None:
+    from persistence.errors import OrderBusyError
+
+    auto, node = setup.pair(run_worker=False)
+    async with node, auto:
+        with pytest.raises(OrderBusyError, match="order 1 is New"):
+            await auto.renew_now()
 
 
 def _unrelated_root() -> x509.Certificate:
