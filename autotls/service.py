@@ -157,6 +157,7 @@ class AutoTLS:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._certificate: CertificateInfo | None = None
+        self._served: CertificateInfo | None = None  # installed, not yet committed
         self._installed = asyncio.Event()
         self._failed: Failure | None = None
         self.order_id: int | None = None
@@ -200,7 +201,8 @@ class AutoTLS:
 
     def on(self, event: EventName, callback: Callback) -> None:
         """``loaded``/``renewed`` get a :class:`CertificateInfo`, ``failed`` a :class:`Failure`,
-        ``transition`` an :class:`fsm.worker.OrderEvent`."""
+        ``transition`` an :class:`fsm.worker.OrderEvent`. ``loaded``/``renewed`` fire once the
+        certificate is recorded as Installed; new handshakes already get it by then."""
         if event not in ("loaded", "renewed", "failed", "transition"):
             raise ValueError(f"unknown event {event!r}")
         self._callbacks.setdefault(event, []).append(callback)
@@ -236,11 +238,13 @@ class AutoTLS:
                 )
                 break
             except OrderBusyError:
-                # Our own worker may hold the order for a moment: the certificate is served
-                # (and wait_for_certificate returns) just before its Installed commit.
+                # A worker may hold the order for a moment (ours serves the certificate, and
+                # wait_for_certificate returns, just before its Installed commit), or claim it
+                # between our read and our write: try again while that can be the reason.
                 current = await self.order()
                 held = current.lease_until is not None and current.lease_until > self.clock.now()
-                if not held or loop.time() > give_up:
+                settling = held or current.state in (State.FINALIZED.value, State.INSTALLED.value)
+                if not settling or loop.time() > give_up:
                     raise
                 await asyncio.sleep(RENEW_RETRY_S)
         self.worker.wake()
@@ -362,9 +366,10 @@ class AutoTLS:
         await self._emit("loaded", self._certificate)
 
     async def _on_install(self, peer_id: str, installed: InstalledCertificate) -> None:
+        """The installer already serves the new certificate; it becomes ours (events,
+        :attr:`certificate`, forge addresses) once the worker commits it as Installed."""
         chain_path, key_path = self.installer.paths(peer_id)
-        previous = self._certificate
-        self._certificate = CertificateInfo(
+        self._served = CertificateInfo(
             peer_id,
             self.domain,
             installed.serial,
@@ -373,14 +378,16 @@ class AutoTLS:
             chain_path,
             key_path,
         )
-        self._installed.set()
-        if previous is None:
-            await self._emit("loaded", self._certificate)
-        elif previous.serial != installed.serial:
-            await self._emit("renewed", self._certificate)
 
     async def _on_event(self, event: OrderEvent) -> None:
         await self._emit("transition", event)
+        if event.trigger == "certificate_installed" and self._served is not None:
+            previous, self._certificate, self._served = self._certificate, self._served, None
+            self._installed.set()
+            if previous is None:
+                await self._emit("loaded", self._certificate)
+            elif previous.serial != self._certificate.serial:
+                await self._emit("renewed", self._certificate)
         if event.to_state != State.FAILED.value:
             self._failed = None
         elif event.from_state != State.FAILED.value:

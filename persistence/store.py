@@ -435,8 +435,10 @@ class Store:
                 .where(
                     orders.c.id == snapshot.id,
                     orders.c.fence == snapshot.fence,
-                    # A commit ends the lease; the same claim must not commit twice.
-                    orders.c.lease_owner.is_(None)
+                    # A worker's commit ends its lease, so the same claim cannot commit twice.
+                    # An operator needs only that no lease is live: a dead worker's expired
+                    # lease keeps its owner's name, and its fence (bumped here) refuses it.
+                    or_(orders.c.lease_until.is_(None), orders.c.lease_until <= now)
                     if bump
                     else orders.c.lease_owner == snapshot.lease_owner,
                 )

@@ -23,6 +23,7 @@ from autotls.multiaddrs import Multiaddr, ip_label
 from autotls.node import Libp2pNode
 from fsm.machine import State
 from fsm.ports import EngineSettings
+from fsm.worker import OrderEvent
 
 pytestmark = pytest.mark.usefixtures("libp2p_installed")
 
@@ -121,15 +122,30 @@ async def test_issue_serve_and_renew_live_behind_the_nodes_listener(setup: Setup
         # Renewal while the node keeps running: new handshakes get the new certificate.
         renewed = asyncio.Event()
         auto.on("renewed", lambda _c: renewed.set())
-        # A worker holds the order for a moment (as our own does right after installing):
-        # renew_now waits for the lease instead of failing.
+        planned = asyncio.Event()  # the Installed step scheduled the next renewal
+
+        def on_transition(event: OrderEvent) -> None:
+            if event.to_state == State.INSTALLED.value and event.trigger is None:
+                planned.set()
+            elif event.trigger is not None:
+                planned.clear()
+
+        auto.on("transition", on_transition)
+        # Right after installing, our own worker still holds the order until it commits:
+        # renew_now waits for that instead of failing.
+        await auto.renew_now()
+        async with asyncio.timeout(60):
+            await renewed.wait()
+        # Another worker holds the order for a moment: renew_now waits for its lease too.
+        renewed.clear()
+        async with asyncio.timeout(60):
+            await planned.wait()  # our worker's Installed step committed: no lease of ours
         snap = await auto.order()
         held_until = datetime.now(UTC) + timedelta(milliseconds=300)
         async with auto.store.engine.begin() as conn:
             await conn.execute(
                 text(
-                    "UPDATE orders SET lease_owner = 'busy-worker', lease_until = :until,"
-                    " state = 'Installed' WHERE id = :id"
+                    "UPDATE orders SET lease_owner = 'other', lease_until = :until WHERE id = :id"
                 ),
                 {"until": held_until.replace(tzinfo=None), "id": snap.id},
             )
@@ -139,10 +155,11 @@ async def test_issue_serve_and_renew_live_behind_the_nodes_listener(setup: Setup
             await renewed.wait()
         new = auto.certificate
         assert new is not None and new.serial != cert.serial
+        assert len(await auto.store.certificates()) == 3
         assert await served_fingerprint(node, auto.peer_id, roots) == leaf_fingerprint(
             new.chain_path
         )
-    assert [name for name, _ in setup.events] == ["loaded", "renewed"]
+    assert [name for name, _ in setup.events] == ["loaded", "renewed", "renewed"]
 
 
 async def test_restart_restores_from_the_store_without_a_new_order(setup: Setup) -> None:

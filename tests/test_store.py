@@ -212,3 +212,23 @@ async def test_an_order_is_claimable_exactly_when_next_due_at_says(store: Store)
     )
     [claimed] = await store.claim_due("w", now=due, lease_seconds=60, limit=1)
     assert not isinstance(claimed, CorruptOrder) and claimed.fence == 2
+
+
+async def test_an_operator_can_act_on_an_order_whose_worker_died(store: Store) -> None:
+    """A dead worker's lease expires but keeps its owner's name; the operator's move must
+    not wait for another worker to claim the order, and the dead worker's fence is void."""
+    order_id = await _new(store)
+    [claimed] = await store.claim_due("dead", now=NOW, lease_seconds=60, limit=1)
+    assert not isinstance(claimed, CorruptOrder)
+    later = NOW + timedelta(seconds=61)
+    moved = await store.operator_commit(
+        order_id,
+        allowed_states={"New"},
+        build=lambda snap: _plan("Failed", "fail"),
+        now=later,
+        actor="op",
+    )
+    assert moved.state == "Failed" and moved.fence == claimed.fence + 1
+    assert not await store.commit(
+        claimed, _plan("Registered", "account_ready"), now=later, worker="dead"
+    )
