@@ -5,6 +5,7 @@ the error types, and the ``autotls`` command line (``autotls.cli``). Everything 
 reachable for the curious but may change.
 """
 
+from autotls.fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
 from autotls.peerid import (
     KeyType,
     PeerId,
@@ -14,7 +15,6 @@ from autotls.peerid import (
     save_private_key,
 )
 from autotls.service import AutoTLS, CertificateInfo, Failure, IssuanceFailed
-from fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
 
 __all__ = [
     "AutoTLS",

@@ -1,4 +1,4 @@
-"""The engine's ports (``fsm.ports``) implemented over the real clients.
+"""The engine's ports (``autotls.fsm.ports``) implemented over the real clients.
 
 * :class:`AcmeAdapter` -- ``AcmePort`` over :class:`autotls.acme.AcmeClient`: one client per
   account key (the store shares one account among all orders), one HTTP session for all;
@@ -36,9 +36,8 @@ from autotls.acme import (
 )
 from autotls.acme.jws import dns01_value
 from autotls.broker import DEFAULT_BROKER_URL, BrokerClient
-from autotls.peerid import PrivateKey
-from fsm.errors import ConfigurationError, PermanentError
-from fsm.ports import (
+from autotls.fsm.errors import ConfigurationError, PermanentError
+from autotls.fsm.ports import (
     AcmeAccount,
     AcmeOrderView,
     AuthorizationView,
@@ -48,6 +47,7 @@ from fsm.ports import (
     RegisteredAccount,
     RenewalWindow,
 )
+from autotls.peerid import PrivateKey
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"

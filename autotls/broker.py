@@ -28,6 +28,7 @@ import aiohttp
 from yarl import URL
 
 from autotls.acme.messages import parse_retry_after
+from autotls.fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
 from autotls.multiaddrs import select_dialable
 from autotls.peerid import PrivateKey
 from autotls.peeridauth import (
@@ -37,7 +38,6 @@ from autotls.peeridauth import (
     PeerIdAuthUnauthorized,
     ServerAuthenticationError,
 )
-from fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
 
 __all__ = [
     "DEFAULT_BROKER_URL",

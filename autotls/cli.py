@@ -15,7 +15,7 @@
 This module owns the process boundary: arguments and their environment variables, exit
 codes, what reaches stdout (results) and stderr (progress, warnings, the one-line error),
 signals and logging. Everything it does goes through the public pieces (:class:`AutoTLS`,
-:class:`persistence.store.Store`, :mod:`fsm.operator`, :mod:`fsm.diagrams`).
+:class:`autotls.persistence.store.Store`, :mod:`autotls.fsm.operator`, :mod:`autotls.fsm.diagrams`).
 
 Exit codes (stable; scripts may rely on them):
 
@@ -60,8 +60,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import urlsplit
 
-from fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
-from persistence.errors import (
+from autotls.fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
+from autotls.persistence.errors import (
     ActiveOrderExistsError,
     DatabaseURLError,
     OrderBusyError,
@@ -73,11 +73,11 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from autotls.acme import ExternalAccountBinding
+    from autotls.fsm.worker import OrderEvent
     from autotls.peerid import PrivateKey
+    from autotls.persistence.records import OrderSnapshot
+    from autotls.persistence.store import CorruptOrder, Store
     from autotls.service import AutoTLS, CertificateInfo, Failure
-    from fsm.worker import OrderEvent
-    from persistence.records import OrderSnapshot
-    from persistence.store import CorruptOrder, Store
 
 PROG = "autotls"
 
@@ -442,8 +442,8 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 
 def _database_url(args: argparse.Namespace) -> str:
+    from autotls.persistence.urls import parse_database_url
     from autotls.service import DATABASE_FILE
-    from persistence.urls import parse_database_url
 
     text = getattr(args, "db", None)
     if text:
@@ -778,7 +778,7 @@ def _actor() -> str:
 
 def _require_existing(url_text: str) -> None:
     """Operator commands never create a database: a missing SQLite file is an error."""
-    from persistence.urls import parse_database_url
+    from autotls.persistence.urls import parse_database_url
 
     url = parse_database_url(url_text)
     if url.get_backend_name() != "sqlite":
@@ -796,8 +796,8 @@ async def _opened_store(url_text: str, *, upgrade: bool = False) -> AsyncIterato
     """The store, opened without creating or upgrading anything unless asked to."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from persistence.store import Store
-    from persistence.urls import redact
+    from autotls.persistence.store import Store
+    from autotls.persistence.urls import redact
 
     if not upgrade:
         _require_existing(url_text)
@@ -820,8 +820,8 @@ def _sqlalchemy_reason(exc: BaseException) -> str:
 
 async def _pick_order(store: Store, order_id: int | None, what: str) -> int:
     """``order_id``, or the only active order; anything else needs ``--order``."""
-    from persistence.models import INACTIVE_STATES
-    from persistence.store import CorruptOrder
+    from autotls.persistence.models import INACTIVE_STATES
+    from autotls.persistence.store import CorruptOrder
 
     if order_id is not None:
         return order_id
@@ -893,11 +893,11 @@ def load_identity(path: Path) -> PrivateKey | None:
 
 
 async def run_node(settings: NodeSettings, stop: _Stop) -> int:
+    from autotls.fsm.machine import State
     from autotls.node import Libp2pNode, NodeError
     from autotls.peerid import PrivateKey, save_private_key
+    from autotls.persistence.urls import redact
     from autotls.service import AutoTLS
-    from fsm.machine import State
-    from persistence.urls import redact
 
     for note in settings.notes:
         _err(f"autotls: note: {note}")
@@ -1094,7 +1094,7 @@ async def cmd_status(args: argparse.Namespace, stop: _Stop) -> int:
 
 
 def _order_record(row: OrderSnapshot | CorruptOrder) -> dict[str, Any]:
-    from persistence.store import CorruptOrder
+    from autotls.persistence.store import CorruptOrder
 
     if isinstance(row, CorruptOrder):
         return {
@@ -1138,9 +1138,9 @@ def _order_record(row: OrderSnapshot | CorruptOrder) -> dict[str, Any]:
 
 
 async def cmd_diagram(args: argparse.Namespace, stop: _Stop) -> int:
-    from fsm import diagrams
-    from fsm.journal import moves
-    from persistence.store import CorruptOrder
+    from autotls.fsm import diagrams
+    from autotls.fsm.journal import moves
+    from autotls.persistence.store import CorruptOrder
 
     if args.format == "svg" and not diagrams.graphviz_available():
         raise UsageError(
@@ -1178,8 +1178,8 @@ async def cmd_diagram(args: argparse.Namespace, stop: _Stop) -> int:
 
 
 async def cmd_db(args: argparse.Namespace, stop: _Stop) -> int:
-    from persistence import schema
-    from persistence.urls import parse_database_url, redact
+    from autotls.persistence import schema
+    from autotls.persistence.urls import parse_database_url, redact
 
     url_text = _database_url(args)
     url = parse_database_url(url_text)
@@ -1219,7 +1219,7 @@ def _schema_call(function: Callable[[Any], Any], url: Any, shown: str) -> Any:
 
 
 async def cmd_renew(args: argparse.Namespace, stop: _Stop) -> int:
-    from fsm.operator import force_renewal
+    from autotls.fsm.operator import force_renewal
 
     if not args.force:
         raise UsageError(
@@ -1236,7 +1236,7 @@ async def cmd_renew(args: argparse.Namespace, stop: _Stop) -> int:
 
 
 async def cmd_retry(args: argparse.Namespace, stop: _Stop) -> int:
-    from fsm.operator import retry
+    from autotls.fsm.operator import retry
 
     async with _opened_store(_database_url(args)) as store:
         snap = await retry(store, args.order, now=datetime.now(UTC), actor=_actor())
@@ -1252,8 +1252,8 @@ async def cmd_revoke(args: argparse.Namespace, stop: _Stop) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from autotls.acme import AcmeClient, AlreadyRevoked, load_account_key
-    from fsm.machine import State
-    from fsm.operator import force_renewal
+    from autotls.fsm.machine import State
+    from autotls.fsm.operator import force_renewal
 
     ca_file = _check_ca_file(args, "ca_bundle", args.ca_bundle)
     reason = REVOCATION_REASONS[args.reason] if args.reason else None
@@ -1368,7 +1368,7 @@ COMMANDS: dict[str, Command] = {
 # Logging, signals, exit codes
 # ------------------------------------------------------------------------------------------
 
-_OUR_LOGGERS = ("autotls", "fsm", "persistence")
+_OUR_LOGGERS = ("autotls",)
 _NOISY_LOGGERS = ("aiosqlite", "asyncio", "sqlalchemy", "alembic", "multiaddr", "trio")
 
 

@@ -31,6 +31,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from autotls.fsm.machine import State
+from autotls.fsm.worker import OrderEvent
 from autotls.install import FULLCHAIN
 from autotls.localstack.pebble import PebbleOptions
 from autotls.localstack.stack import LocalStack
@@ -38,8 +40,6 @@ from autotls.multiaddrs import Multiaddr, ip_label
 from autotls.node import Libp2pNode
 from autotls.peerid import PrivateKey, load_private_key, save_private_key
 from autotls.service import DATABASE_FILE, AutoTLS
-from fsm.machine import State
-from fsm.worker import OrderEvent
 
 DEFAULT_WORKDIR = Path(".autotls-demo")
 IDENTITY_FILE = "identity.key"

@@ -28,8 +28,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-from fsm.errors import ConfigurationError, TransientError
-from fsm.ports import TxtCheck
+from autotls.fsm.errors import ConfigurationError, TransientError
+from autotls.fsm.ports import TxtCheck
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _port(value: str, text: str) -> int:
 
 
 class AuthoritativeTxtChecker:
-    """The engine's DNS port (``fsm.ports.DnsPort``)."""
+    """The engine's DNS port (``autotls.fsm.ports.DnsPort``)."""
 
     def __init__(
         self,

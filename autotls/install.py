@@ -37,9 +37,9 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
 from autotls._files import write_atomic, write_secret
-from fsm.clock import Clock, SystemClock
-from fsm.errors import ConfigurationError, PermanentError
-from fsm.ports import InstalledCertificate
+from autotls.fsm.clock import Clock, SystemClock
+from autotls.fsm.errors import ConfigurationError, PermanentError
+from autotls.fsm.ports import InstalledCertificate
 
 log = logging.getLogger(__name__)
 

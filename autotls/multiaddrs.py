@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from autotls.fsm.errors import ConfigurationError
 from autotls.peerid import PeerId, PeerIdError
-from fsm.errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_ZONE",

@@ -65,9 +65,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from autotls.fsm.errors import AutoTLSError, ErrorClass
 from autotls.multiaddrs import Multiaddr, MultiaddrError
 from autotls.peerid import KeyType, PeerId, PeerIdError, PrivateKey
-from fsm.errors import AutoTLSError, ErrorClass
 
 if TYPE_CHECKING:
     import trio

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from autotls._files import write_secret
-from fsm.errors import ConfigurationError
+from autotls.fsm.errors import ConfigurationError
 
 __all__ = [
     "KeyType",

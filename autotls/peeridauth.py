@@ -45,8 +45,8 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from autotls.fsm.errors import AutoTLSError, ErrorClass
 from autotls.peerid import PeerId, PeerIdError, PrivateKey, PublicKey, uvarint_encode
-from fsm.errors import AutoTLSError, ErrorClass
 
 __all__ = [
     "CHALLENGE_BYTES",

@@ -36,17 +36,17 @@ from autotls.acme import ExternalAccountBinding
 from autotls.adapters import LETS_ENCRYPT, AcmeAdapter, BrokerAdapter
 from autotls.broker import DEFAULT_BROKER_URL
 from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
+from autotls.fsm import operator
+from autotls.fsm.clock import Clock, SystemClock
+from autotls.fsm.machine import State
+from autotls.fsm.ports import EngineSettings, InstalledCertificate, Ports
+from autotls.fsm.worker import OrderEvent, Worker
 from autotls.install import Installer, LiveTlsContext, load_trust_roots
 from autotls.multiaddrs import DEFAULT_ZONE, forge_addresses, wildcard_name
 from autotls.peerid import PrivateKey
-from fsm import operator
-from fsm.clock import Clock, SystemClock
-from fsm.machine import State
-from fsm.ports import EngineSettings, InstalledCertificate, Ports
-from fsm.worker import OrderEvent, Worker
-from persistence.errors import ActiveOrderExistsError, OrderBusyError
-from persistence.records import CertificateRecord, OrderSnapshot
-from persistence.store import Store
+from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError
+from autotls.persistence.records import CertificateRecord, OrderSnapshot
+from autotls.persistence.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,8 @@ class AutoTLS:
 
     def on(self, event: EventName, callback: Callback) -> None:
         """``loaded``/``renewed`` get a :class:`CertificateInfo`, ``failed`` a :class:`Failure`,
-        ``transition`` an :class:`fsm.worker.OrderEvent`. ``loaded``/``renewed`` fire once the
-        certificate is recorded as Installed; new handshakes already get it by then."""
+        ``transition`` an :class:`autotls.fsm.worker.OrderEvent`. ``loaded``/``renewed`` fire
+        once the certificate is recorded as Installed; new handshakes already get it by then."""
         if event not in ("loaded", "renewed", "failed", "transition"):
             raise ValueError(f"unknown event {event!r}")
         self._callbacks.setdefault(event, []).append(callback)
@@ -227,7 +227,7 @@ class AutoTLS:
     async def renew_now(self) -> None:
         """Renew the installed certificate now (``replaces`` it when the CA offers ARI).
         The served certificate changes once the new one is installed. Raises
-        :class:`persistence.errors.OrderBusyError` when the order is not Installed."""
+        :class:`autotls.persistence.errors.OrderBusyError` when the order is not Installed."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.worker.lease.total_seconds()
         while True:

@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
+from autotls.fsm.steps import txt_name
 from autotls.localstack.pebble import PebbleOptions, PebbleStack, pebble_available
 from autotls.peerid import PrivateKey
 from bench._common import Report, add_json_flag, emit, percentile
-from fsm.steps import txt_name
 
 
 def _value(peer: str) -> str:

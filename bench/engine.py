@@ -1,9 +1,10 @@
 """Engine overhead: issuances and steps per second through the real worker and store, with the
-in-memory fake ports and a :class:`fsm.clock.ManualClock`, and memory per order.
+in-memory fake ports and a :class:`autotls.fsm.clock.ManualClock`, and memory per order.
 
 The network is taken out (``tests/fakes/ports.py``: FakeCA issues real X.509 certificates from
 its own key, FakeBroker publishes into FakeDns, FakeInstaller checks SAN and key), the clock
-jumps to the next due time instead of sleeping (``fsm.worker.run_until_idle``), and the store
+jumps to the next due time instead of sleeping (``autotls.fsm.worker.run_until_idle``), and the
+store
 is real (SQLite in a temporary directory by default, ``--db postgresql`` for a throw-away
 PostgreSQL database). What is left is the engine's own cost per step: claim, snapshot, step
 logic, policy, commit, journal -- plus the fakes' cryptography (key generation, CSR, signing).
@@ -34,14 +35,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from autotls.fsm.clock import ManualClock
+from autotls.fsm.machine import State
+from autotls.fsm.ports import EngineSettings, Ports
+from autotls.fsm.worker import OrderEvent, Worker, run_until_idle
 from autotls.peerid import PrivateKey
+from autotls.persistence.records import CommitPlan, OrderSnapshot
+from autotls.persistence.store import ClaimedOrder, Store
 from bench._common import Report, add_json_flag, emit, pg_database, pg_unavailable_reason
-from fsm.clock import ManualClock
-from fsm.machine import State
-from fsm.ports import EngineSettings, Ports
-from fsm.worker import OrderEvent, Worker, run_until_idle
-from persistence.records import CommitPlan, OrderSnapshot
-from persistence.store import ClaimedOrder, Store
 from tests.fakes.ports import FakeBroker, FakeCA, FakeDns, FakeInstaller
 
 

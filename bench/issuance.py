@@ -10,7 +10,8 @@ Two runs against one stack, for each poll setting:
 * **concurrent**: ``--peers`` (a list of counts) peers started together against the same
   Pebble and broker: wall time until all hold a certificate, issuances/s, per-peer p50/p95.
 
-Poll settings: ``product`` is :class:`fsm.ports.EngineSettings` as shipped (TXT checked every
+Poll settings: ``product`` is :class:`autotls.fsm.ports.EngineSettings` as shipped (TXT checked
+every
 5 s, authorization every 2 s, order every 1 s -- sized for Let's Encrypt); ``fast`` polls every
 0.2 s, which shows what the engine itself costs once the waiting is taken out.
 
@@ -32,16 +33,16 @@ from datetime import timedelta
 from pathlib import Path
 
 from autotls.demo import LISTEN
+from autotls.fsm.machine import ISSUANCE_PATH, State
+from autotls.fsm.ports import EngineSettings
+from autotls.fsm.worker import OrderEvent
 from autotls.localstack.pebble import PebbleOptions, pebble_available
 from autotls.localstack.stack import LocalStack
 from autotls.node import Libp2pNode
 from autotls.peerid import PrivateKey
+from autotls.persistence.store import Store
 from autotls.service import DATABASE_FILE, AutoTLS
 from bench._common import Report, add_json_flag, emit, percentile
-from fsm.machine import ISSUANCE_PATH, State
-from fsm.ports import EngineSettings
-from fsm.worker import OrderEvent
-from persistence.store import Store
 
 ISSUANCE_TIMEOUT_S = 120.0
 FAST = timedelta(milliseconds=200)

@@ -1,7 +1,7 @@
 """Store throughput: claim + commit steps per second and claim latency, SQLite and PostgreSQL.
 
 For each backend and concurrency C: a fresh database holding N orders in New, then C claimers
-(one owner id each) sharing one :class:`persistence.store.Store`, as one worker process with
+(one owner id each) sharing one :class:`autotls.persistence.store.Store`, as one worker process with
 ``concurrency=C`` does. Each claimer loops ``claim_due(limit=1)`` then ``commit`` of a
 transition with its journal entry (New -> Registered: the heavier of the two commits a worker
 makes; waits write no journal) until nothing is due; every order is stepped exactly once,
@@ -26,6 +26,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from autotls.peerid import PrivateKey
+from autotls.persistence.records import CommitPlan, JournalNote
+from autotls.persistence.store import CorruptOrder, Store
 from bench._common import (
     Report,
     add_json_flag,
@@ -34,8 +36,6 @@ from bench._common import (
     pg_database,
     pg_unavailable_reason,
 )
-from persistence.records import CommitPlan, JournalNote
-from persistence.store import CorruptOrder, Store
 
 LEASE_S = 60.0
 

@@ -1,4 +1,4 @@
-"""State diagrams rendered from the one declaration in :mod:`fsm.machine`.
+"""State diagrams rendered from the one declaration in :mod:`autotls.fsm.machine`.
 
 * :func:`mermaid` -- the machine as a Mermaid ``stateDiagram-v2`` (committed as
   ``diagrams/order-machine.mmd`` and embedded in the README; code hosts render it).
@@ -7,7 +7,7 @@
   highlighted and numbered, the current state is marked.
 
 A test regenerates the committed files and fails when they drift from the code:
-``python -m fsm.diagrams`` rewrites them.
+``python -m autotls.fsm.diagrams`` rewrites them.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fsm.machine import TRANSITIONS, State
+from autotls.fsm.machine import TRANSITIONS, State
 
 DIAGRAM_DIR = Path(__file__).resolve().parent.parent / "diagrams"
 MERMAID_FILE = "order-machine.mmd"
 SVG_FILE = "order-machine.svg"
 
-Move = tuple[str | None, str, str]  # (from, to, trigger) as in fsm.journal.moves
+Move = tuple[str | None, str, str]  # (from, to, trigger) as in autotls.fsm.journal.moves
 # Edges that recover from trouble, drawn dashed so the issuance line reads at a glance.
 RECOVERY_TRIGGERS = frozenset({"fail", "account_lost", "reorder", "txt_timeout", "retry"})
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from fsm.machine import is_valid_path
-from persistence.records import JournalRecord
+from autotls.fsm.machine import is_valid_path
+from autotls.persistence.records import JournalRecord
 
 SECRET_HINTS = ("key", "pem", "secret", "bearer", "token", "authorization", "password", "sig")
 MAX_STRING = 500

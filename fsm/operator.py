@@ -1,5 +1,5 @@
 """What an operator may do to an order (the CLI's ``renew --force`` and ``retry``), as moves
-of the same machine: validated by :func:`fsm.machine.fire`, fenced like a worker's commit,
+of the same machine: validated by :func:`autotls.fsm.machine.fire`, fenced like a worker's commit,
 journaled with the actor's name."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
-from fsm.machine import State, fire
-from fsm.steps import ORDER_KEYS
-from persistence.records import CommitPlan, JournalNote, OrderSnapshot
-from persistence.store import Store
+from autotls.fsm.machine import State, fire
+from autotls.fsm.steps import ORDER_KEYS
+from autotls.persistence.records import CommitPlan, JournalNote, OrderSnapshot
+from autotls.persistence.store import Store
 
 # What a step wrote about its own wait or its own trouble stops being true when an operator
 # moves the order.

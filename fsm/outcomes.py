@@ -4,7 +4,7 @@
 * :class:`Wait`    -- stay in the state until ``until`` (polling, Retry-After, renewal time,
   or ``until=now`` after recording an *intent* that must be durable before the next call).
 
-Errors are raised as :class:`fsm.errors.AutoTLSError`; the worker's policy turns them into a
+Errors are raised as :class:`autotls.fsm.errors.AutoTLSError`; the worker's policy turns them into a
 retry, a wait, a re-order or a failure according to their class.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from persistence.records import KEEP, AccountUpdate, Keep, NewAccount, NewCertificate
+from autotls.persistence.records import KEEP, AccountUpdate, Keep, NewAccount, NewCertificate
 
 
 @dataclass(frozen=True)

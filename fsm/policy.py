@@ -1,7 +1,7 @@
 """From a step's result to the row's next version: the engine's rules in one place.
 
-* An :class:`~fsm.outcomes.Advance` fires its trigger through the machine (guards included);
-  a :class:`~fsm.outcomes.Wait` keeps the state and sets ``next_run_at``.
+* An :class:`~autotls.fsm.outcomes.Advance` fires its trigger through the machine (guards included);
+  a :class:`~autotls.fsm.outcomes.Wait` keeps the state and sets ``next_run_at``.
 * Errors by class (design.md rule 8):
 
   ============== ===============================================================
@@ -28,19 +28,19 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from fsm.errors import AutoTLSError, ErrorClass, PermanentError
-from fsm.journal import sanitize
-from fsm.machine import (
+from autotls.fsm.errors import AutoTLSError, ErrorClass, PermanentError
+from autotls.fsm.journal import sanitize
+from autotls.fsm.machine import (
     OPERATOR_TRIGGERS,
     ORDERING_STATES,
     InvalidTransitionError,
     State,
     fire,
 )
-from fsm.outcomes import Advance, Effects, Outcome, Wait
-from fsm.ports import EngineSettings, problem_type
-from fsm.steps import ORDER_KEYS, iso
-from persistence.records import AccountUpdate, CommitPlan, JournalNote, OrderSnapshot
+from autotls.fsm.outcomes import Advance, Effects, Outcome, Wait
+from autotls.fsm.ports import EngineSettings, problem_type
+from autotls.fsm.steps import ORDER_KEYS, iso
+from autotls.persistence.records import AccountUpdate, CommitPlan, JournalNote, OrderSnapshot
 
 MAX_RETRY_AFTER = timedelta(days=1)
 

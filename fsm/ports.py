@@ -2,7 +2,7 @@
 
 Steps talk only to these ports, never to aiohttp, dnspython or SQLAlchemy, so the same
 steps run against the real adapters (``autotls.adapters``), against fakes in unit tests,
-and against recorded replays. Every port method raises :class:`fsm.errors.AutoTLSError`
+and against recorded replays. Every port method raises :class:`autotls.fsm.errors.AutoTLSError`
 subclasses for anything that goes wrong; ACME problems keep their RFC 8555 problem document
 in ``error.problem`` so steps can branch on its ``type`` (``accountDoesNotExist``,
 ``alreadyReplaced`` ...) without importing the ACME client.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from fsm.clock import Clock
+from autotls.fsm.clock import Clock
 
 ACME_ERROR = "urn:ietf:params:acme:error:"
 

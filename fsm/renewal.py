@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from fsm.ports import RenewalWindow
+from autotls.fsm.ports import RenewalWindow
 
 SHORT_LIFETIME = timedelta(days=10)
 

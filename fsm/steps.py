@@ -23,12 +23,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from fsm.errors import OrderInvalidError, PermanentError, RateLimitedError, TransientError
-from fsm.machine import State
-from fsm.outcomes import Advance, Effects, Outcome, Wait
-from fsm.ports import AcmeAccount, AcmeOrderView, Ports, problem_status, problem_type
-from fsm.renewal import pick_in_window, plan_renewal
-from persistence.records import AccountUpdate, NewAccount, NewCertificate, OrderSnapshot
+from autotls.fsm.errors import OrderInvalidError, PermanentError, RateLimitedError, TransientError
+from autotls.fsm.machine import State
+from autotls.fsm.outcomes import Advance, Effects, Outcome, Wait
+from autotls.fsm.ports import AcmeAccount, AcmeOrderView, Ports, problem_status, problem_type
+from autotls.fsm.renewal import pick_in_window, plan_renewal
+from autotls.persistence.records import AccountUpdate, NewAccount, NewCertificate, OrderSnapshot
 
 Step = Callable[[OrderSnapshot, Ports], Awaitable[Outcome]]
 

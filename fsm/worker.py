@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from fsm.errors import AutoTLSError, PermanentError
-from fsm.faults import FaultPlan, FaultPoint
-from fsm.machine import InvalidTransitionError, State
-from fsm.policy import plan_error, plan_outcome, plan_unexpected
-from fsm.ports import Ports
-from fsm.steps import STEPS, Step
-from persistence.records import CommitPlan, OrderSnapshot
-from persistence.store import ClaimedOrder, CorruptOrder, Store
+from autotls.fsm.errors import AutoTLSError, PermanentError
+from autotls.fsm.faults import FaultPlan, FaultPoint
+from autotls.fsm.machine import InvalidTransitionError, State
+from autotls.fsm.policy import plan_error, plan_outcome, plan_unexpected
+from autotls.fsm.ports import Ports
+from autotls.fsm.steps import STEPS, Step
+from autotls.persistence.records import CommitPlan, OrderSnapshot
+from autotls.persistence.store import ClaimedOrder, CorruptOrder, Store
 
 log = logging.getLogger("autotls.worker")
 

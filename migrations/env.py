@@ -1,4 +1,5 @@
-"""Alembic environment. The program runs migrations itself (persistence.schema), handing us a
+"""Alembic environment. The program runs migrations itself (autotls.persistence.schema),
+handing us a
 live connection in ``config.attributes["connection"]``; the ``alembic`` CLI works too with
 ``-x url=...``. ``render_as_batch`` lets autogenerate emit SQLite-safe ALTERs."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from persistence.models import Base
+from autotls.persistence.models import Base
 
 config = context.config
 target_metadata = Base.metadata

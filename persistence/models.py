@@ -6,8 +6,8 @@ Four tables:
 * ``accounts``     one ACME account per directory URL, shared by every order of the store
                    (Let's Encrypt allows 10 new accounts per IP per 3 h: never make a second).
 * ``orders``       one row per peer identity that cycles New -> ... -> Installed -> RenewDue ->
-                   Registered ... Its ``state`` is a name from ``fsm.machine.State``; ``fence``
-                   is bumped by every claim and checked by every commit (design rule 5).
+                   Registered ... Its ``state`` is a name from ``autotls.fsm.machine.State``;
+                   ``fence`` is bumped by every claim and checked by every commit (design rule 5).
 * ``certificates`` every certificate ever installed for an order (the history of renewals).
 * ``journal``      every transition and every classified error, in order (design rule 10).
 
@@ -31,10 +31,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from persistence.types import JSONObject, UTCDateTime
+from autotls.persistence.types import JSONObject, UTCDateTime
 
 # States in which an order no longer counts as the peer's active order. Kept here as plain
-# strings because persistence must not import fsm; tests check it matches fsm.machine.
+# strings because persistence must not import fsm; tests check it matches autotls.fsm.machine.
 INACTIVE_STATES: tuple[str, ...] = ("Failed",)
 _INACTIVE_SQL = "state NOT IN ('Failed')"
 

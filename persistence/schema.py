@@ -22,11 +22,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import URL
 
-import migrations
-from persistence.errors import SchemaOutdatedError, SchemaTooNewError
-from persistence.urls import redact, sync_url
+from autotls.persistence.errors import SchemaOutdatedError, SchemaTooNewError
+from autotls.persistence.urls import redact, sync_url
 
-MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+# The Alembic scripts travel with the package (autotls/migrations in the wheel; in a source
+# checkout the top-level migrations/ folder, which autotls/migrations links to). Located by
+# path, never by importing a top-level `migrations` that an embedder may also have.
+MIGRATIONS_DIR = Path(__file__).parent.parent / "migrations"
 
 
 def alembic_config() -> Config:

@@ -31,15 +31,15 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from persistence import schema
-from persistence.errors import (
+from autotls.persistence import schema
+from autotls.persistence.errors import (
     ActiveOrderExistsError,
     CorruptRowError,
     OrderBusyError,
     OrderNotFoundError,
 )
-from persistence.models import INACTIVE_STATES, Account, Certificate, JournalEntry, Order
-from persistence.records import (
+from autotls.persistence.models import INACTIVE_STATES, Account, Certificate, JournalEntry, Order
+from autotls.persistence.records import (
     KEEP,
     AccountRecord,
     CertificateRecord,
@@ -47,8 +47,8 @@ from persistence.records import (
     JournalRecord,
     OrderSnapshot,
 )
-from persistence.types import CorruptJSON, UTCDateTime
-from persistence.urls import async_url, parse_database_url, redact
+from autotls.persistence.types import CorruptJSON, UTCDateTime
+from autotls.persistence.urls import async_url, parse_database_url, redact
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ from datetime import timedelta
 
 from autotls.adapters import AcmeAdapter, BrokerAdapter
 from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
+from autotls.fsm.clock import SystemClock
+from autotls.fsm.faults import FaultPlan
+from autotls.fsm.machine import State
+from autotls.fsm.ports import AcmeAccount, AcmeOrderView, EngineSettings, Ports
+from autotls.fsm.worker import OrderEvent, Worker
 from autotls.install import Installer, load_trust_roots
 from autotls.peerid import load_private_key
-from fsm.clock import SystemClock
-from fsm.faults import FaultPlan
-from fsm.machine import State
-from fsm.ports import AcmeAccount, AcmeOrderView, EngineSettings, Ports
-from fsm.worker import OrderEvent, Worker
-from persistence.store import Store
+from autotls.persistence.store import Store
 
 FAST = EngineSettings(
     dns_poll_interval=timedelta(milliseconds=100),

@@ -6,7 +6,7 @@
         --challtestsrv URL --roots FILE --data-dir DIR --log FILE --worker-id w1 \\
         --concurrency 8 --lease-s 10 [--stall-at Finalized] [--deadline-s 150]
 
-A real :class:`fsm.worker.Worker` over real ports -- :class:`AcmeAdapter` to Pebble,
+A real :class:`autotls.fsm.worker.Worker` over real ports -- :class:`AcmeAdapter` to Pebble,
 :class:`AuthoritativeTxtChecker` against challtestsrv's DNS, :class:`Installer` checking chains
 against Pebble's issuer roots -- except the broker, which is :class:`FakeTxtPublishingBroker`.
 
@@ -47,16 +47,16 @@ from sqlalchemy import func, select
 
 from autotls.adapters import AcmeAdapter
 from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
+from autotls.fsm.clock import SystemClock
+from autotls.fsm.errors import TransientError
+from autotls.fsm.machine import State
+from autotls.fsm.ports import BrokerHealthView, EngineSettings, Ports
+from autotls.fsm.steps import txt_name
+from autotls.fsm.worker import Worker
 from autotls.install import Installer, load_trust_roots
 from autotls.localstack.challtestsrv import ChallTestSrv, ChallTestSrvError
-from fsm.clock import SystemClock
-from fsm.errors import TransientError
-from fsm.machine import State
-from fsm.ports import BrokerHealthView, EngineSettings, Ports
-from fsm.steps import txt_name
-from fsm.worker import Worker
-from persistence.records import CommitPlan, OrderSnapshot
-from persistence.store import ClaimedOrder, Store, orders
+from autotls.persistence.records import CommitPlan, OrderSnapshot
+from autotls.persistence.store import ClaimedOrder, Store, orders
 
 log = logging.getLogger("fleet_worker")
 
@@ -71,7 +71,7 @@ WATCH_INTERVAL_S = 0.25
 
 
 class FakeTxtPublishingBroker:
-    """A fake of the AutoTLS broker (``fsm.ports.BrokerPort``) for the fleet test.
+    """A fake of the AutoTLS broker (``autotls.fsm.ports.BrokerPort``) for the fleet test.
 
     It stands in for the broker because 200 libp2p nodes and their dial-backs are not the
     subject of this test (the local broker, with PeerID auth and a real dial-back, has its

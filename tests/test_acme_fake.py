@@ -37,7 +37,7 @@ from autotls.acme import (
 )
 from autotls.acme.client import DEFAULT_BAD_NONCE_RETRIES
 from autotls.acme.jws import AccountKey
-from fsm.errors import ErrorClass
+from autotls.fsm.errors import ErrorClass
 from tests.fakes.acme_server import FakeAcmeServer
 
 B36 = "k51qzi5uqu5dgy8qsq67hbz73jqkw87l3fgf4a91qb0d9b5173tir7n4vxk1oe"

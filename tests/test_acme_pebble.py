@@ -34,8 +34,8 @@ from autotls.acme import (
     make_csr,
 )
 from autotls.acme.jws import AccountKey
+from autotls.fsm.errors import ErrorClass
 from autotls.localstack.pebble import PebbleOptions, PebbleStack
-from fsm.errors import ErrorClass
 from tests.fixtures.pebble import PebbleFactory
 
 pytestmark = pytest.mark.pebble

@@ -57,7 +57,7 @@ from autotls.acme.jws import (
 )
 from autotls.acme.messages import Challenge, parse_link_header, parse_rfc3339
 from autotls.acme.problems import classify, error_for_response, problem_from_document
-from fsm.errors import ErrorClass
+from autotls.fsm.errors import ErrorClass
 
 B36 = "k51qzi5uqu5dgy8qsq67hbz73jqkw87l3fgf4a91qb0d9b5173tir7n4vxk1oe"
 WILDCARD = f"*.{B36}.libp2p.direct"

@@ -26,7 +26,7 @@ from autotls.acme import (
     generate_account_key,
 )
 from autotls.acme.client import MAX_ERROR_RETRY_AFTER
-from fsm.errors import ErrorClass
+from autotls.fsm.errors import ErrorClass
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -30,9 +30,9 @@ from autotls.broker import (
     health_wait,
     validate_challenge_value,
 )
+from autotls.fsm.errors import ConfigurationError, ErrorClass
 from autotls.peerid import PrivateKey
 from autotls.peeridauth import AuthDecision, AuthResult, PeerIdAuthServer, parse_header
-from fsm.errors import ConfigurationError, ErrorClass
 
 VALUE = "x" * 42 + "A"  # 43 chars, low bits of the last char clear: 32 bytes
 PUBLIC = ["/ip4/1.2.3.4/tcp/4001", "/ip6/2001:4860::1/udp/4001/quic-v1"]

@@ -21,11 +21,11 @@ import pytest
 
 from autotls import cli
 from autotls.acme import jwk_thumbprint, load_account_key
+from autotls.fsm.diagrams import graphviz_available
+from autotls.fsm.machine import State
 from autotls.peerid import PrivateKey, save_private_key
-from fsm.diagrams import graphviz_available
-from fsm.machine import State
-from persistence import schema
-from persistence.urls import parse_database_url
+from autotls.persistence import schema
+from autotls.persistence.urls import parse_database_url
 from tests.fakes.ports import acme_problem
 from tests.fixtures.components import component_missing
 from tests.fixtures.engine import Engine

@@ -32,8 +32,8 @@ from cryptography.x509 import verification
 from autotls.localstack.pebble import PebbleOptions, pebble_available
 from autotls.localstack.stack import LocalStack
 from autotls.peerid import load_private_key
-from persistence.records import OrderSnapshot
-from persistence.store import Store
+from autotls.persistence.records import OrderSnapshot
+from autotls.persistence.store import Store
 from tests.fixtures.components import component_missing
 from tests.test_cli import arun_cli, run_cli
 

@@ -15,8 +15,8 @@ import dns.rrset
 import pytest
 
 from autotls.dnscheck import AuthoritativeTxtChecker, NameServer, parse_nameserver
+from autotls.fsm.errors import ConfigurationError, TransientError
 from autotls.localstack.pebble import PebbleStack
-from fsm.errors import ConfigurationError, TransientError
 
 NAME = "_acme-challenge.k51qzi5uqu5dtest.libp2p.direct"
 

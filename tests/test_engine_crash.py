@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from autotls.fsm import operator
+from autotls.fsm.faults import ENV_VAR, FaultPlan, FaultPoint, FaultRule, InjectedCrash
+from autotls.fsm.journal import is_valid_journal
+from autotls.fsm.machine import State
 from autotls.peerid import save_private_key
-from fsm import operator
-from fsm.faults import ENV_VAR, FaultPlan, FaultPoint, FaultRule, InjectedCrash
-from fsm.journal import is_valid_journal
-from fsm.machine import State
 from tests.fixtures.realstack import CountingAcme, RealStack
 
 pytestmark = pytest.mark.usefixtures("libp2p_installed")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from autotls.fsm import operator
+from autotls.fsm.journal import is_valid_journal
+from autotls.fsm.machine import ISSUANCE_PATH, State
 from autotls.localstack.pebble import PebbleOptions, PebbleStack
-from fsm import operator
-from fsm.journal import is_valid_journal
-from fsm.machine import ISSUANCE_PATH, State
 from tests.fixtures.engine import HAPPY_TRIGGERS
 from tests.fixtures.realstack import (
     CountingAcme,

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fsm.errors import TransientError
-from fsm.machine import State
-from fsm.ports import RenewalWindow
-from fsm.renewal import backstop_time, pick_in_window, plan_renewal
+from autotls.fsm.errors import TransientError
+from autotls.fsm.machine import State
+from autotls.fsm.ports import RenewalWindow
+from autotls.fsm.renewal import backstop_time, pick_in_window, plan_renewal
 from tests.fakes.ports import acme_problem
 from tests.fixtures.engine import Engine
 
@@ -194,7 +194,7 @@ async def test_profile_is_sent_with_the_order(engine: Engine) -> None:
 async def test_lets_encrypt_order_reuse_makes_a_replayed_new_order_free(engine: Engine) -> None:
     """Boulder returns the pending order again for the same account, identifiers and profile:
     a crash after newOrder, before its URL was committed, costs nothing there."""
-    from fsm.faults import FaultPlan, FaultPoint, FaultRule, InjectedCrash
+    from autotls.fsm.faults import FaultPlan, FaultPoint, FaultRule, InjectedCrash
 
     engine.ca.reuse_orders = True
     order = await engine.order()

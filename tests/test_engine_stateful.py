@@ -30,17 +30,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from sqlalchemy import text
 
+from autotls.fsm import operator
+from autotls.fsm.clock import ManualClock
+from autotls.fsm.errors import OrderInvalidError, PermanentError, RateLimitedError, TransientError
+from autotls.fsm.faults import FaultPlan, FaultPoint, FaultRule, InjectedCrash
+from autotls.fsm.journal import is_valid_journal
+from autotls.fsm.machine import State
+from autotls.fsm.ports import Ports
+from autotls.fsm.worker import Worker, run_until_idle
 from autotls.peerid import PrivateKey
-from fsm import operator
-from fsm.clock import ManualClock
-from fsm.errors import OrderInvalidError, PermanentError, RateLimitedError, TransientError
-from fsm.faults import FaultPlan, FaultPoint, FaultRule, InjectedCrash
-from fsm.journal import is_valid_journal
-from fsm.machine import State
-from fsm.ports import Ports
-from fsm.worker import Worker, run_until_idle
-from persistence.errors import ActiveOrderExistsError, OrderBusyError
-from persistence.store import CorruptOrder, Store
+from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError
+from autotls.persistence.store import CorruptOrder, Store
 from tests.fakes.ports import FakeBroker, FakeCA, FakeDns, FakeInstaller, acme_problem
 
 T = TypeVar("T")

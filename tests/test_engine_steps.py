@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from fsm.errors import (
+from autotls.fsm.errors import (
     AutoTLSError,
     ErrorClass,
     OrderInvalidError,
@@ -16,8 +16,8 @@ from fsm.errors import (
     RateLimitedError,
     TransientError,
 )
-from fsm.journal import is_valid_journal
-from fsm.machine import State
+from autotls.fsm.journal import is_valid_journal
+from autotls.fsm.machine import State
 from tests.fakes.ports import acme_problem
 from tests.fixtures.engine import HAPPY_TRIGGERS, Engine
 
@@ -340,7 +340,7 @@ async def test_order_invalid_outside_an_order_is_retried_not_reordered(engine: E
 
 
 async def test_crash_after_answering_never_answers_twice(engine: Engine) -> None:
-    from fsm.faults import FaultPlan, FaultPoint, FaultRule, InjectedCrash
+    from autotls.fsm.faults import FaultPlan, FaultPoint, FaultRule, InjectedCrash
 
     order = await engine.order()
     await engine.drive_to(order.id, State.DNS_PROPAGATED)
@@ -355,7 +355,7 @@ async def test_crash_after_answering_never_answers_twice(engine: Engine) -> None
 
 
 async def test_operator_moves_drop_the_steps_own_wait_note(engine: Engine) -> None:
-    from fsm import operator
+    from autotls.fsm import operator
 
     order = await engine.order()
     await engine.drive_to(order.id, State.INSTALLED)

@@ -29,12 +29,12 @@ from typing import Any
 
 import pytest
 
+from autotls.fsm.journal import is_valid_journal
+from autotls.fsm.machine import State
 from autotls.install import FULLCHAIN, PRIVKEY
 from autotls.localstack.pebble import PebbleOptions, PebbleStack
 from autotls.peerid import PrivateKey
-from fsm.journal import is_valid_journal
-from fsm.machine import State
-from persistence.store import CorruptOrder, Store
+from autotls.persistence.store import CorruptOrder, Store
 from tests.fixtures.pebble import PebbleFactory
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.pebble]

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from autotls.acme import make_csr
+from autotls.fsm.clock import ManualClock
 from autotls.install import (
     CertificateRejected,
     Installer,
@@ -26,7 +27,6 @@ from autotls.install import (
     placeholder_certificate,
     verify_chain,
 )
-from fsm.clock import ManualClock
 
 PEER = "k51qzi5uqu5dgy8qsq67hbz73jqkw87l3fgf4a91qb0d9b5173tir7n4vxk1oe"
 NAME = f"*.{PEER}.libp2p.direct"

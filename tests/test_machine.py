@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from fsm import diagrams
-from fsm.machine import (
+from autotls.fsm import diagrams
+from autotls.fsm.machine import (
     ACTIVE_STATES,
     STATE_REQUIRES,
     TRANSITIONS,
@@ -19,7 +19,7 @@ from fsm.machine import (
     requirements,
     triggers_from,
 )
-from persistence.models import INACTIVE_STATES
+from autotls.persistence.models import INACTIVE_STATES
 
 FULL = {key: "x" for state in State for key in requirements(state)}
 FULL["installed_at"] = "x"
@@ -88,7 +88,7 @@ def test_guards_require_the_data_each_state_implies(state: State) -> None:
 
 
 def test_fire_leaves_no_models_behind() -> None:
-    from fsm import machine
+    from autotls.fsm import machine
 
     for _ in range(100):
         fire(State.NEW, "account_ready", FULL)
@@ -105,7 +105,9 @@ def test_path_validation() -> None:
 
 def test_committed_mermaid_matches_the_declaration() -> None:
     committed = (diagrams.DIAGRAM_DIR / diagrams.MERMAID_FILE).read_text()
-    assert committed == diagrams.mermaid(), "run `python -m fsm.diagrams` and commit the result"
+    assert committed == diagrams.mermaid(), (
+        "run `python -m autotls.fsm.diagrams` and commit the result"
+    )
 
 
 def test_committed_svg_shows_every_state_and_trigger() -> None:
@@ -151,15 +153,17 @@ def test_svg_renders_when_graphviz_is_installed() -> None:
 def test_readme_diagram_matches_the_declaration() -> None:
     readme = (diagrams.DIAGRAM_DIR.parent / "README.md").read_text()
     block = readme.split("```mermaid\n", 1)[1].split("```", 1)[0]
-    assert block == diagrams.mermaid(), "paste `python -m fsm.diagrams` output into README.md"
+    assert block == diagrams.mermaid(), (
+        "paste `python -m autotls.fsm.diagrams` output into README.md"
+    )
 
 
 def test_a_step_cannot_fire_an_operators_trigger() -> None:
     from datetime import UTC, datetime
 
-    from fsm.outcomes import Advance
-    from fsm.policy import plan_outcome
-    from persistence.records import OrderSnapshot
+    from autotls.fsm.outcomes import Advance
+    from autotls.fsm.policy import plan_outcome
+    from autotls.persistence.records import OrderSnapshot
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
     snap = OrderSnapshot(

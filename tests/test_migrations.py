@@ -10,11 +10,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, pool, text
 
-from persistence import schema
-from persistence.errors import SchemaOutdatedError, SchemaTooNewError
-from persistence.models import Base
-from persistence.store import Store
-from persistence.urls import parse_database_url, sync_url
+from autotls.persistence import schema
+from autotls.persistence.errors import SchemaOutdatedError, SchemaTooNewError
+from autotls.persistence.models import Base
+from autotls.persistence.store import Store
+from autotls.persistence.urls import parse_database_url, sync_url
 
 
 def _sync_engine(url: str):  # type: ignore[no-untyped-def]
@@ -83,7 +83,7 @@ async def test_store_without_upgrade_names_the_command(database_url: str) -> Non
 
 
 def test_database_url_errors_are_clear() -> None:
-    from persistence.errors import DatabaseURLError
+    from autotls.persistence.errors import DatabaseURLError
 
     with pytest.raises(DatabaseURLError, match="unsupported database 'mysql'"):
         parse_database_url("mysql://root@localhost/x")
@@ -113,7 +113,7 @@ def test_concurrent_upgrades_from_separate_processes(database_url: str) -> None:
     from pathlib import Path
 
     program = (
-        "import sys; from persistence import schema; from persistence.urls import "
+        "import sys; from persistence import schema; from autotls.persistence.urls import "
         "parse_database_url; print(schema.upgrade(parse_database_url(sys.argv[1])).current)"
     )
     root = Path(__file__).resolve().parent.parent

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from autotls.fsm.errors import ConfigurationError, ErrorClass
 from autotls.multiaddrs import (
     Multiaddr,
     MultiaddrError,
@@ -19,7 +20,6 @@ from autotls.multiaddrs import (
     select_dialable,
     wildcard_name,
 )
-from fsm.errors import ConfigurationError, ErrorClass
 
 # protocol.md §2 vectors
 PEER_B58 = "12D3KooWBtg3aaRMjxwedh83aGiUkwSxDwUZkzuJcfaqUmo7R3pq"

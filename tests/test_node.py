@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import trustme
 
+from autotls.fsm.errors import ErrorClass
 from autotls.multiaddrs import Multiaddr, MultiaddrError, forge_addresses
 from autotls.node import DialBackError, Libp2pNode, NodeError, dial_back
 from autotls.peerid import KeyType, PeerId, PrivateKey
-from fsm.errors import ErrorClass
 from tests.fixtures.components import component_missing
 from tests.fixtures.libp2p import RunningNode, client_context, server_context
 

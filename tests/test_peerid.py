@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
+from autotls.fsm.errors import ConfigurationError, ErrorClass
 from autotls.peerid import (
     KeyType,
     PeerId,
@@ -28,7 +29,6 @@ from autotls.peerid import (
     uvarint_decode,
     uvarint_encode,
 )
-from fsm.errors import ConfigurationError, ErrorClass
 from tests.fixtures.components import component_missing
 
 VECTORS = Path(__file__).parent / "vectors"

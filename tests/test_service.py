@@ -17,13 +17,13 @@ from cryptography import x509
 from sqlalchemy import text
 
 from autotls import AutoTLS, IssuanceFailed, PrivateKey
+from autotls.fsm.machine import State
+from autotls.fsm.ports import EngineSettings
+from autotls.fsm.worker import OrderEvent
 from autotls.localstack.broker import LocalBroker
 from autotls.localstack.pebble import PebbleStack
 from autotls.multiaddrs import Multiaddr, ip_label
 from autotls.node import Libp2pNode
-from fsm.machine import State
-from fsm.ports import EngineSettings
-from fsm.worker import OrderEvent
 
 pytestmark = pytest.mark.usefixtures("libp2p_installed")
 
@@ -199,7 +199,7 @@ async def test_a_permanent_failure_is_reported_and_ends_the_wait(setup: Setup) -
 
 
 async def test_renew_now_refuses_an_order_that_is_not_installed(setup: Setup) -> None:
-    from persistence.errors import OrderBusyError
+    from autotls.persistence.errors import OrderBusyError
 
     auto, node = setup.pair(run_worker=False)
     async with node, auto:

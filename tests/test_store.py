@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from fsm.clock import ManualClock
-from fsm.machine import State
-from fsm.worker import Worker
-from persistence.errors import ActiveOrderExistsError, OrderBusyError
-from persistence.records import CommitPlan, JournalNote
-from persistence.store import CorruptOrder, Store
+from autotls.fsm.clock import ManualClock
+from autotls.fsm.machine import State
+from autotls.fsm.worker import Worker
+from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError
+from autotls.persistence.records import CommitPlan, JournalNote
+from autotls.persistence.store import CorruptOrder, Store
 from tests.fixtures.engine import Engine, identifier_for, new_peer
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)

@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
-from fsm.machine import State
-from fsm.worker import OrderEvent, Worker
+from autotls.fsm.machine import State
+from autotls.fsm.worker import OrderEvent, Worker
 from tests.fixtures.engine import Engine
 
 

@@ -1,7 +1,8 @@
 """An async ACME client (RFC 8555, RFC 9773 ARI) on aiohttp and cryptography.
 
 The public surface: :class:`AcmeClient`, the resource records it returns, the typed problems it
-raises (each with an ``error_class`` from :mod:`fsm.errors`), and the pure helpers the engine
+raises (each with an ``error_class`` from :mod:`autotls.fsm.errors`),
+and the pure helpers the engine
 needs around it (keys, DNS-01 value, CSR, CertID, Retry-After).
 """
 

@@ -1,5 +1,5 @@
 """ACME failures as types: problem documents (RFC 8555 §6.7, RFC 7807) and everything else that
-can go wrong between us and a CA, each carrying an :class:`fsm.errors.ErrorClass`.
+can go wrong between us and a CA, each carrying an :class:`autotls.fsm.errors.ErrorClass`.
 
 This module owns the classification table: the engine never looks at a problem type, only at
 ``error_class`` (and, where it must branch, at the subclass). Parsing is pure: a status, the
@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from fsm.errors import (
+from autotls.fsm.errors import (
     AutoTLSError,
     ConfigurationError,
     ErrorClass,
@@ -101,7 +101,7 @@ def classify(
         return ErrorClass.PERMANENT
     if kind is not None and kind in CLASSIFICATION:
         return CLASSIFICATION[kind]
-    # Unknown trouble defaults to transient (fsm.errors): a 5xx certainly is, and an unknown
+    # Unknown trouble defaults to transient (autotls.fsm.errors): a 5xx certainly is, and an unknown
     # 4xx type is more likely a server novelty than a reason to give up on the certificate.
     return ErrorClass.TRANSIENT
 

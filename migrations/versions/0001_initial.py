@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from persistence.types import JSONObject, UTCDateTime
+from autotls.persistence.types import JSONObject, UTCDateTime
 
 revision: str = "0001"
 down_revision: str | None = None

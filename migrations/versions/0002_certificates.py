@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from persistence.types import UTCDateTime
+from autotls.persistence.types import UTCDateTime
 
 revision: str = "0002"
 down_revision: str | None = "0001"

@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fsm.clock import Clock
-from fsm.errors import AutoTLSError, PermanentError
-from fsm.ports import (
+from autotls.fsm.clock import Clock
+from autotls.fsm.errors import AutoTLSError, PermanentError
+from autotls.fsm.ports import (
     AcmeAccount,
     AcmeOrderView,
     AuthorizationView,
@@ -46,7 +46,7 @@ ACME = "urn:ietf:params:acme:error:"
 
 def acme_problem(kind: str, detail: str, status: int, **kw: object) -> AutoTLSError:
     """An error shaped like the ACME client's problems (class set by the caller's choice)."""
-    from fsm.errors import ErrorClass
+    from autotls.fsm.errors import ErrorClass
 
     classes = {
         "badNonce": ErrorClass.TRANSIENT,
