@@ -3,18 +3,46 @@
 The public surface is small: :class:`AutoTLS` (the embedding API), identity keys and PeerIds,
 the error types, and the ``autotls`` command line (``autotls.cli``). Everything else is
 reachable for the curious but may change.
+
+The names below load on first use (PEP 562): ``import autotls`` alone costs nothing, so the
+command line can answer ``--help`` or ``status`` without loading aiohttp and the whole
+service. ``from autotls import AutoTLS`` works as always.
 """
 
-from autotls.fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
-from autotls.peerid import (
-    KeyType,
-    PeerId,
-    PeerIdError,
-    PrivateKey,
-    load_private_key,
-    save_private_key,
-)
-from autotls.service import AutoTLS, CertificateInfo, Failure, IssuanceFailed
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from autotls.fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
+    from autotls.peerid import (
+        KeyType,
+        PeerId,
+        PeerIdError,
+        PrivateKey,
+        load_private_key,
+        save_private_key,
+    )
+    from autotls.service import AutoTLS, CertificateInfo, Failure, IssuanceFailed
+
+# Each public name and the module that defines it (tests/test_startup.py checks that this,
+# __all__ and the imports above agree).
+_EXPORTS: dict[str, str] = {
+    "AutoTLS": "autotls.service",
+    "AutoTLSError": "autotls.fsm.errors",
+    "CertificateInfo": "autotls.service",
+    "ConfigurationError": "autotls.fsm.errors",
+    "ErrorClass": "autotls.fsm.errors",
+    "Failure": "autotls.service",
+    "IssuanceFailed": "autotls.service",
+    "KeyType": "autotls.peerid",
+    "PeerId": "autotls.peerid",
+    "PeerIdError": "autotls.peerid",
+    "PrivateKey": "autotls.peerid",
+    "load_private_key": "autotls.peerid",
+    "save_private_key": "autotls.peerid",
+}
 
 __all__ = [
     "AutoTLS",
@@ -31,3 +59,16 @@ __all__ = [
     "load_private_key",
     "save_private_key",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

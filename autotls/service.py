@@ -47,11 +47,11 @@ from autotls.peerid import PrivateKey
 from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError
 from autotls.persistence.records import CertificateRecord, OrderSnapshot
 from autotls.persistence.store import Store
+from autotls.persistence.urls import DATABASE_FILE
 
 log = logging.getLogger(__name__)
 
 EventName = Literal["loaded", "renewed", "failed", "transition"]
-DATABASE_FILE = "autotls.db"
 RENEW_RETRY_S = 0.05
 
 
