@@ -102,9 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # Commands that run for long (a node, the demo's local stack) and so need the cyclic garbage
-# collector. The others finish in a fraction of a second and free what they make by
-# reference counting; the collector's passes over the objects SQLAlchemy creates while it is
-# imported would cost them about a sixth of their time (bench/cli.py) and free nothing.
+# collector. The others finish in a fraction of a second: the collector's passes over the
+# objects SQLAlchemy creates while it is imported cost them about a tenth of their time, and
+# the few cycles they make are freed when the process ends (or, in process, once it is back
+# on after the command).
 _LONG_RUNNING = frozenset({"run", "demo"})
 
 

@@ -126,8 +126,6 @@ def _order_record(row: OrderSnapshot | CorruptOrder) -> dict[str, Any]:
 
 async def cmd_diagram(args: argparse.Namespace, stop: Stop) -> int:
     from autotls.fsm import diagrams
-    from autotls.fsm.journal import moves
-    from autotls.persistence.store import CorruptOrder
 
     if args.format == "svg" and not diagrams.graphviz_available():
         raise UsageError(
@@ -137,6 +135,10 @@ async def cmd_diagram(args: argparse.Namespace, stop: Stop) -> int:
     path = None
     title = None
     if args.order is not None:
+        # Only an order's path needs the database (and so SQLAlchemy).
+        from autotls.fsm.journal import moves
+        from autotls.persistence.store import CorruptOrder
+
         async with opened_store(database_url(args)) as store:
             rows = {row.id: row for row in await store.list_orders()}
             row = rows.get(args.order)
