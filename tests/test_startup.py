@@ -114,6 +114,32 @@ async def test_quick_commands_load_neither_alembic_nor_the_network_stack(
         assert "up to date" in out
 
 
+async def test_the_console_script_prints_everything_and_keeps_exit_codes(
+    installed_db: Path, tmp_path: Path
+) -> None:
+    """As the process's entry point, main() leaves the exit's final collection out for the
+    quick commands (dispatch._execute): what they print and their exit codes stay whole."""
+
+    def autotls(*argv: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "autotls", *map(str, argv)],
+            cwd=ROOT,
+            env=_environment(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    listed = await asyncio.to_thread(autotls, "status", "--json", "--db", installed_db)
+    assert listed.returncode == 0, listed.stderr
+    assert [row["state"] for row in json.loads(listed.stdout)] == ["Installed"]
+    missing = await asyncio.to_thread(autotls, "status", "--db", tmp_path / "missing.db")
+    assert missing.returncode == 3 and missing.stdout == ""
+    assert missing.stderr.startswith("autotls: error: no database at")
+    assert len(missing.stderr.splitlines()) == 1
+
+
 def test_an_outdated_schema_is_still_upgraded_with_alembic(tmp_path: Path) -> None:
     old = tmp_path / "old.db"
     url = parse_database_url(str(old))

@@ -321,9 +321,9 @@ def _seconds(text: str) -> float:
 
 class _Version(argparse.Action):
     """argparse's ``version`` action, but the version is looked up only when asked for:
-    importlib.metadata costs more than the rest of ``--help``."""
+    loading importlib.metadata for every command would make ``--help`` half as slow again."""
 
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+    def __init__(self, option_strings: list[str], dest: str) -> None:
         super().__init__(
             option_strings,
             dest=argparse.SUPPRESS,
