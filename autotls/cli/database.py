@@ -4,9 +4,6 @@ upgraded behind the operator's back), the order a command acts on, and who acted
 from __future__ import annotations
 
 import contextlib
-import getpass
-import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +87,10 @@ async def pick_order(store: Store, order_id: int | None, what: str) -> int:
 
 def actor() -> str:
     """Who made an operator move, for the journal: ``cli:user@host``."""
+    import getpass
+    import os
+    import socket
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no user name in a bare container
