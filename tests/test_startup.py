@@ -48,10 +48,10 @@ def _environment(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def probe(tmp_path: Path, *argv: object) -> tuple[int, str, set[str]]:
-    """(exit code, stdout, top-level packages loaded) of ``autotls ARGV`` in a new process."""
-    result = subprocess.run(
-        [sys.executable, "-c", _PROBE, *map(str, argv)],
+def python(tmp_path: Path, *argv: object) -> subprocess.CompletedProcess[str]:
+    """``python ARGV`` in a new process, in the repository, with no AUTOTLS_* variable."""
+    return subprocess.run(
+        [sys.executable, *map(str, argv)],
         cwd=ROOT,
         env=_environment(tmp_path),
         capture_output=True,
@@ -59,6 +59,11 @@ def probe(tmp_path: Path, *argv: object) -> tuple[int, str, set[str]]:
         timeout=120,
         check=False,
     )
+
+
+def probe(tmp_path: Path, *argv: object) -> tuple[int, str, set[str]]:
+    """(exit code, stdout, top-level packages loaded) of ``autotls ARGV`` in a new process."""
+    result = python(tmp_path, "-c", _PROBE, *argv)
     assert result.returncode == 0, result.stderr
     report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return report["code"], report["out"], {name.split(".")[0] for name in report["modules"]}
@@ -119,22 +124,14 @@ async def test_the_console_script_prints_everything_and_keeps_exit_codes(
 ) -> None:
     """As the process's entry point, main() leaves the exit's final collection out for the
     quick commands (dispatch._execute): what they print and their exit codes stay whole."""
-
-    def autotls(*argv: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "autotls", *map(str, argv)],
-            cwd=ROOT,
-            env=_environment(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
-    listed = await asyncio.to_thread(autotls, "status", "--json", "--db", installed_db)
+    listed = await asyncio.to_thread(
+        python, tmp_path, "-m", "autotls", "status", "--json", "--db", installed_db
+    )
     assert listed.returncode == 0, listed.stderr
     assert [row["state"] for row in json.loads(listed.stdout)] == ["Installed"]
-    missing = await asyncio.to_thread(autotls, "status", "--db", tmp_path / "missing.db")
+    missing = await asyncio.to_thread(
+        python, tmp_path, "-m", "autotls", "status", "--db", tmp_path / "missing.db"
+    )
     assert missing.returncode == 3 and missing.stdout == ""
     assert missing.stderr.startswith("autotls: error: no database at")
     assert len(missing.stderr.splitlines()) == 1
@@ -172,15 +169,8 @@ def test_a_new_database_is_created_and_migrated_with_alembic(tmp_path: Path) -> 
 
 def test_importing_autotls_loads_nothing_heavy(tmp_path: Path) -> None:
     program = "import json, sys, autotls; print(json.dumps(sorted(sys.modules)))"
-    result = subprocess.run(
-        [sys.executable, "-c", program],
-        cwd=ROOT,
-        env=_environment(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    result = python(tmp_path, "-c", program)
+    assert result.returncode == 0, result.stderr
     loaded = {name.split(".")[0] for name in json.loads(result.stdout)}
     assert not loaded & HELP_FORBIDDEN, sorted(loaded & HELP_FORBIDDEN)
 
