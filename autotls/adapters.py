@@ -35,6 +35,7 @@ from autotls.acme import (
     make_csr,
 )
 from autotls.acme.jws import dns01_value
+from autotls.acme.problems import AcmeProblem, for_new_order
 from autotls.broker import DEFAULT_BROKER_URL, BrokerClient
 from autotls.fsm.errors import ConfigurationError, PermanentError
 from autotls.fsm.ports import (
@@ -192,9 +193,15 @@ class AcmeAdapter:
     async def new_order(
         self, account: AcmeAccount, identifier: str, *, profile: str | None, replaces: str | None
     ) -> AcmeOrderView:
-        order = await self._client(account).new_order(
-            [identifier], profile=profile, replaces=replaces
-        )
+        try:
+            order = await self._client(account).new_order(
+                [identifier], profile=profile, replaces=replaces
+            )
+        except AcmeProblem as problem:
+            error = for_new_order(problem, replaces=replaces)
+            if error is problem:
+                raise
+            raise error from problem
         return _order_view(order)
 
     async def get_order(self, account: AcmeAccount, url: str) -> AcmeOrderView:

@@ -9,8 +9,9 @@
   commit, then cancel the rest and release their leases (nothing they did is committed, as
   if the process had died there; the next claim reconciles).
 * One bad order never stops the worker: corrupt rows are failed and set aside, exceptions
-  become classified retries or failures of that order only, and database errors are
-  logged and retried with backoff.
+  become classified retries or failures of that order only (a bug is class ``internal``:
+  one log line, retried on the slow schedule, never Failed by itself), and database errors
+  are logged and retried with backoff.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from autotls.fsm.errors import AutoTLSError, PermanentError
+from autotls.fsm.errors import AutoTLSError
 from autotls.fsm.faults import FaultPlan, FaultPoint
-from autotls.fsm.machine import InvalidTransitionError, State
+from autotls.fsm.machine import State
 from autotls.fsm.policy import plan_error, plan_outcome, plan_unexpected
 from autotls.fsm.ports import Ports
 from autotls.fsm.steps import STEPS, Step
@@ -240,16 +241,16 @@ class Worker:
             return plan_outcome(snap, outcome, clock.now())
         except AutoTLSError as error:
             return plan_error(snap, error, clock.now(), settings, rng)
-        except InvalidTransitionError as error:
-            log.error("order %s: step asked for an impossible move: %s", snap.id, error)
-            return plan_error(snap, PermanentError(str(error)), clock.now(), settings, rng)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            log.exception(
-                "order %s: unexpected error in step %s",
+        except Exception as exc:  # a bug, InvalidTransitionError included: class internal
+            # One line at the default verbosity (the commit's warning says when it is tried
+            # again); the traceback is for whoever turned on debug logging.
+            log.debug(
+                "order %s: traceback of the internal error in step %s",
                 snap.id,
                 snap.state,
+                exc_info=True,
                 extra={"order_id": snap.id, "state": snap.state},
             )
             return plan_unexpected(snap, exc, clock.now(), settings, rng)

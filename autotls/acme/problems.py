@@ -17,6 +17,11 @@ Classification of problem types (short name after ``urn:ietf:params:acme:error:`
                    unsupportedContact, rejectedIdentifier, unsupportedIdentifier
     compound       the most severe class among its subproblems (permanent if it has none)
 
+Where the engine must branch on more than the class, the problem is also a typed port error of
+:mod:`autotls.fsm.errors`: ``accountDoesNotExist`` is an ``AccountUnknownError``, and a
+newOrder that carried ``replaces`` turns its refusal into a ``ReplacesRefusedError``
+(:func:`for_new_order`).
+
 Validation failures are not top-level problems: they live in a challenge's ``error``. The client
 turns an authorization or order that went ``invalid`` into :class:`AuthorizationFailed` /
 :class:`OrderFailed` (order_invalid), carrying the challenge's problem.
@@ -30,10 +35,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from autotls.fsm.errors import (
+    AccountUnknownError,
     AutoTLSError,
     ConfigurationError,
     ErrorClass,
     OrderInvalidError,
+    ReplacesRefusedError,
     TransientError,
 )
 
@@ -166,7 +173,9 @@ class RateLimited(AcmeProblem):
     kind_name = "rateLimited"
 
 
-class AccountDoesNotExist(AcmeProblem):
+class AccountDoesNotExist(AcmeProblem, AccountUnknownError):
+    """Also the engine's typed port error: the engine registers the stored key again."""
+
     kind_name = "accountDoesNotExist"
 
 
@@ -360,6 +369,30 @@ def problem_from_document(
         problem=document,
         instance=instance,
         url=url,
+    )
+
+
+def for_new_order(error: AutoTLSError, *, replaces: str | None) -> AutoTLSError:
+    """What a newOrder that failed with ``error`` raises to the engine.
+
+    With ``replaces``, any problem that is neither transient, a rate limit nor an unknown
+    account is a refusal of ``replaces`` (:class:`ReplacesRefusedError`), and the engine orders
+    again without it. Let's Encrypt refuses ``replaces`` in several shapes (409
+    ``alreadyReplaced``; 404 ``malformed`` for a serial it does not know; 403 ``unauthorized``
+    when another account requested the certificate; 400 ``malformed`` when the identifiers
+    differ) and only the first has a type of its own: telling them apart would mean reading
+    the server's prose. Asking once more without ``replaces`` costs one request, and a problem
+    that had nothing to do with ``replaces`` comes back unchanged on that request."""
+    if (
+        replaces is None
+        or not isinstance(error, AcmeProblem)
+        or isinstance(error, AccountUnknownError)
+        or error.error_class not in (ErrorClass.PERMANENT, ErrorClass.ORDER_INVALID)
+    ):
+        return error
+    return ReplacesRefusedError(
+        f"the CA refused to let the order replace {replaces}: {error.message}",
+        problem=error.problem,
     )
 
 
