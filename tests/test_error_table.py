@@ -206,3 +206,14 @@ async def test_the_typed_port_errors_drive_the_engine_not_the_strings(
             assert not isinstance(error, ReplacesRefusedError), name
     finally:
         await adapter.close()
+
+
+def test_redirects_are_transient_from_the_ca_and_from_the_broker() -> None:
+    from autotls.acme.problems import error_for_response
+    from autotls.broker import BrokerProtocolError, classify_response
+
+    acme = error_for_response(302, "text/html", b"<html>moved</html>", retry_after=None, url="u")
+    broker = classify_response(302, b"", {"Location": "https://portal.example/"})
+    assert isinstance(broker, BrokerProtocolError)
+    assert acme.error_class is broker.error_class is ErrorClass.TRANSIENT
+    assert "redirect" in str(acme) and "portal.example" in str(broker)

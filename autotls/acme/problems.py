@@ -455,6 +455,18 @@ def error_for_response(
             status=status,
             retry_after=retry_after,
         )
+    if 300 <= status < 400:
+        # Never followed (RFC 8555 URLs are exact, and a JWS is signed for its URL) and
+        # transient, like a broker's redirect (autotls.broker): something in front of a CA
+        # that answered before (a captive portal, a proxy's login page) goes away. A --ca URL
+        # that redirects from the start is refused at start by the directory check.
+        return AcmeProtocolError(
+            f"HTTP {status} redirect from {url}: redirects are not followed "
+            "(is a captive portal or a proxy in the way?)",
+            url=url,
+            status=status,
+            retry_after=retry_after,
+        )
     return AcmeProtocolError(
         f"HTTP {status} from {url} without a problem document",
         url=url,
