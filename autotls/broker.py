@@ -380,9 +380,9 @@ class BrokerClient:
                 headers=self._headers(),
             )
         except (HandshakeRefused, PeerIdAuthUnauthorized) as exc:
-            error = _not_a_challenge(exc.status, exc.body, exc.headers)
-            log.info("broker refused %s: %s", peer, error)
-            raise error from None
+            refusal = _not_a_challenge(exc.status, exc.body, exc.headers)
+            log.info("broker refused %s: %s", peer, refusal)
+            raise refusal from None
         except ServerAuthenticationError as exc:
             raise BrokerUnauthorized(f"broker failed to authenticate: {exc.message}") from None
         except PeerIdAuthError as exc:
