@@ -343,7 +343,7 @@ class BrokerClient:
             ) as resp:
                 body = await resp.content.read(MAX_BODY)
                 status, retry_after = resp.status, resp.headers.get("Retry-After")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise BrokerNetworkError(f"broker health check failed: {_describe(exc)}") from None
         if 200 <= status < 300:
             return BrokerHealth(True, 0.0, f"healthy ({status})")
@@ -387,7 +387,7 @@ class BrokerClient:
             raise BrokerUnauthorized(f"broker failed to authenticate: {exc.message}") from None
         except PeerIdAuthError as exc:
             raise BrokerUnauthorized(f"PeerID auth with the broker failed: {exc.message}") from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise BrokerNetworkError(f"broker registration failed: {_describe(exc)}") from None
         error = classify_response(resp.status, resp.body, resp.headers)
         if error is not None:

@@ -124,7 +124,8 @@ class LocalIOError(AutoTLSError):
         cls, exc: OSError, action: str, path: str | os.PathLike[str] | None = None
     ) -> LocalIOError:
         """``cannot write /x/privkey.pem: No space left on device (ENOSPC)``."""
-        where = exc.filename if exc.filename is not None else path
+        # The target we meant, rather than the temp file next to it that the OS named.
+        where = path if path is not None else exc.filename
         name = errno.errorcode.get(exc.errno, "") if exc.errno is not None else ""
         reason = exc.strerror or str(exc) or type(exc).__name__
         code = f" ({name})" if name else ""
