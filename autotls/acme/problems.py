@@ -150,11 +150,12 @@ class AcmeProblem(AutoTLSError):
         self.subproblems = list(subproblems)
         self.instance = instance
         self.url = url
+        # The server's words first: one-line views (status tables, log lines) cut the end.
         where = f" at {url}" if url else ""
-        code = f"HTTP {status} " if status is not None else ""
-        summary = f"ACME {code}{problem_type}{where}"
+        code = f", HTTP {status}" if status is not None else ""
+        summary = f"ACME {short_kind(problem_type) or problem_type}{code}{where}"
         super().__init__(
-            f"{summary}: {detail}" if detail else summary,
+            f"{' '.join(detail.split())} ({summary})" if detail.strip() else summary,
             error_class=classify(problem_type, status, self.subproblems),
             retry_after=retry_after,
             problem=problem if problem is not None else {"type": problem_type, "detail": detail},
