@@ -49,10 +49,10 @@ from cryptography.x509.oid import NameOID
 from autotls._files import directory_problem, make_private_dirs, write_atomic, write_secret
 from autotls.fsm.clock import Clock, SystemClock
 from autotls.fsm.errors import (
+    CertificateUnusableError,
     ConfigurationError,
     LocalIOError,
     MisconfiguredError,
-    PermanentError,
 )
 from autotls.fsm.ports import InstalledCertificate
 
@@ -63,7 +63,7 @@ FULLCHAIN = "fullchain.pem"
 PRIVKEY = "privkey.pem"
 
 
-class CertificateRejected(PermanentError):
+class CertificateRejected(CertificateUnusableError):
     """The CA's certificate fails verification; it is not installed. Permanent on purpose:
     re-ordering on our own would burn Let's Encrypt's 5-per-week duplicate limit."""
 

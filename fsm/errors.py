@@ -27,7 +27,8 @@ A network blip must never make an order terminal, so the default for unknown tro
 
 The engine branches on these types only, never on a protocol's strings: where a step needs
 more than the class, the adapter raises a typed port error (:class:`AccountUnknownError`,
-:class:`ReplacesRefusedError`), so the fakes and the real adapters must agree on the type.
+:class:`ReplacesRefusedError`, :class:`CertificateUnusableError`), so the fakes and the real
+adapters must agree on the type.
 """
 
 from __future__ import annotations
@@ -151,3 +152,9 @@ class AccountUnknownError(PermanentError):
 class ReplacesRefusedError(OrderInvalidError):
     """The CA refused to let this order ``replaces`` the given certificate (already replaced,
     unknown to it, another account's...): the step orders again without ``replaces``."""
+
+
+class CertificateUnusableError(PermanentError):
+    """The certificate the CA issued fails verification by itself (names, key, dates): no
+    setting makes it installable. The order fails and sets the chain aside, so that ``retry``
+    orders anew instead of installing it again."""

@@ -20,7 +20,10 @@
   ============== ===============================================================
 
   Typed port errors pick a move of their own: :class:`~autotls.fsm.errors.AccountUnknownError`
-  (the CA forgot our account) fires ``account_lost``. An exception that is not an
+  (the CA forgot our account) fires ``account_lost``;
+  :class:`~autotls.fsm.errors.CertificateUnusableError` (the issued certificate itself fails
+  verification) fails the order with the chain set aside as ``rejected_chain``, so ``retry``
+  orders anew. An exception that is not an
   ``AutoTLSError`` is a bug and is recorded as class ``internal`` (:func:`plan_unexpected`).
 
 Retry-After always wins over our own backoff. Every wait is written into the row, so a
@@ -34,7 +37,13 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from autotls.fsm.errors import AccountUnknownError, AutoTLSError, ErrorClass, InternalError
+from autotls.fsm.errors import (
+    AccountUnknownError,
+    AutoTLSError,
+    CertificateUnusableError,
+    ErrorClass,
+    InternalError,
+)
 from autotls.fsm.journal import sanitize
 from autotls.fsm.machine import (
     OPERATOR_TRIGGERS,
@@ -198,6 +207,14 @@ def plan_error(
             run_at=now,
             effects=Effects(account_update=AccountUpdate(None, "unregistered"), cert_key_pem=None),
         )
+    if isinstance(error, CertificateUnusableError):
+        # Kept for the operator, but no longer what `retry` would install: it never can be.
+        data = merge(
+            snap.data,
+            {"rejected_chain": snap.data.get("chain_pem")},
+            ("certificate_url", "chain_pem"),
+        )
+        return _advance_on_error(snap, error, "fail", data=data, run_at=now, effects=Effects())
     kind = error.error_class
     if kind is ErrorClass.PERMANENT:
         return _advance_on_error(

@@ -63,6 +63,7 @@ ORDER_KEYS: tuple[str, ...] = (
     "csr_sha256",
     "certificate_url",
     "chain_pem",
+    "rejected_chain",
 )
 AUTHZ_EXPIRY_MARGIN = timedelta(minutes=2)
 

@@ -15,7 +15,7 @@ from autotls.fsm import operator
 from autotls.fsm.errors import PermanentError
 from autotls.fsm.journal import is_valid_journal
 from autotls.fsm.machine import State
-from autotls.install import Installer
+from autotls.install import CertificateRejected, Installer
 from tests.fixtures.engine import Engine
 from tests.fixtures.realstack import CountingAcme, RealStack
 from tests.test_service import _unrelated_root
@@ -107,3 +107,22 @@ async def test_retry_without_an_issued_certificate_still_starts_over(engine: Eng
     snap = await operator.retry(engine.store, order.id, now=engine.clock.now(), actor="op")
     assert snap.state == State.NEW.value
     await engine.drive_to(order.id, State.INSTALLED)
+
+
+async def test_a_certificate_that_can_never_install_is_set_aside_and_retry_orders_anew(
+    engine: Engine,
+) -> None:
+    order = await engine.order()
+    await engine.drive_to(order.id, State.FINALIZED)
+    # E.g. it expired while the order waited months for a fix: no setting makes it usable.
+    engine.installer.fail(CertificateRejected("the certificate expired at 2026-01-01"))
+    await engine.drive()
+    snap = await engine.store.get_order(order.id)
+    assert (snap.state, snap.last_error_class) == (State.FAILED.value, "permanent")
+    assert "certificate_url" not in snap.data and "chain_pem" not in snap.data
+    assert snap.data["rejected_chain"].startswith("-----BEGIN CERTIFICATE-----")
+    assert not operator.holds_issued_certificate(snap)
+    snap = await operator.retry(engine.store, order.id, now=engine.clock.now(), actor="op")
+    assert snap.state == State.NEW.value and "rejected_chain" not in snap.data
+    await engine.drive_to(order.id, State.INSTALLED)
+    assert engine.ca.count("new_order") == 2

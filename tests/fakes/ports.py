@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from autotls.acme.problems import for_new_order, problem_from_document
 from autotls.fsm.clock import Clock
-from autotls.fsm.errors import AutoTLSError, PermanentError
+from autotls.fsm.errors import AutoTLSError
 from autotls.fsm.ports import (
     AcmeAccount,
     AcmeOrderView,
@@ -43,6 +43,7 @@ from autotls.fsm.ports import (
     RenewalWindow,
     TxtCheck,
 )
+from autotls.install import CertificateRejected
 
 ACME = "urn:ietf:params:acme:error:"
 
@@ -477,10 +478,10 @@ class FakeInstaller:
         leaf = x509.load_pem_x509_certificates(chain_pem.encode())[0]
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         if san.get_values_for_type(x509.DNSName) != [identifier]:
-            raise PermanentError(f"certificate names {san} instead of {identifier}")
+            raise CertificateRejected(f"certificate names {san} instead of {identifier}")
         key = serialization.load_pem_private_key(key_pem, None)
         if key.public_key() != leaf.public_key():
-            raise PermanentError("certificate does not match the order's key")
+            raise CertificateRejected("certificate does not match the order's key")
         serial = f"{leaf.serial_number:x}"
         if (peer_id, serial) not in self.installed:
             self.installed.append((peer_id, serial))
