@@ -5,6 +5,12 @@
   to notice rows other processes add; :meth:`Worker.wake` cuts the sleep short).
 * Long steps keep their lease alive (renewed every third of the lease); a worker that still
   loses it finds its commit refused by the fence and drops the result.
+* On start (:meth:`Worker.prepare`): leases of a dead predecessor on this host (worker ids
+  are ``host:pid:random``; its pid is gone) are ended at once instead of waited out, other
+  running leases are named with their end, and orders waiting for a configuration fix are
+  tried again (this process may have been started with it).
+* A database that keeps refusing claims ends :meth:`Worker.run` after ``store_retries``
+  attempts with one line naming it (:class:`~autotls.persistence.errors.StoreUnavailableError`).
 * Graceful shutdown: stop claiming, give in-flight steps ``grace`` seconds to finish and
   commit, then cancel the rest and release their leases (nothing they did is committed, as
   if the process had died there; the next claim reconciles).
