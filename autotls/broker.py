@@ -349,7 +349,7 @@ class BrokerClient:
             return BrokerHealth(True, 0.0, f"healthy ({status})")
         wait = health_wait(parse_retry_after(retry_after, _now()))
         detail = f"unhealthy: {status} {_detail(body, 120)}".rstrip()
-        log.warning("broker %s %s; waiting %.0f s before issuing", self.base_url, detail, wait)
+        log.info("broker %s %s; waiting %.0f s before issuing", self.base_url, detail, wait)
         return BrokerHealth(False, wait, detail)
 
     async def register(self, value: str, addresses: Sequence[str]) -> list[str]:
