@@ -378,7 +378,7 @@ class AutoTLS:
         valid = [c for c in certs if c.not_after > now]
         if not valid:
             return None
-        newest = max(valid, key=lambda c: (c.not_after, c.id))
+        newest = max(valid, key=lambda c: c.id)  # the last issued (a renewal may be shorter)
         current = self._certificate
         if current is not None and current.serial == newest.serial:
             return None
