@@ -44,10 +44,12 @@ Facts about py-libp2p 0.8.1 this module relies on (each is exercised in tests/te
   consulted by ``host.get_addrs()``, which identify calls for *every* response: its
   ``listenAddrs`` and its ``signedPeerRecord``, which ``env_to_send_in_RPC`` re-signs (new
   ``seq``) whenever the address set differs from the cached record's. The host builds one
-  record at construction too (before any listener). Identify push exists but nothing sends
-  it on its own. So a factory that reads the certificate's state on each call makes identify
-  and the peer record follow issuance, renewal, expiry and revocation without a restart:
-  ``advertise`` is that hook (``AutoTLS.advertised_addresses`` for the forge addresses).
+  record at construction too (before any listener). So a factory that reads the
+  certificate's state on each call makes identify and the peer record follow issuance,
+  renewal, expiry and revocation without a restart: ``advertise`` is that hook
+  (``AutoTLS.advertised_addresses`` for the forge addresses). Identify push goes out when a
+  listener starts, not when the factory's answer changes: peers already connected see the
+  change at their next identify.
 * **Shared ports.** When a plain TCP and a WebSocket listen address share host and port,
   py-libp2p 0.8.1 routes both through a port demultiplexer that never terminates TLS for
   ``/tls/ws``. We never let it build one (listen addresses go to ``host.run``, not to
