@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.pebble",
     "tests.fixtures.realstack",
+    "tests.fixtures.browser",
 ]
