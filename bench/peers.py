@@ -153,16 +153,15 @@ class PebbleLog:
 # -- installing and finding the tools ------------------------------------------------------------
 
 
-def _apt_install(package: str) -> bool:
+def _apt_install(package: str) -> None:
+    """apt-get install as root, with one apt-get update when the package lists are stale."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return False
+        return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-q", package]
-    for attempt in (install, ["apt-get", "update", "-q"], install):
-        done = subprocess.run(attempt, env=env, capture_output=True, check=False)
-        if done.returncode == 0 and attempt is install:
-            return True
-    return shutil.which(package) is not None
+    if subprocess.run(install, env=env, capture_output=True, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
+        subprocess.run(install, env=env, capture_output=True, check=False)
 
 
 def ensure_debian(command: str, package: str, install: bool) -> str:
@@ -237,6 +236,10 @@ class Measured:
     timed_out: bool
 
 
+# Children being measured (their process group ids): killed if the benchmark stops early.
+_RUNNING: set[int] = set()
+
+
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
@@ -256,6 +259,7 @@ def run_measured(argv: Sequence[str], env: dict[str, str], cwd: Path, log: Path)
             cwd=cwd,
             start_new_session=True,
         )
+        _RUNNING.add(proc.pid)
         expired = threading.Event()
 
         def expire() -> None:
@@ -271,6 +275,7 @@ def run_measured(argv: Sequence[str], env: dict[str, str], cwd: Path, log: Path)
         wall = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         _kill_group(proc.pid)  # anything it left running in its own group
+        _RUNNING.discard(proc.pid)
     return Measured(proc.returncode, wall, usage.ru_utime + usage.ru_stime, expired.is_set())
 
 
@@ -811,11 +816,15 @@ async def run(
         else:
             base = keep
             base.mkdir(parents=True, exist_ok=True)
-        for nonce in nonce_rejects:
-            workdir = base / f"nonce-{nonce}"
-            if workdir.exists():
-                shutil.rmtree(workdir)
-            samples += await run_setting(tools, nonce, runs, wanted, accounts, workdir)
+        try:
+            for nonce in nonce_rejects:
+                workdir = base / f"nonce-{nonce}"
+                if workdir.exists():
+                    shutil.rmtree(workdir)
+                samples += await run_setting(tools, nonce, runs, wanted, accounts, workdir)
+        finally:
+            for pgid in list(_RUNNING):  # interrupted mid-run: its thread is still waiting
+                _kill_group(pgid)
     return samples
 
 
