@@ -7,6 +7,7 @@
         server_ctx = autotls.ssl_context          # always serves the newest certificate
         autotls.on("renewed", lambda cert: ...)   # "loaded" | "renewed" | "failed" | "transition"
         announce(autotls.forge_addresses())       # empty until a valid certificate is held
+        Libp2pNode(key, ..., advertise=autotls.advertised_addresses)  # identify follows it
 
 It owns a store (SQLite in ``data_dir`` unless ``database_url`` says otherwise), the engine's
 adapters, and a worker that serves only this peer's order. On start it restores the newest
@@ -53,7 +54,12 @@ from autotls.fsm.machine import State
 from autotls.fsm.ports import EngineSettings, InstalledCertificate, Ports
 from autotls.fsm.worker import OrderEvent, Worker
 from autotls.install import Installer, LiveTlsContext, load_trust_roots
-from autotls.multiaddrs import DEFAULT_ZONE, forge_addresses, wildcard_name
+from autotls.multiaddrs import (
+    DEFAULT_ZONE,
+    advertised_forge_addresses,
+    forge_addresses,
+    wildcard_name,
+)
 from autotls.peerid import PrivateKey
 from autotls.persistence.errors import (
     ActiveOrderExistsError,
@@ -137,6 +143,7 @@ class AutoTLS:
         self.data_dir = Path(data_dir)
         self.database_url = database_url or f"sqlite:///{self.data_dir / DATABASE_FILE}"
         self._addresses = addresses
+        self.allow_private_addresses = allow_private_addresses
         self.clock = clock or SystemClock()
         self.settings = settings or EngineSettings()
         if zone != self.settings.zone:
@@ -183,6 +190,9 @@ class AutoTLS:
         self._changed = asyncio.Event()  # set on every commit, refresh and worker end
         self._failed: Failure | None = None
         self._worker_error: BaseException | None = None
+        # Serials an operator revoked (``autotls revoke`` records them on the order): a revoked
+        # certificate is still served until its replacement arrives, but no longer advertised.
+        self._revoked: frozenset[str] = frozenset()
         self.order_id: int | None = None
 
     # -- public surface ---------------------------------------------------------------------
@@ -195,8 +205,10 @@ class AutoTLS:
 
     @property
     def certificate(self) -> CertificateInfo | None:
+        """The certificate being served, while it is valid: ``None`` before the first one,
+        once it expired, and once it is known to be revoked."""
         cert = self._certificate
-        if cert is None or cert.not_after <= self.clock.now():
+        if cert is None or cert.not_after <= self.clock.now() or cert.serial in self._revoked:
             return None
         return cert
 
@@ -220,6 +232,25 @@ class AutoTLS:
             return []
         return forge_addresses(
             self.addresses() if addresses is None else addresses, self.peer_id, zone=self.zone
+        )
+
+    def advertised_addresses(self) -> list[str]:
+        """The forge addresses a node advertises next to its own (identify ``listenAddrs``,
+        signed peer records): ``/dns4|dns6/<ip-label>.<peer>.<zone>/tcp/<P>/tls/ws``, the form
+        browsers dial, for every secure WebSocket address that is public (private ones too with
+        ``allow_private_addresses``), while a valid certificate that was not revoked is held;
+        empty otherwise. ``Libp2pNode(advertise=autotls.advertised_addresses)`` wires it up.
+
+        It reads the clock and the current certificate on every call, so expiry, renewal and
+        revocation show at the next identify without a restart; it only reads, so the node may
+        call it from its own thread."""
+        if self.certificate is None:
+            return []
+        return advertised_forge_addresses(
+            self.addresses(),
+            self.peer_id,
+            allow_private=self.allow_private_addresses,
+            zone=self.zone,
         )
 
     def on(self, event: EventName, callback: Callback) -> None:
@@ -329,6 +360,7 @@ class AutoTLS:
                 await self._check_acme_directory()
             snapshot = await self._ensure_order()
             self.order_id = snapshot.id
+            self._note_revocation(snapshot)
             ports = Ports(
                 acme=self.acme,
                 broker=self.broker,
@@ -510,7 +542,16 @@ class AutoTLS:
             key_path,
         )
 
+    def _note_revocation(self, snapshot: OrderSnapshot) -> None:
+        serial = snapshot.data.get("revoked_serial")
+        if isinstance(serial, str) and serial not in self._revoked:
+            self._revoked = self._revoked | {serial}
+            log.info("certificate %s of %s was revoked: no longer advertised", serial, self.domain)
+
     async def _on_event(self, event: OrderEvent) -> None:
+        if event.from_state == State.RENEW_DUE.value:
+            # A renewal begins: an operator's revoke records itself on the order this way.
+            self._note_revocation(await self.order())
         await self._emit("transition", event)
         if event.trigger == "certificate_installed" and self._served is not None:
             previous, self._certificate, self._served = self._certificate, self._served, None

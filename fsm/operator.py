@@ -68,14 +68,23 @@ async def retry(store: Store, order_id: int, *, now: datetime, actor: str) -> Or
     )
 
 
-async def force_renewal(store: Store, order_id: int, *, now: datetime, actor: str) -> OrderSnapshot:
-    """Installed -> RenewDue now (``replaces`` the current certificate when ARI allows)."""
+async def force_renewal(
+    store: Store, order_id: int, *, now: datetime, actor: str, revoked: bool = False
+) -> OrderSnapshot:
+    """Installed -> RenewDue now (``replaces`` the current certificate when ARI allows).
+
+    ``revoked`` says the current certificate was just revoked: its serial is recorded as
+    ``revoked_serial``, and a running AutoTLS stops advertising its forge addresses when its
+    worker takes the renewal (the certificate is still served until the new one arrives)."""
 
     def build(snap: OrderSnapshot) -> CommitPlan:
         plan = _plan(snap, "force_renewal", now, clear=())
         cert = snap.certificate
         replaces = cert.cert_id if cert is not None and cert.not_after > now else None
-        return replace(plan, data={**plan.data, "replaces": replaces, "renewal_reason": "forced"})
+        data = {**plan.data, "replaces": replaces, "renewal_reason": "forced"}
+        if revoked and cert is not None:
+            data.update(renewal_reason="revoked", revoked_serial=cert.serial)
+        return replace(plan, data=data)
 
     return await store.operator_commit(
         order_id, allowed_states={State.INSTALLED.value}, build=build, now=now, actor=actor
