@@ -11,16 +11,19 @@ from autotls.peerid import (
     PeerId,
     PeerIdError,
     PrivateKey,
+    key_file_exposed,
     load_private_key,
+    load_private_key_async,
     save_private_key,
 )
-from autotls.service import AutoTLS, CertificateInfo, Failure, IssuanceFailed
+from autotls.service import AutoTLS, CertificateInfo, DeadlineExceeded, Failure, IssuanceFailed
 
 __all__ = [
     "AutoTLS",
     "AutoTLSError",
     "CertificateInfo",
     "ConfigurationError",
+    "DeadlineExceeded",
     "ErrorClass",
     "Failure",
     "IssuanceFailed",
@@ -28,6 +31,8 @@ __all__ = [
     "PeerId",
     "PeerIdError",
     "PrivateKey",
+    "key_file_exposed",
     "load_private_key",
+    "load_private_key_async",
     "save_private_key",
 ]

@@ -22,6 +22,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import URL
 
+from autotls._files import make_private_dirs
 from autotls.persistence.errors import SchemaOutdatedError, SchemaTooNewError
 from autotls.persistence.urls import redact, sync_url
 
@@ -58,7 +59,7 @@ class SchemaStatus:
 
 
 def _engine(url: URL):  # type: ignore[no-untyped-def]
-    return create_engine(sync_url(url), poolclass=pool.NullPool)
+    return create_engine(sync_url(url), poolclass=pool.NullPool, hide_parameters=True)
 
 
 def current_revision(url: URL) -> str | None:
@@ -96,7 +97,7 @@ def _migration_lock(url: URL) -> Iterator[None]:
             yield  # PostgreSQL: the advisory lock is taken inside the transaction
             return
         lock_path = Path(f"{url.database}.migrate-lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(lock_path.parent)
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -79,13 +79,6 @@ class Scenario:
 
 T, R = "transient", "rate_limited"
 S = State
-ISSUE_8 = pytest.mark.xfail(
-    strict=True,
-    reason="issue 8: a 2xx where the broker's PeerID-auth challenge (401) was expected ends in "
-    "`assert error is not None` (autotls/broker.py): an AssertionError, journaled as an "
-    "internal error, and the fifth one fails the order",
-)
-
 SCENARIOS: list[Any] = [
     # New: the account.
     Scenario(K.HTML_503, "directory", S.NEW, T),
@@ -122,16 +115,9 @@ SCENARIOS: list[Any] = [
     Scenario(K.RESET, "challenge_leg", S.CHALLENGED, T),
     Scenario(K.HANG, "challenge_leg", S.CHALLENGED, T),
     Scenario(K.TRUNCATED, "challenge_leg", S.CHALLENGED, T),
-    pytest.param(
-        Scenario(K.OK_INSTEAD_OF_CHALLENGE, "challenge_leg", S.CHALLENGED, T),
-        marks=ISSUE_8,
-        id="ok_instead_of_challenge-challenge_leg",
-    ),
-    pytest.param(
-        Scenario(K.OK_INSTEAD_OF_CHALLENGE, "challenge_leg", S.CHALLENGED, T, times=5),
-        marks=ISSUE_8,
-        id="ok_instead_of_challenge-challenge_leg-x5",
-    ),
+    # A captive portal or a misrouted load balancer: a broker protocol error (issue 8).
+    Scenario(K.OK_INSTEAD_OF_CHALLENGE, "challenge_leg", S.CHALLENGED, T),
+    Scenario(K.OK_INSTEAD_OF_CHALLENGE, "challenge_leg", S.CHALLENGED, T, times=5),
     Scenario(K.HTML_502, "registration_leg", S.CHALLENGED, T),
     Scenario(K.RETRY_AFTER_503, "registration_leg", S.CHALLENGED, T, waits=120),
     Scenario(K.JSON_500, "registration_leg", S.CHALLENGED, T),
@@ -190,8 +176,6 @@ def _shown(entry: JournalRecord) -> str:
 
 
 def _note(scenario: Scenario, request: pytest.FixtureRequest) -> str:
-    if request.node.get_closest_marker("xfail") is not None:
-        return "xfail: issue 8"
     return f"{scenario.absorbed} resent by aiohttp" if scenario.absorbed else ""
 
 
