@@ -22,10 +22,18 @@ if TYPE_CHECKING:
         PeerId,
         PeerIdError,
         PrivateKey,
+        key_file_exposed,
         load_private_key,
+        load_private_key_async,
         save_private_key,
     )
-    from autotls.service import AutoTLS, CertificateInfo, Failure, IssuanceFailed
+    from autotls.service import (
+        AutoTLS,
+        CertificateInfo,
+        DeadlineExceeded,
+        Failure,
+        IssuanceFailed,
+    )
 
 # Each public name and the module that defines it (tests/test_startup.py checks that this,
 # __all__ and the imports above agree).
@@ -34,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "AutoTLSError": "autotls.fsm.errors",
     "CertificateInfo": "autotls.service",
     "ConfigurationError": "autotls.fsm.errors",
+    "DeadlineExceeded": "autotls.service",
     "ErrorClass": "autotls.fsm.errors",
     "Failure": "autotls.service",
     "IssuanceFailed": "autotls.service",
@@ -41,7 +50,9 @@ _EXPORTS: dict[str, str] = {
     "PeerId": "autotls.peerid",
     "PeerIdError": "autotls.peerid",
     "PrivateKey": "autotls.peerid",
+    "key_file_exposed": "autotls.peerid",
     "load_private_key": "autotls.peerid",
+    "load_private_key_async": "autotls.peerid",
     "save_private_key": "autotls.peerid",
 }
 
@@ -50,6 +61,7 @@ __all__ = [
     "AutoTLSError",
     "CertificateInfo",
     "ConfigurationError",
+    "DeadlineExceeded",
     "ErrorClass",
     "Failure",
     "IssuanceFailed",
@@ -57,7 +69,9 @@ __all__ = [
     "PeerId",
     "PeerIdError",
     "PrivateKey",
+    "key_file_exposed",
     "load_private_key",
+    "load_private_key_async",
     "save_private_key",
 ]
 

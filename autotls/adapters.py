@@ -14,9 +14,11 @@ The DNS port is :class:`autotls.dnscheck.AuthoritativeTxtChecker` and the instal
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from cryptography import x509
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from autotls.acme import (
     AcmeClient,
     Authorization,
+    Directory,
     ExternalAccountBinding,
     Order,
     cert_id,
@@ -35,8 +38,14 @@ from autotls.acme import (
     make_csr,
 )
 from autotls.acme.jws import dns01_value
+from autotls.acme.problems import (
+    AcmeNetworkError,
+    AcmeProblem,
+    AcmeProtocolError,
+    for_new_order,
+)
 from autotls.broker import DEFAULT_BROKER_URL, BrokerClient
-from autotls.fsm.errors import ConfigurationError, PermanentError
+from autotls.fsm.errors import ConfigurationError, ErrorClass, PermanentError
 from autotls.fsm.ports import (
     AcmeAccount,
     AcmeOrderView,
@@ -48,6 +57,8 @@ from autotls.fsm.ports import (
     RenewalWindow,
 )
 from autotls.peerid import PrivateKey
+
+log = logging.getLogger(__name__)
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -174,6 +185,35 @@ class AcmeAdapter:
             await self._session.close()
             self._session = None
 
+    async def check_directory(self) -> Directory | None:
+        """Fetch the ACME directory once, before any order is touched.
+
+        Raises a one-line :class:`ConfigurationError` when the URL is not an ACME directory:
+        an HTML page, invalid JSON, a JSON array, a directory without ``newOrder``, a 404, a
+        redirect. Returns None (with a warning) when the server cannot be reached now or is
+        in trouble (5xx, rate limit): that passes, and the engine retries. A plaintext
+        ``http://`` directory gets a warning (fine for a private test CA only)."""
+        if urlsplit(self.directory_url).scheme == "http":
+            log.warning(
+                "ACME directory %s is plaintext http://: use it only for a private test CA",
+                self.directory_url,
+            )
+        try:
+            return await (await self._directory_client()).directory()
+        except AcmeNetworkError as exc:
+            log.warning("ACME directory %s not reachable now: %s", self.directory_url, exc)
+            return None
+        except AcmeProblem as exc:
+            if exc.error_class in (ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED):
+                log.warning("ACME directory %s is in trouble now: %s", self.directory_url, exc)
+                return None
+            reason = str(exc)
+        except AcmeProtocolError as exc:
+            reason = str(exc)
+        raise ConfigurationError(
+            f"{self.directory_url} is not an ACME directory: {' '.join(reason.split())}"
+        )
+
     # -- AcmePort -------------------------------------------------------------------------
 
     async def supports_ari(self) -> bool:
@@ -192,9 +232,15 @@ class AcmeAdapter:
     async def new_order(
         self, account: AcmeAccount, identifier: str, *, profile: str | None, replaces: str | None
     ) -> AcmeOrderView:
-        order = await self._client(account).new_order(
-            [identifier], profile=profile, replaces=replaces
-        )
+        try:
+            order = await self._client(account).new_order(
+                [identifier], profile=profile, replaces=replaces
+            )
+        except AcmeProblem as problem:
+            error = for_new_order(problem, replaces=replaces)
+            if error is problem:
+                raise
+            raise error from problem
         return _order_view(order)
 
     async def get_order(self, account: AcmeAccount, url: str) -> AcmeOrderView:

@@ -4,7 +4,10 @@ Two calls: :meth:`BrokerClient.health` before issuing (``GET /v1/health``, 204 w
 and :meth:`BrokerClient.register` (``POST /v1/_acme-challenge`` with the DNS-01 value and the
 node's dialable addresses, behind libp2p-PeerID auth). Every failure becomes a typed
 :class:`BrokerError` the engine can act on: a failed dial-back or a 5xx is transient, a
-rejected body or a 403 is permanent, an outage is a long wait.
+rejected body or a 403 is permanent, an outage is a long wait, and an answer no broker sends
+(a 2xx or a redirect where the PeerID-auth challenge was due: a captive portal, a misrouted
+load balancer) is a transient :class:`BrokerProtocolError`. The engine logs each failure once;
+this module logs them at INFO only, so a failure is one WARNING line.
 
 The bearer token the broker returns is never logged nor reused: the broker's backends do not
 share state, so every registration runs a fresh handshake (protocol.md §3).
@@ -47,6 +50,7 @@ __all__ = [
     "BrokerForbidden",
     "BrokerHealth",
     "BrokerNetworkError",
+    "BrokerProtocolError",
     "BrokerRejected",
     "BrokerUnauthorized",
     "BrokerUnavailable",
@@ -137,6 +141,15 @@ class BrokerNetworkError(BrokerError):
     error_class = ErrorClass.TRANSIENT
 
 
+class BrokerProtocolError(BrokerError):
+    """The answer is not one a broker gives: a 2xx where the PeerID-auth challenge (401) was
+    due, or a redirect. Transient: what answers is a captive portal, a proxy or a misrouted
+    load balancer in front of the broker, which is a network condition, not a verdict on our
+    request."""
+
+    error_class = ErrorClass.TRANSIENT
+
+
 class NoDialableAddresses(BrokerError):
     """The node has no publicly dialable address to offer. Transient, with a long retry."""
 
@@ -191,6 +204,8 @@ def classify_response(status: int, body: bytes, headers: Any) -> BrokerError | N
         return None
     detail = _detail(body)
     retry_after = parse_retry_after(headers.get("Retry-After"), _now()) if headers else None
+    if 300 <= status < 400:
+        return _redirect(status, headers)
     if status == 400:
         if DIAL_ERROR_MARKER in detail.lower():
             return BrokerDialError(
@@ -224,6 +239,36 @@ def classify_response(status: int, body: bytes, headers: Any) -> BrokerError | N
         )
     return BrokerRejected(
         f"unexpected broker answer {status}: {detail}", status=status, detail=detail
+    )
+
+
+def _redirect(status: int, headers: Any) -> BrokerProtocolError:
+    # Redirects are never followed (the PeerID-auth signature binds the Host we asked), and
+    # are transient, as in the ACME client (autotls.acme.problems.error_for_response): a
+    # broker that answered before and redirects now has something in front of it (a captive
+    # portal, a proxy's login page), which passes. A broker URL that always redirects is a
+    # configuration mistake the operator sees in every retry's one line.
+    location = headers.get("Location", "") if headers else ""
+    return BrokerProtocolError(
+        f"broker answered a redirect ({status}" + (f" to {location}" if location else "") + ")"
+        "; redirects are not followed: is a captive portal or a proxy in the way?",
+        status=status,
+    )
+
+
+def _not_a_challenge(status: int, body: bytes, headers: Any) -> BrokerError:
+    """The error for the first leg of a registration answered with something other than the
+    PeerID-auth challenge."""
+    error = classify_response(status, body, headers)
+    if error is not None:
+        return error
+    kind = headers.get("Content-Type", "") if headers else ""
+    return BrokerProtocolError(
+        f"broker answered {status} ({kind or 'no content type'}) where the PeerID-auth "
+        f"challenge (401) was due: is a captive portal or a misrouted load balancer in "
+        f"the way? {_detail(body, 120)}".rstrip(),
+        status=status,
+        detail=_detail(body),
     )
 
 
@@ -298,13 +343,13 @@ class BrokerClient:
             ) as resp:
                 body = await resp.content.read(MAX_BODY)
                 status, retry_after = resp.status, resp.headers.get("Retry-After")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise BrokerNetworkError(f"broker health check failed: {_describe(exc)}") from None
         if 200 <= status < 300:
             return BrokerHealth(True, 0.0, f"healthy ({status})")
         wait = health_wait(parse_retry_after(retry_after, _now()))
         detail = f"unhealthy: {status} {_detail(body, 120)}".rstrip()
-        log.warning("broker %s %s; waiting %.0f s before issuing", self.base_url, detail, wait)
+        log.info("broker %s %s; waiting %.0f s before issuing", self.base_url, detail, wait)
         return BrokerHealth(False, wait, detail)
 
     async def register(self, value: str, addresses: Sequence[str]) -> list[str]:
@@ -335,19 +380,18 @@ class BrokerClient:
                 headers=self._headers(),
             )
         except (HandshakeRefused, PeerIdAuthUnauthorized) as exc:
-            error = classify_response(exc.status, exc.body, exc.headers)
-            assert error is not None
-            log.warning("broker refused %s: %s", peer, error)
-            raise error from None
+            refusal = _not_a_challenge(exc.status, exc.body, exc.headers)
+            log.info("broker refused %s: %s", peer, refusal)
+            raise refusal from None
         except ServerAuthenticationError as exc:
             raise BrokerUnauthorized(f"broker failed to authenticate: {exc.message}") from None
         except PeerIdAuthError as exc:
             raise BrokerUnauthorized(f"PeerID auth with the broker failed: {exc.message}") from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise BrokerNetworkError(f"broker registration failed: {_describe(exc)}") from None
         error = classify_response(resp.status, resp.body, resp.headers)
         if error is not None:
-            log.warning("broker (%s) refused %s: %s", resp.server_peer_id, peer, error)
+            log.info("broker (%s) refused %s: %s", resp.server_peer_id, peer, error)
             raise error
         log.info("broker %s accepted the challenge for %s", resp.server_peer_id, peer)
         return selected

@@ -177,7 +177,9 @@ async def run_demo(
             **stack.client_options(),
         )
         auto.on("transition", on_transition)
-        node = Libp2pNode(key, listen=LISTEN, tls_context=auto.ssl_context)
+        node = Libp2pNode(
+            key, listen=LISTEN, tls_context=auto.ssl_context, advertise=auto.advertised_addresses
+        )
         async with node:
             say(f"libp2p node {result.peer_id} on {', '.join(node.listen_addresses)}")
             async with auto:

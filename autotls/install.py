@@ -11,17 +11,27 @@ Nothing the CA sends is served unverified. :func:`verify_chain` checks that
 * the dates are sane (already valid, allowing clock skew; not expired).
 
 :class:`Installer` (the engine's installer port) then writes ``fullchain.pem`` (0644) and
-``privkey.pem`` (0600), atomically, under ``<data_dir>/certs/<peer>/``, and reloads every
-registered :class:`LiveTlsContext`. A reload is ``load_cert_chain`` on the *same*
-``ssl.SSLContext`` object: handshakes that start afterwards serve the new certificate, so a
-renewal reaches running listeners without a restart.
+``privkey.pem`` (0600), atomically, under ``<data_dir>/certs/<peer>/`` (a 0700 directory; one
+that others may write is refused), and reloads every registered :class:`LiveTlsContext`. A
+reload is ``load_cert_chain`` on the *same* ``ssl.SSLContext`` object: handshakes that start
+afterwards serve the new certificate, so a renewal reaches running listeners without a
+restart. The certificate and its key are always loaded as one pair, from memory, never as two
+files another process could replace one at a time.
+
+What goes wrong is classified for the engine (:mod:`autotls.fsm.errors`): a certificate that
+fails verification is :class:`CertificateRejected` (permanent); a chain that does not build to
+the configured roots is :class:`ChainUntrusted` (configuration: the order keeps the
+certificate and waits for ``--trust-roots``); a write the filesystem refuses is a
+``LocalIOError`` naming the path (local: retried).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import ssl
+import tempfile
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -36,9 +46,14 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
-from autotls._files import write_atomic, write_secret
+from autotls._files import directory_problem, make_private_dirs, write_atomic, write_secret
 from autotls.fsm.clock import Clock, SystemClock
-from autotls.fsm.errors import ConfigurationError, PermanentError
+from autotls.fsm.errors import (
+    CertificateUnusableError,
+    ConfigurationError,
+    LocalIOError,
+    MisconfiguredError,
+)
 from autotls.fsm.ports import InstalledCertificate
 
 log = logging.getLogger(__name__)
@@ -48,9 +63,25 @@ FULLCHAIN = "fullchain.pem"
 PRIVKEY = "privkey.pem"
 
 
-class CertificateRejected(PermanentError):
+class CertificateRejected(CertificateUnusableError):
     """The CA's certificate fails verification; it is not installed. Permanent on purpose:
     re-ordering on our own would burn Let's Encrypt's 5-per-week duplicate limit."""
+
+
+TRUST_ROOTS_HINT = (
+    "if the CA is a private or test CA, give its root certificates with --trust-roots FILE "
+    "(AutoTLS(trust_roots=...)), then `autotls retry` or restart: the certificate is kept"
+)
+
+
+class ChainUntrusted(MisconfiguredError):
+    """The chain is consistent but does not build to a configured trust root. The certificate
+    is kept and the order waits: the usual cause is a private CA whose root was not given."""
+
+
+class UnsafeCertificateDirectory(MisconfiguredError):
+    """The certificate directory is writable by others (or another user's): nothing is
+    written there until its mode is fixed."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +205,9 @@ def _verify_path(
     try:
         verifier.verify(certs[0], list(certs[1:]))
     except verification.VerificationError as exc:
-        raise CertificateRejected(f"the chain does not build to a trusted root: {exc}") from None
+        raise ChainUntrusted(
+            f"the chain does not build to a trusted root ({exc}); {TRUST_ROOTS_HINT}"
+        ) from None
 
 
 def _name(cert: x509.Certificate) -> str:
@@ -210,6 +243,40 @@ def server_context() -> ssl.SSLContext:
     return context
 
 
+def load_pair(context: ssl.SSLContext, chain_pem: str, key_pem: bytes) -> None:
+    """Load a certificate chain and its key into ``context`` as one unit.
+
+    ``ssl`` loads only from files. Two files loaded by path let another process replace one
+    between the two reads (OpenSSL then refuses the pair: KEY_VALUES_MISMATCH); here both go
+    into one file only this process can see: an anonymous in-memory file where Linux offers
+    one (``memfd_create``: the key never touches a disk), else a private temp file removed at
+    once."""
+    data = key_pem + b"\n" + chain_pem.encode("ascii")
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("autotls-pair", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            _write_all(fd, data)
+            path = f"/proc/self/fd/{fd}"
+            if os.path.exists(path):
+                context.load_cert_chain(path)
+                return
+        finally:
+            os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=".autotls-pair.", suffix=".pem")
+    try:
+        _write_all(fd, data)
+        context.load_cert_chain(tmp)
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class LiveTlsContext:
     """An ``ssl.SSLContext`` that always serves the newest certificate of one peer."""
 
@@ -218,17 +285,21 @@ class LiveTlsContext:
         self.serving: str | None = None  # fingerprint of what new handshakes get
         self.loaded = False
 
-    def load(self, certfile: Path, keyfile: Path, fingerprint: str | None = None) -> None:
-        self.context.load_cert_chain(str(certfile), str(keyfile))
+    def load_pem(self, chain_pem: str, key_pem: bytes, fingerprint: str | None = None) -> None:
+        """Serve this chain and key from now on (loaded as one pair: :func:`load_pair`)."""
+        load_pair(self.context, chain_pem, key_pem)
         self.serving = fingerprint
         self.loaded = True
 
-    def load_placeholder(self, directory: Path, identifier: str) -> None:
-        """Serve a self-signed certificate until the real one is installed."""
+    def load(self, certfile: Path, keyfile: Path, fingerprint: str | None = None) -> None:
+        """Serve the chain and key in these files (read, then loaded as one pair)."""
+        self.load_pem(certfile.read_text("ascii"), keyfile.read_bytes(), fingerprint)
+
+    def load_placeholder(self, identifier: str) -> None:
+        """Serve a self-signed certificate until the real one is installed (from memory:
+        nothing is written, so no other process's placeholder can be mixed with ours)."""
         cert_pem, key_pem = placeholder_certificate(identifier)
-        write_atomic(directory / "placeholder.pem", cert_pem.encode())
-        write_secret(directory / "placeholder.key", key_pem)
-        self.load(directory / "placeholder.pem", directory / "placeholder.key", None)
+        self.load_pem(cert_pem, key_pem, None)
 
 
 InstallListener = Callable[[str, InstalledCertificate], Awaitable[None] | None]
@@ -257,14 +328,24 @@ class Installer:
         directory = self.certificate_dir(peer_id)
         return directory / FULLCHAIN, directory / PRIVKEY
 
-    def serve(self, peer_id: str, context: LiveTlsContext) -> None:
-        """Keep ``context`` loaded with the peer's newest certificate (now, if one exists)."""
+    def unsafe_directory(self, peer_id: str) -> str | None:
+        """Why the peer's certificate directory (or one above it that we own) is unsafe to
+        write keys into, or None."""
+        for directory in (self.data_dir, self.data_dir / "certs", self.certificate_dir(peer_id)):
+            problem = directory_problem(directory)
+            if problem is not None:
+                return problem
+        return None
+
+    def serve(self, peer_id: str, context: LiveTlsContext, *, load_existing: bool = True) -> None:
+        """Keep ``context`` loaded with the peer's newest certificate (now, from its files,
+        if they exist and ``load_existing``)."""
         self._contexts.setdefault(peer_id, []).append(context)
         chain, key = self.paths(peer_id)
-        if chain.exists() and key.exists():
+        if load_existing and chain.exists() and key.exists():
             try:
                 context.load(chain, key)
-            except (ssl.SSLError, OSError) as exc:
+            except (ssl.SSLError, OSError, ValueError) as exc:
                 log.warning("stored certificate for %s not loadable yet: %s", peer_id, exc)
 
     def subscribe(self, listener: InstallListener) -> None:
@@ -282,11 +363,24 @@ class Installer:
             trust_roots=self.trust_roots,
         )
         chain_path, key_path = self.paths(peer_id)
+        try:
+            unsafe = self.unsafe_directory(peer_id)
+        except OSError as exc:
+            raise LocalIOError.from_os_error(exc, "inspect", exc.filename) from None
+        if unsafe is not None:
+            raise UnsafeCertificateDirectory(f"not writing the certificate: {unsafe}")
         # Key first: a reader that sees the new chain must also find its key.
-        write_secret(key_path, key_pem)
-        write_atomic(chain_path, verified.chain_pem.encode())
+        for path, write, data in (
+            (key_path, write_secret, key_pem),
+            (chain_path, write_atomic, verified.chain_pem.encode()),
+        ):
+            try:
+                make_private_dirs(path.parent)
+                write(path, data)
+            except OSError as exc:
+                raise LocalIOError.from_os_error(exc, "write", path) from None
         for context in self._contexts.get(peer_id, []):
-            context.load(chain_path, key_path, verified.fingerprint_sha256)
+            context.load_pem(verified.chain_pem, key_pem, verified.fingerprint_sha256)
         installed = InstalledCertificate(
             chain_pem=verified.chain_pem,
             serial=verified.serial,

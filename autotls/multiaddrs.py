@@ -19,7 +19,8 @@ This module owns every decision about address *strings*:
   non-public IP (``10-0-0-1.<peer>.libp2p.direct`` resolves to 10.0.0.1).
 * :func:`ip_label` / :func:`ip_from_label` are the forge zone's IP<->label mapping
   (protocol.md §4) and :func:`forge_addresses` builds the long and short forge addresses to
-  announce once the wildcard certificate is held (protocol.md §5).
+  announce once the wildcard certificate is held (protocol.md §5);
+  :func:`advertised_forge_addresses` picks what a node advertises to browsers.
 
 Everything here is pure: no sockets, no DNS, no dependency on the ``multiaddr`` package.
 Malformed input raises :class:`MultiaddrError`, whose message names the address and the
@@ -42,6 +43,7 @@ __all__ = [
     "ForgeForm",
     "Multiaddr",
     "MultiaddrError",
+    "advertised_forge_addresses",
     "forge_addresses",
     "forge_domain",
     "ip_from_label",
@@ -558,3 +560,23 @@ def forge_addresses(
                 seen.add(forged)
                 result.append(forged)
     return result
+
+
+def advertised_forge_addresses(
+    addresses: Iterable[str],
+    peer_b36: str,
+    *,
+    allow_private: bool = False,
+    zone: str = DEFAULT_ZONE,
+) -> list[str]:
+    """What a node advertises (identify, peer records) once it holds the certificate: the
+    short form ``/dns4|dns6/<label>.<peer>.<zone>/tcp/<P>/tls/ws`` of every secure WebSocket
+    address in ``addresses`` that :func:`select_dialable` keeps -- public ones, and private
+    ones too with ``allow_private``.
+
+    Only the short form: browsers (js-libp2p) refuse to dial ``/ip4`` addresses that are
+    private, and build ``wss://<name>:<P>`` from a ``/dns4`` one, so that is what they can use;
+    the long ``/ip4/…/tls/sni/…/ws`` form adds nothing a browser would dial.
+    """
+    dialable = select_dialable(addresses, allow_private=allow_private)
+    return forge_addresses(dialable, peer_b36, forms=("short",), zone=zone)

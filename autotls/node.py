@@ -40,6 +40,16 @@ Facts about py-libp2p 0.8.1 this module relies on (each is exercised in tests/te
   expansion), never a forge name. :attr:`Libp2pNode.announce_addresses` reports exactly that;
   the forge addresses must be built with :func:`autotls.multiaddrs.forge_addresses` from
   :attr:`Libp2pNode.listen_addresses` bound to concrete IPs (or the public ones you know).
+* **Advertised addresses.** ``BasicHost(addrs_factory=...)`` (go-libp2p's AddrsFactory) is
+  consulted by ``host.get_addrs()``, which identify calls for *every* response: its
+  ``listenAddrs`` and its ``signedPeerRecord``, which ``env_to_send_in_RPC`` re-signs (new
+  ``seq``) whenever the address set differs from the cached record's. The host builds one
+  record at construction too (before any listener). So a factory that reads the
+  certificate's state on each call makes identify and the peer record follow issuance,
+  renewal, expiry and revocation without a restart: ``advertise`` is that hook
+  (``AutoTLS.advertised_addresses`` for the forge addresses). Identify push goes out when a
+  listener starts, not when the factory's answer changes: peers already connected see the
+  change at their next identify.
 * **Shared ports.** When a plain TCP and a WebSocket listen address share host and port,
   py-libp2p 0.8.1 routes both through a port demultiplexer that never terminates TLS for
   ``/tls/ws``. We never let it build one (listen addresses go to ``host.run``, not to
@@ -451,6 +461,13 @@ class Libp2pNode:
     TCP + Noise + Yamux + identify, plus a secure WebSocket listener serving ``tls_context``
     for each ``/tls/ws`` (or ``/tls/sni/*.libp2p.direct/ws``, ``/wss``) listen address. Use
     ``async with`` or :meth:`start`/:meth:`stop`; a stopped node can be started again.
+
+    ``advertise`` returns addresses to advertise next to the host's own, in identify's
+    ``listenAddrs`` and in its signed peer record; pass ``AutoTLS.advertised_addresses`` and
+    the forge addresses appear while a valid certificate is held. It is called from the
+    node's own thread on every identify request, so it must be quick and only read shared
+    state; an exception or a malformed address it returns is logged and left out, never
+    breaking identify.
     """
 
     def __init__(
@@ -459,11 +476,14 @@ class Libp2pNode:
         *,
         listen: Sequence[str] = ("/ip4/0.0.0.0/tcp/4001",),
         tls_context: ssl.SSLContext | None = None,
+        advertise: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         _check_key_type(key)
         self._key = key
         self._plans = _plan_listeners(listen, tls_context)
         self._tls_context = tls_context
+        self._advertise = advertise
+        self._advertise_trouble: str | None = None  # the last complaint logged, not repeated
         self.peer_id: PeerId = key.peer_id
         self.listen_addresses: list[str] = []
         self.announce_addresses: list[str] = []
@@ -472,6 +492,57 @@ class Libp2pNode:
     @property
     def running(self) -> bool:
         return self._runner is not None and self._runner.is_running()
+
+    @property
+    def advertised_addresses(self) -> list[str]:
+        """What identify tells peers now: :attr:`announce_addresses`, then what ``advertise``
+        adds (empty while stopped)."""
+        if not self.announce_addresses:
+            return []
+        return list(dict.fromkeys([*self.announce_addresses, *self._extra_addresses()]))
+
+    def _extra_addresses(self) -> list[str]:
+        """``advertise()``'s addresses, canonical, malformed ones logged and dropped."""
+        if self._advertise is None:
+            return []
+        try:
+            wanted = list(self._advertise())
+        except Exception as exc:
+            self._complain(f"advertise() failed: {type(exc).__name__}: {exc}")
+            return []
+        extra: list[str] = []
+        for text in wanted:
+            try:
+                extra.append(str(Multiaddr.parse(text)))
+            except MultiaddrError as exc:
+                self._complain(f"advertise() returned {exc}")
+        return extra
+
+    def _complain(self, trouble: str) -> None:
+        # Identify asks on every connection: say each distinct problem once, not per peer.
+        if trouble != self._advertise_trouble:
+            self._advertise_trouble = trouble
+            log.warning(
+                "libp2p node %s: %s; advertising the host's own addresses", self.peer_id, trouble
+            )
+
+    def _addrs_factory(self, candidates: list[Any]) -> list[Any]:
+        """py-libp2p's AddrsFactory (runs in the node's thread): the host's own addresses,
+        then ours."""
+        from multiaddr import Multiaddr as PyMultiaddr
+
+        result = list(candidates)
+        seen = {str(a) for a in candidates}
+        for text in self._extra_addresses():
+            if text in seen:
+                continue
+            try:
+                result.append(PyMultiaddr(text))
+            except Exception as exc:  # the multiaddr package knows fewer protocols than we do
+                self._complain(f"py-libp2p cannot carry {text}: {exc}")
+                continue
+            seen.add(text)
+        return result
 
     async def start(self) -> None:
         """Start the host and bind every listen address; raises :class:`NodeError` (naming
@@ -542,6 +613,7 @@ class Libp2pNode:
             enable_tcp=True,
             enable_websocket=websocket,
             tls_server_config=self._tls_context,
+            addrs_factory=self._addrs_factory if self._advertise is not None else None,
         )
         targets = [(plan, _py_multiaddr(plan.requested)) for plan in self._plans]
         failure: NodeError | None = None
@@ -564,8 +636,7 @@ class Libp2pNode:
                 )
             else:
                 announce = _in_listen_order(
-                    [str(Multiaddr.parse(str(a)).without_peer()[0]) for a in host.get_addrs()],
-                    bound,
+                    [str(Multiaddr.parse(str(a))) for a in host.get_transport_addrs()], bound
                 )
                 portal.ready(_Bound(listen=bound, announce=announce))
                 await portal.stop.wait()

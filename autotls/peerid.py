@@ -14,11 +14,13 @@ as the Bitcoin encoding expects).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import enum
 import hashlib
 import hmac
+import logging
 import os
 from pathlib import Path
 from typing import Literal, TypeAlias
@@ -31,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from autotls._files import write_secret
+from autotls._files import KeyFileError, exposed_to_others, read_key_file, write_secret
 from autotls.fsm.errors import ConfigurationError
 
 __all__ = [
@@ -44,11 +46,15 @@ __all__ = [
     "b36encode",
     "b58decode",
     "b58encode",
+    "key_file_exposed",
     "load_private_key",
+    "load_private_key_async",
     "save_private_key",
     "uvarint_decode",
     "uvarint_encode",
 ]
+
+log = logging.getLogger(__name__)
 
 RSA_MIN_BITS = 2048
 RSA_MAX_BITS = 8192
@@ -568,25 +574,52 @@ class PrivateKey:
 def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
     """Read an identity key file: the libp2p ``PrivateKey`` protobuf or a PEM private key.
 
-    Errors name the file and the problem.
+    Only a regular file of at most 16 KiB is read (:data:`autotls._files.MAX_KEY_FILE`): a
+    FIFO, a device such as ``/dev/zero`` or ``/dev/urandom``, or anything larger is refused at
+    once. A key file that group or others may read is loaded with a warning (the CLI refuses
+    it; see :func:`key_file_exposed`). Errors name the file and the problem. Blocking: in
+    async code use :func:`load_private_key_async`.
     """
     target = Path(path)
     try:
-        data = target.read_bytes()
+        data = read_key_file(target)
     except FileNotFoundError:
         raise PeerIdError(f"{target}: identity key file does not exist") from None
     except IsADirectoryError:
         raise PeerIdError(f"{target}: identity key path is a directory") from None
+    except KeyFileError as exc:
+        raise PeerIdError(f"identity key {exc}") from None
     except OSError as exc:
         raise PeerIdError(f"{target}: cannot read identity key file: {exc.strerror}") from None
     if not data.strip():
         raise PeerIdError(f"{target}: identity key file is empty")
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
-            return PrivateKey.from_pem(data)
-        return PrivateKey.from_proto(data)
+            key = PrivateKey.from_pem(data)
+        else:
+            key = PrivateKey.from_proto(data)
     except PeerIdError as exc:
         raise PeerIdError(f"{target}: {exc.message}") from None
+    if key_file_exposed(target):
+        log.warning(
+            "identity key %s is readable by group or others: run `chmod 600 %s`", target, target
+        )
+    return key
+
+
+async def load_private_key_async(path: str | os.PathLike[str]) -> PrivateKey:
+    """:func:`load_private_key` in a worker thread: the event loop (and its signal handlers)
+    keep running while the file is read and parsed."""
+    return await asyncio.to_thread(load_private_key, path)
+
+
+def key_file_exposed(path: str | os.PathLike[str]) -> bool:
+    """True when group or others may read the key file at ``path`` (it should be 0600, as
+    :func:`save_private_key` writes it)."""
+    try:
+        return exposed_to_others(path)
+    except OSError:
+        return False
 
 
 def save_private_key(

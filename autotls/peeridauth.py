@@ -676,6 +676,14 @@ class PeerIdAuthServer:
 
     def decide(self, authorization: str | None, hostname: str) -> AuthDecision:
         """Decide on one request from its ``Authorization`` header and ``Host``."""
+        # aiohttp hands header bytes over as UTF-8 with surrogate escapes: bytes that are not
+        # ASCII would break the strict encoding of the bytes to sign (a 500). Both headers
+        # are ASCII by their grammars (a host name; base64url values and tokens), and Go's
+        # server answers a malformed Host with 400 too.
+        if not hostname.isascii():
+            return self._bad("Host header is not ASCII")
+        if authorization is not None and not authorization.isascii():
+            return self._bad("Authorization header is not ASCII")
         if self.hostnames is not None and hostname.lower() not in self.hostnames:
             return self._bad(f"hostname {hostname!r} is not served here")
         if not authorization:

@@ -7,12 +7,23 @@
         server_ctx = autotls.ssl_context          # always serves the newest certificate
         autotls.on("renewed", lambda cert: ...)   # "loaded" | "renewed" | "failed" | "transition"
         announce(autotls.forge_addresses())       # empty until a valid certificate is held
+        Libp2pNode(key, ..., advertise=autotls.advertised_addresses)  # identify follows it
 
 It owns a store (SQLite in ``data_dir`` unless ``database_url`` says otherwise), the engine's
 adapters, and a worker that serves only this peer's order. On start it restores the newest
 certificate from the store (rewriting its files if they went missing) before anything else,
 so a restarted node serves TLS at once; a missing order is created; an order left mid-flight
 by a crash resumes exactly where it stopped.
+
+Several processes may serve one identity (one data directory, or one PostgreSQL database):
+only one holds the order's lease at a time, and the others notice what it installed through
+the store (:meth:`AutoTLS.refresh`, every ``store_poll``) and serve it too. Certificate and key
+are always loaded as one pair, from memory.
+
+Start refuses, before any order is touched: a data directory others may write, and a
+``directory_url`` that is not an ACME directory (:meth:`AcmeAdapter.check_directory`).
+:meth:`AutoTLS.wait_for_certificate` takes a ``deadline`` and raises :class:`DeadlineExceeded`
+when the next attempt would come after it (the order stays persisted for the next run).
 """
 
 from __future__ import annotations
@@ -24,27 +35,37 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 
-from autotls._files import write_atomic, write_secret
+from autotls._files import directory_problem, make_private_dirs, write_atomic, write_secret
 from autotls.acme import ExternalAccountBinding
 from autotls.adapters import LETS_ENCRYPT, AcmeAdapter, BrokerAdapter
 from autotls.broker import DEFAULT_BROKER_URL
 from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
 from autotls.fsm import operator
 from autotls.fsm.clock import Clock, SystemClock
+from autotls.fsm.errors import ConfigurationError, LocalIOError
 from autotls.fsm.machine import State
 from autotls.fsm.ports import EngineSettings, InstalledCertificate, Ports
 from autotls.fsm.worker import OrderEvent, Worker
 from autotls.install import Installer, LiveTlsContext, load_trust_roots
-from autotls.multiaddrs import DEFAULT_ZONE, forge_addresses, wildcard_name
+from autotls.multiaddrs import (
+    DEFAULT_ZONE,
+    advertised_forge_addresses,
+    forge_addresses,
+    wildcard_name,
+)
 from autotls.peerid import PrivateKey
-from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError
+from autotls.persistence.errors import (
+    ActiveOrderExistsError,
+    OrderBusyError,
+    describe_database_error,
+)
 from autotls.persistence.records import CertificateRecord, OrderSnapshot
 from autotls.persistence.store import Store
 from autotls.persistence.urls import DATABASE_FILE
@@ -53,6 +74,8 @@ log = logging.getLogger(__name__)
 
 EventName = Literal["loaded", "renewed", "failed", "transition"]
 RENEW_RETRY_S = 0.05
+# How long start() waits for the ACME directory before going on without the check.
+DIRECTORY_CHECK_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +133,8 @@ class AutoTLS:
         settings: EngineSettings | None = None,
         clock: Clock | None = None,
         run_worker: bool = True,
+        check_directory: bool = True,
+        store_poll: timedelta = timedelta(seconds=30),
     ) -> None:
         self.identity = identity
         self.peer_id = identity.peer_id.to_base36()
@@ -118,6 +143,7 @@ class AutoTLS:
         self.data_dir = Path(data_dir)
         self.database_url = database_url or f"sqlite:///{self.data_dir / DATABASE_FILE}"
         self._addresses = addresses
+        self.allow_private_addresses = allow_private_addresses
         self.clock = clock or SystemClock()
         self.settings = settings or EngineSettings()
         if zone != self.settings.zone:
@@ -151,15 +177,22 @@ class AutoTLS:
         self.tls = LiveTlsContext()
         self._profile = profile
         self._run_worker = run_worker
+        self._check_directory = check_directory
+        self.store_poll = store_poll
         self._callbacks: dict[str, list[Callback]] = {}
         self._store: Store | None = None
         self._worker: Worker | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._certificate: CertificateInfo | None = None
         self._served: CertificateInfo | None = None  # installed, not yet committed
-        self._installed = asyncio.Event()
+        self._changed = asyncio.Event()  # set on every commit, refresh and worker end
         self._failed: Failure | None = None
+        self._worker_error: BaseException | None = None
+        # Serials an operator revoked (``autotls revoke`` records them on the order): a revoked
+        # certificate is still served until its replacement arrives, but no longer advertised.
+        self._revoked: frozenset[str] = frozenset()
         self.order_id: int | None = None
 
     # -- public surface ---------------------------------------------------------------------
@@ -172,8 +205,10 @@ class AutoTLS:
 
     @property
     def certificate(self) -> CertificateInfo | None:
+        """The certificate being served, while it is valid: ``None`` before the first one,
+        once it expired, and once it is known to be revoked."""
         cert = self._certificate
-        if cert is None or cert.not_after <= self.clock.now():
+        if cert is None or cert.not_after <= self.clock.now() or cert.serial in self._revoked:
             return None
         return cert
 
@@ -199,6 +234,25 @@ class AutoTLS:
             self.addresses() if addresses is None else addresses, self.peer_id, zone=self.zone
         )
 
+    def advertised_addresses(self) -> list[str]:
+        """The forge addresses a node advertises next to its own (identify ``listenAddrs``,
+        signed peer records): ``/dns4|dns6/<ip-label>.<peer>.<zone>/tcp/<P>/tls/ws``, the form
+        browsers dial, for every secure WebSocket address that is public (private ones too with
+        ``allow_private_addresses``), while a valid certificate that was not revoked is held;
+        empty otherwise. ``Libp2pNode(advertise=autotls.advertised_addresses)`` wires it up.
+
+        It reads the clock and the current certificate on every call, so expiry, renewal and
+        revocation show at the next identify without a restart; it only reads, so the node may
+        call it from its own thread."""
+        if self.certificate is None:
+            return []
+        return advertised_forge_addresses(
+            self.addresses(),
+            self.peer_id,
+            allow_private=self.allow_private_addresses,
+            zone=self.zone,
+        )
+
     def on(self, event: EventName, callback: Callback) -> None:
         """``loaded``/``renewed`` get a :class:`CertificateInfo`, ``failed`` a :class:`Failure`,
         ``transition`` an :class:`autotls.fsm.worker.OrderEvent`. ``loaded``/``renewed`` fire
@@ -212,17 +266,59 @@ class AutoTLS:
             raise RuntimeError("AutoTLS is not started")
         return await self.store.get_order(self.order_id)
 
-    async def wait_for_certificate(self) -> CertificateInfo:
-        """Until a valid certificate is installed (bound it with ``asyncio.timeout``); raises
-        :class:`IssuanceFailed` if the order fails permanently first."""
-        while True:
-            if self._failed is not None:
-                raise IssuanceFailed(self._failed)
-            cert = self.certificate
-            if cert is not None:
-                return cert
-            self._installed.clear()
-            await self._installed.wait()
+    @property
+    def worker_error(self) -> BaseException | None:
+        """Why the worker stopped by itself (the database stayed unusable), if it did."""
+        return self._worker_error
+
+    async def wait_for_certificate(self, *, deadline: datetime | None = None) -> CertificateInfo:
+        """Until a valid certificate is served (installed by this process or, through the
+        store, by another one). Raises :class:`IssuanceFailed` if the order fails
+        permanently, the worker's error if it stopped (e.g.
+        :class:`~autotls.persistence.errors.StoreUnavailableError`), and
+        :class:`DeadlineExceeded` once ``deadline`` (on this object's clock) has passed or
+        the order's next attempt is scheduled after it; the order stays persisted, so the
+        next start resumes it."""
+        sleeper: asyncio.Task[None] | None = None
+        if deadline is not None:
+            sleeper = asyncio.ensure_future(self.clock.sleep_until(deadline))
+        try:
+            while True:
+                self._changed.clear()
+                cert = self.certificate
+                if cert is not None:
+                    return cert
+                if self._worker_error is not None:
+                    raise self._worker_error
+                snap = await self.order()
+                if snap.state == State.FAILED.value:
+                    raise IssuanceFailed(
+                        self._failed
+                        or Failure(snap.id, snap.last_error_class, snap.last_error_message)
+                    )
+                if deadline is not None and (
+                    self.clock.now() >= deadline or snap.next_run_at > deadline
+                ):
+                    raise DeadlineExceeded(snap, deadline)
+                changed = asyncio.ensure_future(self._changed.wait())
+                waiting: set[asyncio.Future[Any]] = {changed}
+                if sleeper is not None:
+                    waiting.add(sleeper)
+                try:
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+        finally:
+            if sleeper is not None:
+                sleeper.cancel()
+
+    async def wait_stopped(self) -> None:
+        """Until the worker stops by itself: it gives up when the database stays unusable,
+        and this raises that error. (``stop()`` never raises it.)"""
+        while self._worker_error is None:
+            self._changed.clear()
+            await self._changed.wait()
+        raise self._worker_error
 
     async def renew_now(self) -> None:
         """Renew the installed certificate now (``replaces`` it when the CA offers ARI).
@@ -252,16 +348,19 @@ class AutoTLS:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> AutoTLS:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(self.data_dir)
         self._store = await Store.open(self.database_url)
         try:
             self.installer.subscribe(self._on_install)
-            await self._restore()
-            self.installer.serve(self.peer_id, self.tls)
+            await self.refresh(announce=True)
+            self.installer.serve(self.peer_id, self.tls, load_existing=not self.tls.loaded)
             if not self.tls.loaded:
-                self.tls.load_placeholder(self.installer.certificate_dir(self.peer_id), self.domain)
+                self.tls.load_placeholder(self.domain)
+            if self._check_directory:
+                await self._check_acme_directory()
             snapshot = await self._ensure_order()
             self.order_id = snapshot.id
+            self._note_revocation(snapshot)
             ports = Ports(
                 acme=self.acme,
                 broker=self.broker,
@@ -274,7 +373,10 @@ class AutoTLS:
             self._worker.subscribe(self._on_event)
             if self._run_worker:
                 self._stop.clear()
+                self._worker_error = None
                 self._task = asyncio.create_task(self._worker.run(self._stop), name="autotls")
+                self._task.add_done_callback(self._worker_ended)
+            self._watcher = asyncio.create_task(self._watch_store(), name="autotls-store")
         except BaseException:
             await self._close_clients()
             raise
@@ -285,11 +387,59 @@ class AutoTLS:
 
     async def stop(self) -> None:
         self._stop.set()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         task, self._task = self._task, None
         if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
+            # The worker's own error was reported (worker_error, wait_for_certificate).
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._close_clients()
+
+    async def refresh(self, *, announce: bool = True) -> CertificateInfo | None:
+        """Serve the newest valid certificate the store holds for this peer, when it is not
+        the one served already: after a restart, and when another process (the one holding
+        the order's lease) installed it. Rewrites missing or different files from the store
+        (a failure to write them is a warning: the certificate is served from memory).
+        Returns the newly served certificate, if any. Runs every ``store_poll`` by itself."""
+        certs = await self.store.certificates(peer_id=self.peer_id)
+        now = self.clock.now()
+        valid = [c for c in certs if c.not_after > now]
+        if not valid:
+            return None
+        newest = max(valid, key=lambda c: c.id)  # the last issued (a renewal may be shorter)
+        current = self._certificate
+        if current is not None and current.serial == newest.serial:
+            return None
+        chain_path, key_path = self.installer.paths(self.peer_id)
+        if not _files_hold(chain_path, key_path, newest):
+            try:
+                make_private_dirs(chain_path.parent)
+                write_secret(key_path, newest.key_pem)
+                write_atomic(chain_path, newest.chain_pem.encode())
+                log.info(
+                    "restored certificate %s for %s from the store", newest.serial, self.peer_id
+                )
+            except OSError as exc:
+                log.warning("%s", LocalIOError.from_os_error(exc, "write", chain_path.parent))
+        self.tls.load_pem(newest.chain_pem, newest.key_pem, None)
+        info = CertificateInfo(
+            self.peer_id,
+            self.domain,
+            newest.serial,
+            newest.not_before,
+            newest.not_after,
+            chain_path,
+            key_path,
+        )
+        self._certificate = info
+        self._changed.set()
+        if announce:
+            await self._emit("loaded" if current is None else "renewed", info)
+        return info
 
     async def __aenter__(self) -> AutoTLS:
         return await self.start()
@@ -327,6 +477,17 @@ class AutoTLS:
         active = await store.active_order(self.peer_id)
         if active is not None:
             return active
+        latest = await store.latest_order(self.peer_id)
+        if latest is not None and operator.holds_issued_certificate(latest):
+            # A failed order holding what the CA issued: install that, never order again.
+            try:
+                return await operator.retry(
+                    store, latest.id, now=self.clock.now(), actor=f"autotls:{os.getpid()}"
+                )
+            except (OrderBusyError, ActiveOrderExistsError):
+                active = await store.active_order(self.peer_id)
+                if active is not None:
+                    return active
         try:
             return await store.create_order(
                 self.peer_id,
@@ -340,30 +501,32 @@ class AutoTLS:
             assert active is not None
             return active
 
-    async def _restore(self) -> None:
-        """Serve the newest valid certificate from the store, rewriting missing files."""
-        certs = await self.store.certificates(peer_id=self.peer_id)
-        now = self.clock.now()
-        valid = [c for c in certs if c.not_after > now]
-        if not valid:
+    async def _check_acme_directory(self) -> None:
+        try:
+            async with asyncio.timeout(DIRECTORY_CHECK_TIMEOUT_S):
+                await self.acme.check_directory()
+        except TimeoutError:
+            log.warning(
+                "ACME directory %s did not answer within %.0fs; going on without checking it",
+                self.acme.directory_url,
+                DIRECTORY_CHECK_TIMEOUT_S,
+            )
+
+    async def _watch_store(self) -> None:
+        while True:
+            await self.clock.sleep_until(self.clock.now() + self.store_poll)
+            try:
+                await self.refresh()
+            except Exception as exc:
+                log.warning("reading certificates from the store: %s", describe_database_error(exc))
+            self._changed.set()  # waiters re-read the order (another process may move it)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
             return
-        newest = max(valid, key=lambda c: c.not_after)
-        chain_path, key_path = self.installer.paths(self.peer_id)
-        if not _files_hold(chain_path, key_path, newest):
-            write_secret(key_path, newest.key_pem)
-            write_atomic(chain_path, newest.chain_pem.encode())
-            log.info("restored certificate %s for %s from the store", newest.serial, self.peer_id)
-        self._certificate = CertificateInfo(
-            self.peer_id,
-            self.domain,
-            newest.serial,
-            newest.not_before,
-            newest.not_after,
-            chain_path,
-            key_path,
-        )
-        self._installed.set()
-        await self._emit("loaded", self._certificate)
+        self._worker_error = task.exception()
+        log.error("AutoTLS for %s stopped working: %s", self.domain, self._worker_error)
+        self._changed.set()
 
     async def _on_install(self, peer_id: str, installed: InstalledCertificate) -> None:
         """The installer already serves the new certificate; it becomes ours (events,
@@ -379,11 +542,19 @@ class AutoTLS:
             key_path,
         )
 
+    def _note_revocation(self, snapshot: OrderSnapshot) -> None:
+        serial = snapshot.data.get("revoked_serial")
+        if isinstance(serial, str) and serial not in self._revoked:
+            self._revoked = self._revoked | {serial}
+            log.info("certificate %s of %s was revoked: no longer advertised", serial, self.domain)
+
     async def _on_event(self, event: OrderEvent) -> None:
+        if event.from_state == State.RENEW_DUE.value:
+            # A renewal begins: an operator's revoke records itself on the order this way.
+            self._note_revocation(await self.order())
         await self._emit("transition", event)
         if event.trigger == "certificate_installed" and self._served is not None:
             previous, self._certificate, self._served = self._certificate, self._served, None
-            self._installed.set()
             if previous is None:
                 await self._emit("loaded", self._certificate)
             elif previous.serial != self._certificate.serial:
@@ -392,8 +563,8 @@ class AutoTLS:
             self._failed = None
         elif event.from_state != State.FAILED.value:
             self._failed = Failure(event.order_id, event.error_class, event.message)
-            self._installed.set()
             await self._emit("failed", self._failed)
+        self._changed.set()
 
     async def _emit(self, event: str, payload: object) -> None:
         for callback in self._callbacks.get(event, []):
@@ -403,6 +574,35 @@ class AutoTLS:
                     await result
             except Exception:
                 log.exception("AutoTLS %s callback failed", event)
+
+
+class DeadlineExceeded(Exception):
+    """The order's next attempt would come after the caller's deadline (or the deadline
+    passed). The order is persisted as it stands: the next run resumes it."""
+
+    def __init__(self, order: OrderSnapshot, deadline: datetime) -> None:
+        last = (
+            f"; last error ({order.last_error_class}): {order.last_error_message}"
+            if order.last_error_class
+            else ""
+        )
+        super().__init__(
+            f"order {order.id} is {order.state}; its next attempt at "
+            f"{order.next_run_at.isoformat(timespec='seconds')} is after the deadline "
+            f"{deadline.isoformat(timespec='seconds')}{last}"
+        )
+        self.order = order
+        self.deadline = deadline
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create the data directory 0700, or refuse an existing one (or its ``certs``) that
+    others may write, with a line that says how to fix it."""
+    make_private_dirs(path)
+    for directory in (path, path / "certs"):
+        problem = directory_problem(directory)
+        if problem is not None:
+            raise ConfigurationError(f"refusing the data directory: {problem}")
 
 
 class IssuanceFailed(Exception):

@@ -1,9 +1,10 @@
 """Run every benchmark with its defaults (or ``--quick`` sizes) and print all the figures.
 
-``python -m bench.run_all [--quick] [--json] [--only store,engine,dns,issuance]``
+``python -m bench.run_all [--quick] [--json] [--only store,engine,dns,issuance,peers]``
 
-Benchmarks whose components are missing (PostgreSQL, Pebble) are reported as skipped, never
-failed: the figures are for reading, not for gating.
+Benchmarks whose components are missing (PostgreSQL, Pebble, lego and certbot for ``peers``)
+are reported as skipped, never failed: the figures are for reading, not for gating. Unlike
+``python -m bench.peers``, this installs nothing.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from collections.abc import Sequence
 
 from autotls.localstack.pebble import pebble_available
 from bench import dns, engine, issuance, store
+from bench import peers as peers_bench
 from bench._common import Report, add_json_flag, emit
 
-ALL = ("store", "engine", "dns", "issuance")
+ALL = ("store", "engine", "dns", "issuance", "peers")
 
 
 def _skipped(name: str, reason: str) -> Report:
@@ -43,6 +45,15 @@ def collect(names: Sequence[str], quick: bool) -> list[Report]:
         elif name == "issuance":
             runs, peers = (3, [4]) if quick else (10, [4, 16])
             reports.extend(asyncio.run(issuance.run(runs, peers, ["product", "fast"])))
+        elif name == "peers":
+            try:
+                tools = peers_bench.find_tools(
+                    peers_bench.TOOLS, peers_bench.default_venvs(), install=False
+                )
+            except peers_bench.Missing as exc:
+                reports.append(_skipped(name, f"{exc} (python -m bench.peers installs them)"))
+                continue
+            reports.extend(peers_bench.collect(tools, 2 if quick else 5, [0] if quick else [0, 20]))
     return reports
 
 

@@ -26,7 +26,9 @@ SVG_FILE = "order-machine.svg"
 
 Move = tuple[str | None, str, str]  # (from, to, trigger) as in autotls.fsm.journal.moves
 # Edges that recover from trouble, drawn dashed so the issuance line reads at a glance.
-RECOVERY_TRIGGERS = frozenset({"fail", "account_lost", "reorder", "txt_timeout", "retry"})
+RECOVERY_TRIGGERS = frozenset(
+    {"fail", "account_lost", "reorder", "txt_timeout", "retry", "retry_install"}
+)
 
 
 def _edges() -> list[tuple[str, str, str]]:

@@ -9,7 +9,8 @@ A :class:`FaultPlan` says where to crash: ``after_effect@Validated`` (every time
 an :class:`InjectedCrash`, a ``BaseException`` nothing in the engine catches, so the process
 "dies" with its lease held) or ``kill`` (a real ``SIGKILL`` of the running process).
 
-Tests set plans directly; subprocess tests use ``AUTOTLS_FAULTS``, e.g.
+Tests set plans directly; a :class:`~autotls.fsm.worker.Worker` built without one reads
+``AUTOTLS_FAULTS`` (so does ``autotls run``, through the facade), e.g.
 ``AUTOTLS_FAULTS="after_effect@Finalized#1:kill,before_effect@New:raise"``.
 """
 
@@ -20,6 +21,8 @@ import os
 import signal
 from collections import Counter
 from dataclasses import dataclass
+
+from autotls.fsm.errors import ConfigurationError
 
 ENV_VAR = "AUTOTLS_FAULTS"
 
@@ -69,7 +72,13 @@ class FaultPlan:
 
     @classmethod
     def from_env(cls) -> FaultPlan:
-        return cls.parse(os.environ.get(ENV_VAR, ""))
+        """The plan in ``AUTOTLS_FAULTS`` (empty when unset): every worker reads it, so any
+        worker process (``autotls run`` included) can be crashed at a named point."""
+        text = os.environ.get(ENV_VAR, "")
+        try:
+            return cls.parse(text)
+        except ValueError as exc:
+            raise ConfigurationError(f"{ENV_VAR}={text!r}: {exc}") from None
 
     def hit(self, point: FaultPoint, state: str) -> None:
         self.seen[(point, state)] += 1

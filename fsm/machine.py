@@ -19,7 +19,9 @@ The step that *leaves* a state performs the single side effect that achieves the
 Besides the happy path: ``reorder`` abandons an ACME order the CA made invalid (or that
 expired) and places a new one; ``txt_timeout`` re-sends the value to the broker when DNS
 never showed it; ``account_lost`` re-registers after the CA forgot the account; ``fail``
-ends in Failed (permanent errors only), from which an operator may ``retry``.
+ends in Failed (permanent errors only), from which an operator may ``retry``: from New, or
+with ``retry_install`` straight back to Finalized when the order holds a certificate the CA
+already issued (which is never thrown away for a new order).
 
 Guards check that an advancing step recorded the data its destination implies
 (:data:`STATE_REQUIRES`), so a row can never sit in a state without what that state means.
@@ -142,11 +144,17 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     _t("fail", ACTIVE_STATES, State.FAILED, "permanent error"),
     _t("retry", State.FAILED, State.NEW, "operator retries a failed order"),
+    _t(
+        "retry_install",
+        (State.FAILED, State.FINALIZED),
+        State.FINALIZED,
+        "operator retries installing the issued certificate",
+    ),
 )
 
 TRIGGERS: frozenset[str] = frozenset(t.trigger for t in TRANSITIONS)
 # Triggers only an operator may fire (the CLI); steps never return them.
-OPERATOR_TRIGGERS = frozenset({"retry", "force_renewal"})
+OPERATOR_TRIGGERS = frozenset({"retry", "retry_install", "force_renewal"})
 
 
 class InvalidTransitionError(Exception):

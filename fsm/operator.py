@@ -13,7 +13,7 @@ from autotls.persistence.records import CommitPlan, JournalNote, OrderSnapshot
 from autotls.persistence.store import Store
 
 # What a step wrote about its own wait or its own trouble stops being true when an operator
-# moves the order.
+# moves the order ("unexpected_errors": rows written before errors had class ``internal``).
 TRANSIENT_KEYS = ("waiting_for", "unexpected_errors")
 
 
@@ -35,25 +35,56 @@ def _plan(
     )
 
 
+def holds_issued_certificate(snap: OrderSnapshot) -> bool:
+    """The CA already issued this order's certificate and we hold what installing it needs:
+    its URL (or its downloaded chain) and the key it was issued for."""
+    return bool(snap.data.get("certificate_url") or snap.data.get("chain_pem")) and (
+        snap.cert_key_pem is not None
+    )
+
+
+def _retry_plan(snap: OrderSnapshot, now: datetime) -> CommitPlan:
+    if snap.state == State.FINALIZED.value or holds_issued_certificate(snap):
+        # Install what the CA issued (from the stored chain, or downloaded again): a new
+        # order would burn one of Let's Encrypt's 5 duplicate certificates a week.
+        return _plan(snap, "retry_install", now, clear=())
+    return _plan(snap, "retry", now, clear=(*ORDER_KEYS, "validation_failures"))
+
+
 async def retry(store: Store, order_id: int, *, now: datetime, actor: str) -> OrderSnapshot:
-    """Failed -> New: start over (the account is kept; the failed ACME order is dropped)."""
+    """Try a stuck order again now.
+
+    * Failed, holding an issued certificate -> Finalized (``retry_install``): the certificate
+      is verified and installed again, never ordered again.
+    * Failed otherwise -> New (``retry``): start over; the account is kept, the failed ACME
+      order is dropped.
+    * Finalized (waiting, e.g. for a trust-roots fix) -> due now (``retry_install``)."""
     return await store.operator_commit(
         order_id,
-        allowed_states={State.FAILED.value},
-        build=lambda snap: _plan(snap, "retry", now, clear=(*ORDER_KEYS, "validation_failures")),
+        allowed_states={State.FAILED.value, State.FINALIZED.value},
+        build=lambda snap: _retry_plan(snap, now),
         now=now,
         actor=actor,
     )
 
 
-async def force_renewal(store: Store, order_id: int, *, now: datetime, actor: str) -> OrderSnapshot:
-    """Installed -> RenewDue now (``replaces`` the current certificate when ARI allows)."""
+async def force_renewal(
+    store: Store, order_id: int, *, now: datetime, actor: str, revoked: bool = False
+) -> OrderSnapshot:
+    """Installed -> RenewDue now (``replaces`` the current certificate when ARI allows).
+
+    ``revoked`` says the current certificate was just revoked: its serial is recorded as
+    ``revoked_serial``, and a running AutoTLS stops advertising its forge addresses when its
+    worker takes the renewal (the certificate is still served until the new one arrives)."""
 
     def build(snap: OrderSnapshot) -> CommitPlan:
         plan = _plan(snap, "force_renewal", now, clear=())
         cert = snap.certificate
         replaces = cert.cert_id if cert is not None and cert.not_after > now else None
-        return replace(plan, data={**plan.data, "replaces": replaces, "renewal_reason": "forced"})
+        data = {**plan.data, "replaces": replaces, "renewal_reason": "forced"}
+        if revoked and cert is not None:
+            data.update(renewal_reason="revoked", revoked_serial=cert.serial)
+        return replace(plan, data=data)
 
     return await store.operator_commit(
         order_id, allowed_states={State.INSTALLED.value}, build=build, now=now, actor=actor

@@ -2,7 +2,7 @@
 
 * An :class:`~autotls.fsm.outcomes.Advance` fires its trigger through the machine (guards included);
   a :class:`~autotls.fsm.outcomes.Wait` keeps the state and sets ``next_run_at``.
-* Errors by class (design.md rule 8):
+* Errors by class (design.md rule 8; the classes are defined in :mod:`autotls.fsm.errors`):
 
   ============== ===============================================================
   transient      stay; retry after jittered exponential backoff, or Retry-After
@@ -11,11 +11,20 @@
                  Encrypt's 1 min / 10 min / 100 min / daily schedule, and not
                  before the budget window frees a slot
   permanent      ``fail`` -> Failed, with the problem document
+  configuration  stay (the order holds what the CA issued: never Failed, never
+                 a new order); Let's Encrypt's schedule, and at once when a
+                 worker starts or an operator retries
+  local          stay; backoff as for transient (our disk, not the CA)
+  internal       stay; Let's Encrypt's schedule. A bug never makes an order
+                 Failed by itself: the operator sees class ``internal``
   ============== ===============================================================
 
-  The CA forgetting our account (``accountDoesNotExist``) fires ``account_lost``. An error
-  that is not an ``AutoTLSError`` is a bug: it is retried a few times, then fails the order
-  (never the worker).
+  Typed port errors pick a move of their own: :class:`~autotls.fsm.errors.AccountUnknownError`
+  (the CA forgot our account) fires ``account_lost``;
+  :class:`~autotls.fsm.errors.CertificateUnusableError` (the issued certificate itself fails
+  verification) fails the order with the chain set aside as ``rejected_chain``, so ``retry``
+  orders anew. An exception that is not an
+  ``AutoTLSError`` is a bug and is recorded as class ``internal`` (:func:`plan_unexpected`).
 
 Retry-After always wins over our own backoff. Every wait is written into the row, so a
 restarted worker resumes the same schedule (rule 7).
@@ -28,7 +37,13 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from autotls.fsm.errors import AutoTLSError, ErrorClass, PermanentError
+from autotls.fsm.errors import (
+    AccountUnknownError,
+    AutoTLSError,
+    CertificateUnusableError,
+    ErrorClass,
+    InternalError,
+)
 from autotls.fsm.journal import sanitize
 from autotls.fsm.machine import (
     OPERATOR_TRIGGERS,
@@ -38,7 +53,7 @@ from autotls.fsm.machine import (
     fire,
 )
 from autotls.fsm.outcomes import Advance, Effects, Outcome, Wait
-from autotls.fsm.ports import EngineSettings, problem_type
+from autotls.fsm.ports import EngineSettings
 from autotls.fsm.steps import ORDER_KEYS, iso
 from autotls.persistence.records import AccountUpdate, CommitPlan, JournalNote, OrderSnapshot
 
@@ -97,7 +112,6 @@ def plan_outcome(snap: OrderSnapshot, outcome: Outcome, now: datetime) -> Commit
     if outcome.trigger in OPERATOR_TRIGGERS:
         raise InvalidTransitionError(f"{outcome.trigger!r} is an operator's move, not a step's")
     data.pop("waiting_for", None)
-    data.pop("unexpected_errors", None)
     to_state = fire(snap.state, outcome.trigger, data)
     return _plan(
         snap,
@@ -184,10 +198,7 @@ def plan_error(
     rng: random.Random,
 ) -> CommitPlan:
     state = State(snap.state)
-    if problem_type(error) == "accountDoesNotExist" and state in (
-        State.REGISTERED,
-        *ORDERING_STATES,
-    ):
+    if isinstance(error, AccountUnknownError) and state in (State.REGISTERED, *ORDERING_STATES):
         return _advance_on_error(
             snap,
             error,
@@ -196,6 +207,14 @@ def plan_error(
             run_at=now,
             effects=Effects(account_update=AccountUpdate(None, "unregistered"), cert_key_pem=None),
         )
+    if isinstance(error, CertificateUnusableError):
+        # Kept for the operator, but no longer what `retry` would install: it never can be.
+        data = merge(
+            snap.data,
+            {"rejected_chain": snap.data.get("chain_pem")},
+            ("certificate_url", "chain_pem"),
+        )
+        return _advance_on_error(snap, error, "fail", data=data, run_at=now, effects=Effects())
     kind = error.error_class
     if kind is ErrorClass.PERMANENT:
         return _advance_on_error(
@@ -205,9 +224,18 @@ def plan_error(
         return _plan_reorder(snap, error, now, settings)
     if kind is ErrorClass.RATE_LIMITED:
         return _stay(snap, error, now + _retry_after(error, settings.rate_limit_default_wait))
-    # transient, or an order-invalid verdict where no order is in flight
+    if kind in (ErrorClass.CONFIGURATION, ErrorClass.INTERNAL):
+        return _stay(snap, error, now + slow_schedule(snap.attempts + 1, settings))
+    # transient, local, or an order-invalid verdict where no order is in flight
     delay = _retry_after(error, backoff(snap.attempts + 1, settings, rng))
     return _stay(snap, error, now + delay)
+
+
+def slow_schedule(attempt: int, settings: EngineSettings) -> timedelta:
+    """Let's Encrypt's retry guidance for failing issuance (1 min, 10 min, 100 min, then
+    daily): for trouble that only a fix, not a moment, will cure."""
+    schedule = settings.reorder_backoff
+    return schedule[min(max(attempt, 1), len(schedule)) - 1]
 
 
 def _plan_reorder(
@@ -250,18 +278,8 @@ def plan_unexpected(
     settings: EngineSettings,
     rng: random.Random,
 ) -> CommitPlan:
-    """A bug (an exception that is not an AutoTLSError): retry a few times, then fail."""
-    count = int(snap.data.get("unexpected_errors") or 0) + 1
+    """A bug (an exception that is not an AutoTLSError): class ``internal``, retried on the
+    slow schedule for as long as it lasts. Failing the order would page an operator for our
+    mistake and throw away what the order holds; a fixed autotls resumes it instead."""
     message = f"internal error in step {snap.state}: {type(exc).__name__}: {exc}"
-    if count >= settings.max_unexpected_errors:
-        return _advance_on_error(
-            snap,
-            PermanentError(message),
-            "fail",
-            data=dict(snap.data),
-            run_at=now,
-            effects=Effects(),
-        )
-    error = AutoTLSError(message, error_class=ErrorClass.TRANSIENT)
-    data = {**snap.data, "unexpected_errors": count}
-    return _stay(snap, error, now + backoff(snap.attempts + 1, settings, rng), data=data)
+    return plan_error(snap, InternalError(message), now, settings, rng)

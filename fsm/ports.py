@@ -3,9 +3,10 @@
 Steps talk only to these ports, never to aiohttp, dnspython or SQLAlchemy, so the same
 steps run against the real adapters (``autotls.adapters``), against fakes in unit tests,
 and against recorded replays. Every port method raises :class:`autotls.fsm.errors.AutoTLSError`
-subclasses for anything that goes wrong; ACME problems keep their RFC 8555 problem document
-in ``error.problem`` so steps can branch on its ``type`` (``accountDoesNotExist``,
-``alreadyReplaced`` ...) without importing the ACME client.
+subclasses for anything that goes wrong: ACME problems keep their RFC 8555 problem document
+in ``error.problem`` for the journal, and what a step must branch on arrives as a typed port
+error (:class:`~autotls.fsm.errors.AccountUnknownError`,
+:class:`~autotls.fsm.errors.ReplacesRefusedError`), never as a string to compare.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from autotls.fsm.clock import Clock
-
-ACME_ERROR = "urn:ietf:params:acme:error:"
-
 
 # -- ACME -------------------------------------------------------------------------------
 
@@ -195,6 +193,7 @@ class EngineSettings:
     transient_backoff_base: timedelta = timedelta(seconds=2)
     transient_backoff_cap: timedelta = timedelta(hours=1)
     # Let's Encrypt's retry guidance for failing issuance: 1 min, 10 min, 100 min, then daily.
+    # Also the schedule of configuration and internal errors (autotls.fsm.policy).
     reorder_backoff: tuple[timedelta, ...] = (
         timedelta(minutes=1),
         timedelta(minutes=10),
@@ -202,7 +201,6 @@ class EngineSettings:
         timedelta(days=1),
     )
     rate_limit_default_wait: timedelta = timedelta(hours=1)
-    max_unexpected_errors: int = 5
     emergency_fraction: float = 0.1  # renew regardless of ARI with this much lifetime left
     ari_min_recheck: timedelta = timedelta(hours=1)
     ari_max_recheck: timedelta = timedelta(hours=24)
@@ -217,22 +215,3 @@ class Ports:
     clock: Clock
     settings: EngineSettings = field(default_factory=EngineSettings)
     rng: random.Random = field(default_factory=random.Random)
-
-
-def problem_type(error: BaseException) -> str | None:
-    """The short ACME problem type (``badNonce``...) of an error, if it carries one."""
-    problem = getattr(error, "problem", None)
-    if not isinstance(problem, Mapping):
-        return None
-    kind = problem.get("type")
-    if not isinstance(kind, str):
-        return None
-    return kind[len(ACME_ERROR) :] if kind.startswith(ACME_ERROR) else kind
-
-
-def problem_status(error: BaseException) -> int | None:
-    problem = getattr(error, "problem", None)
-    if isinstance(problem, Mapping) and isinstance(problem.get("status"), int):
-        return int(problem["status"])
-    status = getattr(error, "status", None)
-    return status if isinstance(status, int) else None

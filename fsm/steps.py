@@ -23,10 +23,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from autotls.fsm.errors import OrderInvalidError, PermanentError, RateLimitedError, TransientError
+from autotls.fsm.errors import (
+    OrderInvalidError,
+    PermanentError,
+    RateLimitedError,
+    ReplacesRefusedError,
+    TransientError,
+)
 from autotls.fsm.machine import State
 from autotls.fsm.outcomes import Advance, Effects, Outcome, Wait
-from autotls.fsm.ports import AcmeAccount, AcmeOrderView, Ports, problem_status, problem_type
+from autotls.fsm.ports import AcmeAccount, AcmeOrderView, Ports
 from autotls.fsm.renewal import pick_in_window, plan_renewal
 from autotls.persistence.records import AccountUpdate, NewAccount, NewCertificate, OrderSnapshot
 
@@ -56,6 +62,8 @@ ORDER_KEYS: tuple[str, ...] = (
     "csr_der",
     "csr_sha256",
     "certificate_url",
+    "chain_pem",
+    "rejected_chain",
 )
 AUTHZ_EXPIRY_MARGIN = timedelta(minutes=2)
 
@@ -160,16 +168,14 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
                 profile=request["profile"],
                 replaces=request["replaces"],
             )
-        except Exception as exc:
-            if request["replaces"] and _replaces_refused(exc):
-                # 409 alreadyReplaced, or the CA does not know the cert (LE: 404 malformed):
-                # order again without `replaces` rather than looping on it.
-                return Wait(
-                    now,
-                    "replaces refused; ordering without it",
-                    updates={"replaces": None, "replaces_dropped": f"{problem_type(exc)}: {exc}"},
-                )
-            raise
+        except ReplacesRefusedError as exc:
+            # Order again without `replaces` rather than looping on it; the renewal loses
+            # only its ARI rate-limit exemption.
+            return Wait(
+                now,
+                "replaces refused; ordering without it",
+                updates={"replaces": None, "replaces_dropped": str(exc)},
+            )
         return Wait(now, "order placed", updates=_order_fields(order))
     order = await ports.acme.get_order(account, str(data["order_url"]))
     # Dropping a dead order waits like a re-order does: a CA that kept handing back dead
@@ -219,20 +225,6 @@ def _order_fields(order: AcmeOrderView) -> dict[str, Any]:
 
 def _expired(order: AcmeOrderView, now: datetime) -> bool:
     return order.expires is not None and order.expires <= now
-
-
-def _replaces_refused(exc: BaseException) -> bool:
-    """409 alreadyReplaced, 404 for a certificate the CA will not replace, or Let's Encrypt's
-    "account did not request" refusal: all mean "order again without replaces"."""
-    kind = problem_type(exc)
-    if kind == "alreadyReplaced":
-        return True
-    if kind == "malformed" and problem_status(exc) == 404:
-        return True
-    message = str(exc).lower()
-    return kind in ("malformed", "unauthorized") and (
-        "replace" in message or "did not request" in message
-    )
 
 
 # -- Challenged: the broker -------------------------------------------------------------
@@ -412,15 +404,21 @@ def _after_finalize(order: AcmeOrderView, now: datetime, ports: Ports) -> Outcom
 
 
 async def step_finalized(snap: OrderSnapshot, ports: Ports) -> Outcome:
+    """Download, persist, then verify and install. The chain is stored in the row before
+    anything can reject it: a certificate the CA issued is never thrown away (Let's Encrypt
+    allows 5 duplicates a week), and installing it again after a fix needs no new order."""
     now = ports.clock.now()
     data = snap.data
-    account = _account(snap)
     if snap.cert_key_pem is None:
         raise PermanentError("the certificate key of this order is missing from the store")
-    chain = await ports.acme.download_certificate(account, str(_need(data, "certificate_url")))
+    chain_pem = data.get("chain_pem")
+    if not chain_pem:
+        account = _account(snap)
+        chain = await ports.acme.download_certificate(account, str(_need(data, "certificate_url")))
+        return Wait(now, "certificate chain downloaded", updates={"chain_pem": chain.pem})
     csr = base64.b64decode(str(data["csr_der"])) if data.get("csr_der") else None
     installed = await ports.installer.install(
-        snap.peer_id, snap.identifier, chain.pem, snap.cert_key_pem, csr
+        snap.peer_id, snap.identifier, str(chain_pem), snap.cert_key_pem, csr
     )
     return Advance(
         "certificate_installed",
@@ -430,6 +428,7 @@ async def step_finalized(snap: OrderSnapshot, ports: Ports) -> Outcome:
             "not_after": iso(installed.not_after),
             "renewal": None,
         },
+        clear=("chain_pem",),  # it lives in the certificate's row from now on
         note={"serial": installed.serial, "not_after": iso(installed.not_after)},
         effects=Effects(
             cert_key_pem=None,

@@ -5,12 +5,19 @@
   to notice rows other processes add; :meth:`Worker.wake` cuts the sleep short).
 * Long steps keep their lease alive (renewed every third of the lease); a worker that still
   loses it finds its commit refused by the fence and drops the result.
+* On start (:meth:`Worker.prepare`): leases of a dead predecessor on this host (worker ids
+  are ``host:pid:random``; its pid is gone) are ended at once instead of waited out, other
+  running leases are named with their end, and orders waiting for a configuration fix are
+  tried again (this process may have been started with it).
+* A database that keeps refusing claims ends :meth:`Worker.run` after ``store_retries``
+  attempts with one line naming it (:class:`~autotls.persistence.errors.StoreUnavailableError`).
 * Graceful shutdown: stop claiming, give in-flight steps ``grace`` seconds to finish and
   commit, then cancel the rest and release their leases (nothing they did is committed, as
   if the process had died there; the next claim reconciles).
 * One bad order never stops the worker: corrupt rows are failed and set aside, exceptions
-  become classified retries or failures of that order only, and database errors are
-  logged and retried with backoff.
+  become classified retries or failures of that order only (a bug is class ``internal``:
+  one log line, retried on the slow schedule, never Failed by itself), and database errors
+  are logged and retried with backoff.
 """
 
 from __future__ import annotations
@@ -26,12 +33,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from autotls.fsm.errors import AutoTLSError, PermanentError
+from autotls.fsm.errors import AutoTLSError, ErrorClass
 from autotls.fsm.faults import FaultPlan, FaultPoint
-from autotls.fsm.machine import InvalidTransitionError, State
+from autotls.fsm.machine import State
 from autotls.fsm.policy import plan_error, plan_outcome, plan_unexpected
 from autotls.fsm.ports import Ports
 from autotls.fsm.steps import STEPS, Step
+from autotls.persistence.errors import StoreUnavailableError, describe_database_error
 from autotls.persistence.records import CommitPlan, OrderSnapshot
 from autotls.persistence.store import ClaimedOrder, CorruptOrder, Store
 
@@ -56,7 +64,31 @@ EventListener = Callable[[OrderEvent], Awaitable[None] | None]
 
 
 def default_worker_id() -> str:
+    """``host:pid:random``: enough to tell, on the same host, whether the owner still runs."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_state(owner: str) -> str:
+    """What can be told about the worker ``owner`` (an id from :func:`default_worker_id`)
+    from this process: ``"dead"`` only when it ran on this host and its pid is gone; else
+    why it may be alive. A reused pid reads as alive: the lease is then waited out, the safe
+    side (and fencing refuses a late commit either way)."""
+    host, sep, rest = owner.partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if not sep or not pid_text.isdigit():
+        return "not an autotls worker id"
+    if host != socket.gethostname():
+        return f"on host {host}"
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return "in this process"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "dead"
+    except PermissionError:
+        return f"pid {pid} is running"
+    return f"pid {pid} is running"
 
 
 class Worker:
@@ -71,7 +103,11 @@ class Worker:
         idle_poll: timedelta = timedelta(seconds=30),
         faults: FaultPlan | None = None,
         peers: Collection[str] | None = None,
+        store_retries: int | None = 8,
     ) -> None:
+        """``faults``: where to crash (tests); by default the plan in ``AUTOTLS_FAULTS``, so
+        any worker process can be crashed at a named point. ``store_retries``: consecutive
+        database failures after which :meth:`run` gives up (None: never)."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.store = store
@@ -80,7 +116,8 @@ class Worker:
         self.concurrency = concurrency
         self.lease = lease
         self.idle_poll = idle_poll
-        self.faults = faults or FaultPlan()
+        self.faults = faults if faults is not None else FaultPlan.from_env()
+        self.store_retries = store_retries
         self.peers = frozenset(peers) if peers is not None else None
         self._listeners: list[EventListener] = []
         self._wake = asyncio.Event()
@@ -105,11 +142,16 @@ class Worker:
         return len(claimed)
 
     async def run(self, stop: asyncio.Event, *, grace: float = 10.0) -> None:
-        """Work until ``stop`` is set; then shut down gracefully."""
+        """Work until ``stop`` is set; then shut down gracefully.
+
+        Raises :class:`~autotls.persistence.errors.StoreUnavailableError` when the database
+        refused ``store_retries`` claims in a row (read-only, full, unreachable): a process
+        that cannot record progress must end rather than spin."""
         inflight: set[asyncio.Task[None]] = set()
         db_failures = 0
         stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         try:
+            await self.prepare()
             while not stop.is_set():
                 free = self.concurrency - len(inflight)
                 claimed: list[ClaimedOrder] = []
@@ -117,10 +159,9 @@ class Worker:
                     try:
                         claimed = await self._claim(free)
                         db_failures = 0
-                    except Exception:
+                    except Exception as exc:
                         db_failures += 1
-                        delay = min(60.0, 2.0**db_failures)
-                        log.exception("claiming due orders failed; retrying in %.0fs", delay)
+                        delay = self._store_trouble(exc, db_failures)
                         await self._sleep(timedelta(seconds=delay), stop_wait, inflight)
                         continue
                 for order in claimed:
@@ -132,6 +173,77 @@ class Worker:
         finally:
             stop_wait.cancel()
             await self._shutdown(inflight, grace)
+
+    async def prepare(self) -> None:
+        """What a worker does once when it starts (:meth:`run` calls it):
+
+        * take over the leases of dead predecessors on this host (:meth:`take_over_dead_leases`);
+        * make orders that wait for a configuration fix due now: this process may have been
+          started with the fix (``--trust-roots``), and they cost no request at the CA."""
+        try:
+            await self.take_over_dead_leases()
+            woken = await self.store.make_due(
+                now=self.ports.clock.now(),
+                last_error_class=ErrorClass.CONFIGURATION.value,
+                peers=self.peers,
+            )
+        except Exception as exc:
+            log.warning("worker start: %s", describe_database_error(exc))
+            log.debug("worker start failed", exc_info=True)
+            return
+        if woken:
+            log.info("%d order(s) waiting for a configuration fix: trying them again now", woken)
+
+    async def take_over_dead_leases(self) -> list[int]:
+        """End the running leases whose owner is provably dead: a worker of this host
+        (``host:pid:...``) whose process is gone, as after a crash and restart. Other leases
+        are left to expire, with one line saying what is waited for and until when. Returns
+        the ids of the orders taken over."""
+        now = self.ports.clock.now()
+        taken = []
+        for lease in await self.store.live_leases(now=now, peers=self.peers):
+            if lease.owner == self.id:
+                continue
+            verdict = owner_state(lease.owner)
+            if verdict == "dead" and await self.store.end_lease(lease, now=now):
+                taken.append(lease.order_id)
+                log.warning(
+                    "order %s: took over the lease of %s, whose process is gone",
+                    lease.order_id,
+                    lease.owner,
+                    extra={"order_id": lease.order_id},
+                )
+            elif verdict != "dead":
+                log.warning(
+                    "order %s is leased to worker %s (%s) until %s: waiting for it",
+                    lease.order_id,
+                    lease.owner,
+                    verdict,
+                    lease.until.isoformat(timespec="seconds"),
+                    extra={"order_id": lease.order_id},
+                )
+        return taken
+
+    def _store_trouble(self, exc: BaseException, failures: int) -> float:
+        reason = describe_database_error(exc)
+        where = self.store.describe()
+        if self.store_retries is not None and failures >= self.store_retries:
+            log.debug("the database failed %d times in a row", failures, exc_info=True)
+            raise StoreUnavailableError(
+                f"database {where} is unusable: {reason} ({failures} attempts)"
+            ) from exc
+        delay = min(60.0, 2.0**failures)
+        # One line at the default verbosity; the traceback is for debug logging.
+        log.warning(
+            "database %s refused to hand out work: %s; retry %d%s in %.0fs",
+            where,
+            reason,
+            failures,
+            f" of {self.store_retries - 1}" if self.store_retries is not None else "",
+            delay,
+        )
+        log.debug("database failure", exc_info=True)
+        return delay
 
     # -- loop internals -----------------------------------------------------------------
 
@@ -149,8 +261,8 @@ class Worker:
             return self.idle_poll
         try:
             due = await self.store.next_due_at(peers=self.peers)
-        except Exception:
-            log.exception("reading the next due time failed")
+        except Exception as exc:
+            log.warning("reading the next due time failed: %s", describe_database_error(exc))
             return timedelta(seconds=5)
         if due is None:
             return self.idle_poll
@@ -216,10 +328,17 @@ class Worker:
         now = self.ports.clock.now()
         try:
             committed = await self.store.commit(snap, plan, now=now, worker=self.id)
-        except Exception:
-            # E.g. a unique index refused the new state. The lease runs out and the order is
-            # retried; nothing half-done was written (the commit is one transaction).
-            log.exception("order %s: commit failed", snap.id, extra={"order_id": snap.id})
+        except Exception as exc:
+            # E.g. a unique index refused the new state, or the database went read-only. The
+            # lease runs out and the order is retried; nothing half-done was written (the
+            # commit is one transaction).
+            log.warning(
+                "order %s: commit failed: %s",
+                snap.id,
+                describe_database_error(exc),
+                extra={"order_id": snap.id},
+            )
+            log.debug("order %s: commit failure", snap.id, exc_info=True)
             return
         if not committed:
             self.lost_leases += 1
@@ -240,16 +359,16 @@ class Worker:
             return plan_outcome(snap, outcome, clock.now())
         except AutoTLSError as error:
             return plan_error(snap, error, clock.now(), settings, rng)
-        except InvalidTransitionError as error:
-            log.error("order %s: step asked for an impossible move: %s", snap.id, error)
-            return plan_error(snap, PermanentError(str(error)), clock.now(), settings, rng)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            log.exception(
-                "order %s: unexpected error in step %s",
+        except Exception as exc:  # a bug, InvalidTransitionError included: class internal
+            # One line at the default verbosity (the commit's warning says when it is tried
+            # again); the traceback is for whoever turned on debug logging.
+            log.debug(
+                "order %s: traceback of the internal error in step %s",
                 snap.id,
                 snap.state,
+                exc_info=True,
                 extra={"order_id": snap.id, "state": snap.state},
             )
             return plan_unexpected(snap, exc, clock.now(), settings, rng)
@@ -265,8 +384,10 @@ class Worker:
                     log.warning("order %s: lease taken over during a long step", snap.id)
                     return
                 self.lease_renewals += 1
-            except Exception:
-                log.exception("order %s: lease renewal failed", snap.id)
+            except Exception as exc:
+                log.warning(
+                    "order %s: lease renewal failed: %s", snap.id, describe_database_error(exc)
+                )
 
     async def _set_aside(self, order: CorruptOrder) -> None:
         log.error(

@@ -47,7 +47,7 @@ def run_migrations_online() -> None:
     )
     if not url:
         raise SystemExit("give the database with: alembic -x url=sqlite:///path upgrade head")
-    engine = create_engine(url, poolclass=pool.NullPool)
+    engine = create_engine(url, poolclass=pool.NullPool, hide_parameters=True)
     with engine.connect() as conn:
         _configure_and_run(conn)
 

@@ -42,3 +42,18 @@ class OrderBusyError(StoreError):
 
 class CorruptRowError(StoreError):
     """A stored row cannot be decoded; the message names the row and the column."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database keeps refusing the store's work (read-only, full, unreachable...): the
+    message is one line naming the database and the reason. Raised by a worker after a
+    bounded number of consecutive failures, so a process that cannot make progress ends."""
+
+
+def describe_database_error(exc: BaseException) -> str:
+    """One line for a database failure, without SQL or parameters: the driver's own reason
+    (``attempt to write a readonly database``), else the exception's first line."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc) or type(exc).__name__
+    line = " ".join(text.split("\n", 1)[0].split())
+    return line[:300] + ("..." if len(line) > 300 else "")

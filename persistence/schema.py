@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import create_engine, inspect, pool, text
 from sqlalchemy.engine import URL, Connection
 
+from autotls._files import make_private_dirs
 from autotls.persistence.errors import SchemaOutdatedError, SchemaTooNewError
 from autotls.persistence.urls import redact, sync_url
 
@@ -75,7 +76,7 @@ class SchemaStatus:
 
 
 def _engine(url: URL):  # type: ignore[no-untyped-def]
-    return create_engine(sync_url(url), poolclass=pool.NullPool)
+    return create_engine(sync_url(url), poolclass=pool.NullPool, hide_parameters=True)
 
 
 def current_revision(url: URL) -> str | None:
@@ -136,7 +137,7 @@ def _migration_lock(url: URL) -> Iterator[None]:
             yield  # PostgreSQL: the advisory lock is taken inside the transaction
             return
         lock_path = Path(f"{url.database}.migrate-lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(lock_path.parent)
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -31,6 +31,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from autotls._files import make_private_dirs
 from autotls.persistence import schema
 from autotls.persistence.errors import (
     ActiveOrderExistsError,
@@ -75,6 +76,16 @@ class CorruptOrder:
 ClaimedOrder = OrderSnapshot | CorruptOrder
 
 
+@dataclass(frozen=True)
+class LeaseHeld:
+    """A running lease on an active order."""
+
+    order_id: int
+    owner: str
+    until: datetime
+    fence: int
+
+
 def _is_active(state: str) -> bool:
     return state not in INACTIVE_STATES
 
@@ -100,7 +111,11 @@ class Store:
         # Pre-ping guards against a restarted database server; a SQLite file has none, and the
         # extra round trip costs 15-20 % of a step there (bench/store.py).
         sqlite = parsed.get_backend_name() == "sqlite"
-        engine = create_async_engine(async_url(parsed), pool_pre_ping=not sqlite)
+        # hide_parameters: statement parameters hold account and certificate keys, and
+        # SQLAlchemy puts them into exception messages and its INFO log otherwise.
+        engine = create_async_engine(
+            async_url(parsed), pool_pre_ping=not sqlite, hide_parameters=True
+        )
         if sqlite:
             _configure_sqlite(engine)
         return cls(engine, parsed)
@@ -313,6 +328,61 @@ class Store:
                 raise OrderBusyError(f"order {order_id} changed underneath; try again")
         return await self.get_order(order_id)
 
+    async def live_leases(
+        self, *, now: datetime, peers: Collection[str] | None = None
+    ) -> list[LeaseHeld]:
+        """Active orders (of ``peers``) whose lease is still running at ``now``."""
+        query = select(
+            orders.c.id, orders.c.lease_owner, orders.c.lease_until, orders.c.fence
+        ).where(
+            orders.c.state.not_in(INACTIVE_STATES),
+            orders.c.lease_until > now,
+            orders.c.lease_owner.is_not(None),
+        )
+        if peers is not None:
+            query = query.where(orders.c.peer_id.in_(list(peers)))
+        async with self._read() as conn:
+            rows = (await conn.execute(query.order_by(orders.c.id))).all()
+        return [
+            LeaseHeld(int(r.id), str(r.lease_owner), r.lease_until, int(r.fence)) for r in rows
+        ]
+
+    async def end_lease(self, lease: LeaseHeld, *, now: datetime) -> bool:
+        """End a lease whose owner is known to be dead: it expires ``now`` (the owner's name
+        stays, and the next claim bumps the fence, so a late commit of the dead owner is still
+        refused). False when the lease changed meanwhile (released, committed, taken)."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(orders)
+                .where(
+                    orders.c.id == lease.order_id,
+                    orders.c.lease_owner == lease.owner,
+                    orders.c.fence == lease.fence,
+                    orders.c.lease_until > now,
+                )
+                .values(lease_until=now)
+            )
+            return result.rowcount == 1
+
+    async def make_due(
+        self, *, now: datetime, last_error_class: str, peers: Collection[str] | None = None
+    ) -> int:
+        """Make active orders waiting after an error of ``last_error_class`` due ``now`` (a
+        new process may hold the fix for what they wait on). Returns how many."""
+        statement = (
+            update(orders)
+            .where(
+                orders.c.state.not_in(INACTIVE_STATES),
+                orders.c.last_error_class == last_error_class,
+                orders.c.next_run_at > now,
+            )
+            .values(next_run_at=now)
+        )
+        if peers is not None:
+            statement = statement.where(orders.c.peer_id.in_(list(peers)))
+        async with self.engine.begin() as conn:
+            return int((await conn.execute(statement)).rowcount)
+
     # -- reads ----------------------------------------------------------------------------
 
     async def get_order(self, order_id: int) -> OrderSnapshot:
@@ -323,6 +393,14 @@ class Store:
         async with self._read() as conn:
             order_id = await self._active_order_id(conn, peer_id)
             return None if order_id is None else await self._load(conn, order_id)
+
+    async def latest_order(self, peer_id: str) -> OrderSnapshot | None:
+        """The peer's most recent order, active or not."""
+        async with self._read() as conn:
+            order_id = (
+                await conn.execute(select(func.max(orders.c.id)).where(orders.c.peer_id == peer_id))
+            ).scalar_one_or_none()
+            return None if order_id is None else await self._load(conn, int(order_id))
 
     async def list_orders(self) -> list[OrderSnapshot | CorruptOrder]:
         async with self._read() as conn:
@@ -634,8 +712,9 @@ class _ReadConnection:
 
 
 def _create_private_sqlite_file(path: Path) -> None:
-    """The SQLite file holds account and certificate keys: create it 0600 before SQLite does."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The SQLite file holds account and certificate keys: create it 0600 before SQLite does
+    (and any directory it needs, 0700)."""
+    make_private_dirs(path.parent)
     if not path.exists():
         fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
         os.close(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import replace
 from datetime import timedelta
 
@@ -17,7 +18,7 @@ from autotls.fsm.errors import (
     TransientError,
 )
 from autotls.fsm.journal import is_valid_journal
-from autotls.fsm.machine import State
+from autotls.fsm.machine import InvalidTransitionError, State
 from tests.fakes.ports import acme_problem
 from tests.fixtures.engine import HAPPY_TRIGGERS, Engine
 
@@ -291,22 +292,52 @@ async def test_installer_rejection_is_permanent(engine: Engine) -> None:
     assert snap.cert_key_pem is not None, "nothing stored is lost on failure"
 
 
-async def test_unexpected_exception_retries_then_fails_without_stopping_others(
-    engine: Engine,
+async def test_a_bug_is_class_internal_on_the_slow_schedule_and_never_fails_the_order(
+    engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     bad, good = await engine.order(), await engine.order()
-    engine.broker.fail(*[ZeroDivisionError("bug")] * 10, peer=bad.peer_id)
-    await engine.drive()
-    bad_snap, good_snap = (
-        await engine.store.get_order(bad.id),
-        await engine.store.get_order(good.id),
-    )
-    assert good_snap.state == State.INSTALLED.value
-    assert bad_snap.state == State.FAILED.value
-    assert bad_snap.attempts == 5
+    engine.broker.fail(*[ZeroDivisionError("bug")] * 6, peer=bad.peer_id)
+    await engine.drive_to(good.id, State.INSTALLED)
+    await engine.drive_to(bad.id, State.CHALLENGED)
+    worker = engine.worker()
+    delays = []
+    with caplog.at_level(logging.INFO, logger="autotls"):
+        for _ in range(6):
+            await worker.run_once()
+            snap = await engine.store.get_order(bad.id)
+            assert (snap.state, snap.last_error_class) == (State.CHALLENGED.value, "internal")
+            delays.append(snap.next_run_at - engine.clock.now())
+            engine.clock.set(snap.next_run_at)
+    # Let's Encrypt's schedule for failing issuance, and never Failed however long it lasts.
+    minutes = [timedelta(minutes=m) for m in (1, 10, 100)]
+    assert delays == [*minutes, timedelta(days=1), timedelta(days=1), timedelta(days=1)]
+    assert snap.attempts == 6
     assert "internal error in step Challenged: ZeroDivisionError: bug" in (
-        bad_snap.last_error_message or ""
+        snap.last_error_message or ""
     )
+    # One line per occurrence at the default level, no traceback below debug.
+    lines = [r for r in caplog.records if r.levelno >= logging.INFO and "bug" in r.getMessage()]
+    assert len(lines) == 6 and all(r.exc_info is None for r in lines)
+    assert all(r.levelno == logging.WARNING for r in lines)
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
+    assert debug == [], "the traceback is logged at debug only (caplog captured from INFO)"
+    await engine.drive_to(bad.id, State.INSTALLED)  # the bug is gone: it resumes
+    journal = await engine.store.journal(bad.id)
+    assert [j.trigger for j in journal].count("retry:internal") == 6
+    assert is_valid_journal(journal)
+
+
+async def test_an_impossible_move_is_a_bug_not_a_failure(engine: Engine) -> None:
+    order = await engine.order()
+    await engine.drive_to(order.id, State.FINALIZED)
+    # A step that forgot what its destination needs: the guard refuses the move.
+    engine.installer.fail(InvalidTransitionError("'certificate_installed' lacks data: x"))
+    worker = engine.worker()
+    await worker.run_once()  # the chain is downloaded and stored
+    await worker.run_once()  # the install raises
+    snap = await engine.store.get_order(order.id)
+    assert (snap.state, snap.last_error_class) == (State.FINALIZED.value, "internal")
+    await engine.drive_to(order.id, State.INSTALLED)
 
 
 async def test_error_classes_from_every_port_reach_the_row(engine: Engine) -> None:

@@ -253,7 +253,9 @@ def _check_stale_commit_refused(
             "order": order_id,
             "fence": held_fence,
             "state": STALL_STATE,
-            "to": State.INSTALLED.value,
+            # The first commit of a Finalized step stores the downloaded chain (it stays in
+            # Finalized); the install is the next one.
+            "to": STALL_STATE,
             "outcome": "fence_refused",
         }
     ]

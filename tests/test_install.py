@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import ssl
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from cryptography import x509
@@ -18,12 +20,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from autotls import install as install_module
 from autotls.acme import make_csr
 from autotls.fsm.clock import ManualClock
+from autotls.fsm.errors import ErrorClass
 from autotls.install import (
     CertificateRejected,
+    ChainUntrusted,
     Installer,
     LiveTlsContext,
+    UnsafeCertificateDirectory,
     placeholder_certificate,
     verify_chain,
 )
@@ -164,7 +170,7 @@ def test_rejects_a_broken_or_untrusted_chain_and_garbage() -> None:
             csr_der=None,
             now=NOW,
         )
-    with pytest.raises(CertificateRejected, match="does not build to a trusted root"):
+    with pytest.raises(ChainUntrusted, match="does not build to a trusted root") as untrusted:
         verify_chain(
             chain.pem,
             identifier=NAME,
@@ -173,6 +179,9 @@ def test_rejects_a_broken_or_untrusted_chain_and_garbage() -> None:
             now=NOW,
             trust_roots=[other.root],
         )
+    # Not a verdict on the certificate: a setting the operator fixes, named in the message.
+    assert untrusted.value.error_class is ErrorClass.CONFIGURATION
+    assert "--trust-roots" in str(untrusted.value)
     with pytest.raises(CertificateRejected, match="not PEM"):
         verify_chain("garbage", identifier=NAME, key_pem=chain.key_pem, csr_der=None, now=NOW)
 
@@ -237,7 +246,7 @@ async def test_placeholder_lets_a_listener_start_before_issuance(
     tmp_path: Path, tls_server: tuple[LiveTlsContext, int]
 ) -> None:
     live, port = tls_server
-    live.load_placeholder(tmp_path, NAME)
+    live.load_placeholder(NAME)
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -248,4 +257,64 @@ async def test_placeholder_lets_a_listener_start_before_issuance(
     assert cert.issuer == cert.subject, "self-signed placeholder"
     cert_pem, key_pem = placeholder_certificate(NAME)
     assert b"PRIVATE KEY" in key_pem and "CERTIFICATE" in cert_pem
-    assert stat.S_IMODE((tmp_path / "placeholder.key").stat().st_mode) == 0o600
+    assert not any(os.scandir(tmp_path)), "the placeholder is served from memory"
+
+
+async def test_every_directory_it_creates_is_0700_whatever_the_umask(tmp_path: Path) -> None:
+    ca = _ca("Test Root")
+    chain = issue(ca=ca)
+    data = tmp_path / "a" / "data"
+    installer = Installer(data, trust_roots=[ca[0]], clock=ManualClock(NOW))
+    old = os.umask(0)  # the worst case: everything the process creates is 0777
+    try:
+        await installer.install(PEER, NAME, chain.pem, chain.key_pem, chain.csr)
+    finally:
+        os.umask(old)
+    for directory in (tmp_path / "a", data, data / "certs", installer.certificate_dir(PEER)):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    _chain, key_path = installer.paths(PEER)
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
+async def test_a_certificate_directory_others_may_write_is_refused(
+    tmp_path: Path, mode: int
+) -> None:
+    ca = _ca("Test Root")
+    chain = issue(ca=ca)
+    installer = Installer(tmp_path / "data", trust_roots=[ca[0]], clock=ManualClock(NOW))
+    directory = installer.certificate_dir(PEER)
+    directory.mkdir(parents=True)
+    directory.chmod(mode)
+    with pytest.raises(UnsafeCertificateDirectory) as info:
+        await installer.install(PEER, NAME, chain.pem, chain.key_pem, chain.csr)
+    assert info.value.error_class is ErrorClass.CONFIGURATION  # the order keeps its cert
+    assert str(directory) in str(info.value) and "chmod go-w" in str(info.value)
+    assert list(directory.iterdir()) == [], "nothing written into it"
+    directory.chmod(0o700)
+    await installer.install(PEER, NAME, chain.pem, chain.key_pem, chain.csr)
+
+
+async def test_cert_and_key_are_loaded_as_one_pair_whatever_the_files_hold(
+    tmp_path: Path, tls_server: tuple[LiveTlsContext, int]
+) -> None:
+    """Another process rewriting the files between our two reads cannot mismatch the pair:
+    the installer loads what it verified, from memory."""
+    live, port = tls_server
+    ca = _ca("Test Root")
+    first, second = issue(ca=ca), issue(ca=ca)
+    installer = Installer(tmp_path, trust_roots=[ca[0]], clock=ManualClock(NOW))
+    installer.serve(PEER, live)
+    chain_path, key_path = installer.paths(PEER)
+    real_write = install_module.write_atomic
+
+    def write_then_swap_the_key(path: str | os.PathLike[str], data: bytes, **kw: int) -> None:
+        real_write(path, data, **kw)
+        key_path.write_bytes(second.key_pem)  # a concurrent writer, between key and chain
+
+    with mock.patch.object(install_module, "write_atomic", write_then_swap_the_key):
+        await installer.install(PEER, NAME, first.pem, first.key_pem, first.csr)
+    assert (await served_leaf(port, [ca[0]])).serial_number == first.leaf.serial_number
+    # Loading by path would now be refused: the files on disk no longer match.
+    with pytest.raises(ssl.SSLError, match="KEY_VALUES_MISMATCH"):
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(chain_path, key_path)

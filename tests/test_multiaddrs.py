@@ -12,6 +12,7 @@ from autotls.fsm.errors import ConfigurationError, ErrorClass
 from autotls.multiaddrs import (
     Multiaddr,
     MultiaddrError,
+    advertised_forge_addresses,
     forge_addresses,
     forge_domain,
     ip_from_label,
@@ -462,3 +463,30 @@ def test_forge_addresses_rejects_bad_parameters(kwargs: dict[str, object], probl
 def test_forge_addresses_rejects_malformed_input() -> None:
     with pytest.raises(MultiaddrError, match="bad ip4 address"):
         forge_addresses(["/ip4/1.2.3.4.5/tcp/443/tls/ws"], PEER_B36)
+
+
+def test_advertised_forge_addresses_are_short_forms_of_dialable_wss_listeners() -> None:
+    addresses = [
+        "/ip4/1.2.3.4/tcp/4001",  # plain TCP: nothing to forge
+        "/ip4/1.2.3.4/tcp/4002/tls/sni/*.libp2p.direct/ws",
+        "/ip4/192.168.1.5/tcp/4002/tls/sni/*.libp2p.direct/ws",  # private
+        "/ip4/127.0.0.1/tcp/4003/wss",  # loopback
+        "/ip6/2606:4700::1/tcp/4002/tls/ws",
+        "/ip6/fd00::5/tcp/4002/tls/ws",  # ULA: private
+        "/ip4/0.0.0.0/tcp/4002/tls/sni/*.libp2p.direct/ws",  # unspecified: nobody dials it
+        "/ip4/1.2.3.4/tcp/4002/wss",  # the same listener again
+    ]
+    assert advertised_forge_addresses(addresses, PEER_B36) == [
+        f"/dns4/1-2-3-4.{PEER_B36}.libp2p.direct/tcp/4002/tls/ws",
+        f"/dns6/2606-4700--1.{PEER_B36}.libp2p.direct/tcp/4002/tls/ws",
+    ]
+    assert advertised_forge_addresses(addresses, PEER_B36, allow_private=True) == [
+        f"/dns4/1-2-3-4.{PEER_B36}.libp2p.direct/tcp/4002/tls/ws",
+        f"/dns4/192-168-1-5.{PEER_B36}.libp2p.direct/tcp/4002/tls/ws",
+        f"/dns4/127-0-0-1.{PEER_B36}.libp2p.direct/tcp/4003/tls/ws",
+        f"/dns6/2606-4700--1.{PEER_B36}.libp2p.direct/tcp/4002/tls/ws",
+        f"/dns6/fd00--5.{PEER_B36}.libp2p.direct/tcp/4002/tls/ws",
+    ]
+    assert advertised_forge_addresses([], PEER_B36) == []
+    with pytest.raises(MultiaddrError, match="malformed multiaddr"):
+        advertised_forge_addresses(["/ip4/1.2.3.4/tcp/x/tls/ws"], PEER_B36)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import stat
+import threading
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -24,7 +28,9 @@ from autotls.peerid import (
     b36encode,
     b58decode,
     b58encode,
+    key_file_exposed,
     load_private_key,
+    load_private_key_async,
     save_private_key,
     uvarint_decode,
     uvarint_encode,
@@ -408,3 +414,66 @@ def test_cross_check_with_py_libp2p() -> None:
     pair = create_new_key_pair()
     loaded = PrivateKey.from_proto(pair.private_key.serialize())
     assert str(loaded.peer_id) == ID.from_pubkey(pair.public_key).to_base58()
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "/dev/urandom", "fifo", "socket", "huge"])
+def test_only_a_small_regular_file_is_read_as_a_key(special: str, tmp_path: Path) -> None:
+    path = Path(special)
+    if special == "fifo":
+        path = tmp_path / "key.fifo"
+        os.mkfifo(path)  # nobody writes: a blocking open would wait forever
+    elif special == "socket":
+        path = tmp_path / "key.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+    elif special == "huge":
+        path = tmp_path / "key.pem"
+        path.write_bytes(b"-----BEGIN PRIVATE KEY-----\n" + b"A" * 20_000)
+    # Refused from its metadata: not one byte of a device or FIFO is read. (Were it read, a
+    # /dev/zero "key" would eat memory until the process died; the test would never end.)
+    with pytest.raises(PeerIdError) as info:
+        load_private_key(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    expected = {
+        "/dev/zero": "character device",
+        "/dev/urandom": "character device",
+        "fifo": "a FIFO",
+        "socket": "socket",
+        "huge": "too large",
+    }[special]
+    assert expected in message
+
+
+async def test_keys_load_off_the_event_loop(tmp_path: Path) -> None:
+    key = PrivateKey.generate()
+    path = tmp_path / "id.key"
+    save_private_key(key, path)
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+    original = PrivateKey.from_proto
+
+    def spy(data: bytes) -> PrivateKey:
+        seen.append(threading.get_ident())
+        return original(data)
+
+    with mock.patch.object(PrivateKey, "from_proto", staticmethod(spy)):
+        assert await load_private_key_async(path) == key
+    assert seen and seen[0] != loop_thread
+
+
+def test_an_exposed_key_file_is_reported_and_loads_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = PrivateKey.generate()
+    path = tmp_path / "id.key"
+    save_private_key(key, path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert not key_file_exposed(path)
+    path.chmod(0o640)
+    assert key_file_exposed(path)
+    with caplog.at_level(logging.WARNING, logger="autotls"):
+        assert load_private_key(path) == key
+    assert f"chmod 600 {path}" in caplog.text
+    path.chmod(0o604)
+    assert key_file_exposed(path)

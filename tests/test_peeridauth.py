@@ -3,6 +3,7 @@ client <-> server round trips over loopback aiohttp servers."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from autotls.peerid import KeyType, PrivateKey, PublicKey
 from autotls.peeridauth import (
@@ -678,5 +680,57 @@ async def test_401_mid_flow_then_success_after_rehandshake(session: aiohttp.Clie
         assert resp.status == 200
         assert json.loads(resp.body)["via"] == "server-initiated"
         assert calls == ["backend:server-initiated:8"]
+    finally:
+        await runner.cleanup()
+
+
+async def _raw_status(url: str, host: bytes, authorization: bytes | None) -> int:
+    """Send one request with exactly these header bytes; return the status code."""
+    target = URL(url)
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    try:
+        head = b"POST /echo HTTP/1.1\r\nHost: " + host + b"\r\nContent-Length: 0\r\n"
+        if authorization is not None:
+            head += b"Authorization: " + authorization + b"\r\n"
+        writer.write(head + b"Connection: close\r\n\r\n")
+        await writer.drain()
+        status_line = await reader.readline()
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+
+
+async def test_invalid_utf8_in_host_or_auth_headers_is_400_on_every_path() -> None:
+    server = PeerIdAuthServer(PrivateKey.generate(), hostnames=None)
+    runner, url = await _start(echo_app(server))
+    try:
+        bad_host = b"127.0.0.1\xff\xfe"
+        client_key = b64encode(PrivateKey.generate().public_key.to_proto()).encode()
+        challenge = b64encode(b"\x01" * 32).encode()
+        client_initiated = (
+            b'libp2p-PeerID challenge-server="' + challenge + b'", public-key="' + client_key + b'"'
+        )
+        # 1. no credentials; 2. client-initiated, bad Host
+        assert await _raw_status(url, bad_host, None) == 400
+        assert await _raw_status(url, bad_host, client_initiated) == 400
+        # 3. client-initiated, a challenge that is not UTF-8
+        bad_challenge = b'libp2p-PeerID challenge-server="' + b"\xff" * 44 + b'", public-key="'
+        assert await _raw_status(url, b"localhost", bad_challenge + client_key + b'"') == 400
+        # 4. the signature leg, with an opaque minted for that very Host (as the server did
+        # before it refused such a Host)
+        decision = server._challenge(bad_host.decode("utf-8", "surrogateescape"), "minted")
+        params = parse_header(decision.headers["WWW-Authenticate"])
+        assert params is not None
+        signed = (
+            b'libp2p-PeerID public-key="' + client_key + b'", opaque="'
+            + params["opaque"].encode() + b'", sig="' + b64encode(b"\x00" * 64).encode() + b'"'
+        )  # fmt: skip
+        assert await _raw_status(url, bad_host, signed) == 400
+        # 5. a bearer token presented with a bad Host: a fresh challenge would be 401; the
+        # Host alone makes it 400.
+        bearer = b'libp2p-PeerID bearer="' + b"A" * 44 + b'"'
+        assert await _raw_status(url, bad_host, bearer) == 400
+        # And valid requests are still answered as before.
+        assert await _raw_status(url, b"localhost", None) == 401
     finally:
         await runner.cleanup()

@@ -4,8 +4,16 @@ SSLContext behind the node's secure WebSocket listener, restart and restore, fai
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import logging
+import os
+import secrets
+import signal
 import ssl
+import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -13,17 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from cryptography import x509
 from sqlalchemy import text
 
-from autotls import AutoTLS, IssuanceFailed, PrivateKey
+from autotls import AutoTLS, ConfigurationError, IssuanceFailed, PrivateKey
 from autotls.fsm.machine import State
 from autotls.fsm.ports import EngineSettings
 from autotls.fsm.worker import OrderEvent
 from autotls.localstack.broker import LocalBroker
-from autotls.localstack.pebble import PebbleStack
+from autotls.localstack.pebble import PebbleOptions, PebbleStack
 from autotls.multiaddrs import Multiaddr, ip_label
 from autotls.node import Libp2pNode
+from autotls.service import DeadlineExceeded
 
 pytestmark = pytest.mark.usefixtures("libp2p_installed")
 
@@ -185,17 +195,56 @@ async def test_restart_restores_from_the_store_without_a_new_order(setup: Setup)
         assert len(await second.store.certificates()) == 1
 
 
-async def test_a_permanent_failure_is_reported_and_ends_the_wait(setup: Setup) -> None:
-    # Trusting the wrong roots: the issued chain is rejected (permanent: never re-ordered).
-    auto, node = setup.pair(trust_roots=[_unrelated_root()])
+async def test_a_permanent_failure_is_reported_and_ends_the_wait(
+    setup: Setup, pebble_factory: Any
+) -> None:
+    # A CA that requires External Account Binding, and none given: permanent.
+    hmac_key = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    strict = pebble_factory(PebbleOptions(eab_keys={"kid-1": hmac_key}))
+    auto, node = setup.pair(
+        directory_url=strict.directory_url, ca_file=str(strict.ca_file), trust_roots=[]
+    )
     async with node, auto:
-        with pytest.raises(IssuanceFailed, match="does not build to a trusted root"):
+        with pytest.raises(IssuanceFailed, match="externalAccountRequired"):
             async with asyncio.timeout(60):
                 await auto.wait_for_certificate()
         snap = await auto.order()
         assert snap.state == State.FAILED.value
     assert [name for name, _ in setup.events] == ["failed"]
     assert auto.forge_addresses() == []
+
+
+async def test_an_untrusted_chain_is_kept_and_installed_after_the_fix_without_a_new_order(
+    setup: Setup,
+) -> None:
+    # Trusting the wrong roots (a private CA without --trust-roots): the issued certificate
+    # is kept and the order waits in Finalized, naming the option that fixes it.
+    held = asyncio.Event()
+    auto, node = setup.pair(trust_roots=[_unrelated_root()])
+    auto.on("transition", lambda e: held.set() if e.error_class == "configuration" else None)
+    async with node, auto:
+        async with asyncio.timeout(60):
+            await held.wait()
+        snap = await auto.order()
+        assert (snap.state, snap.last_error_class) == (State.FINALIZED.value, "configuration")
+        assert "--trust-roots" in (snap.last_error_message or "")
+        stored = x509.load_pem_x509_certificates(snap.data["chain_pem"].encode())[0]
+        # Waiting longer is of no use before the fix: the next attempt is a minute away.
+        with pytest.raises(DeadlineExceeded, match=r"Finalized.*configuration"):
+            await auto.wait_for_certificate(deadline=datetime.now(UTC) + timedelta(seconds=5))
+        assert auto.certificate is None
+    assert setup.events == []
+    # Restarted with the right roots: the stored chain is installed at once, no new order.
+    fixed, node2 = setup.pair()
+    async with node2, fixed:
+        async with asyncio.timeout(30):
+            cert = await fixed.wait_for_certificate()
+        assert cert.serial == f"{stored.serial_number:x}"
+        triggers = [j.trigger for j in await fixed.store.journal(snap.id)]
+        assert triggers.count("order_placed") == 1 and triggers.count("certificate_issued") == 1
+        assert "retry:configuration" in triggers
+        assert len(await fixed.store.certificates()) == 1
+    assert [name for name, _ in setup.events] == ["loaded"]
 
 
 async def test_renew_now_refuses_an_order_that_is_not_installed(setup: Setup) -> None:
@@ -228,3 +277,105 @@ def _unrelated_root() -> x509.Certificate:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
+
+
+async def test_autotls_faults_crashes_a_facade_and_the_restart_takes_its_lease_at_once(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AUTOTLS_FAULTS reaches the worker of any process (here an embedding one). The process
+    dies by SIGKILL holding the order's 60 s lease; the restarted one, on the same host,
+    proves the owner dead (its pid is gone) and takes the lease over instead of waiting."""
+    from autotls.peerid import save_private_key
+
+    save_private_key(setup.key, setup.tmp / "identity.key")
+    env = {**os.environ, "AUTOTLS_FAULTS": "before_effect@New:kill"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.facade_process",
+        "--data-dir", str(setup.tmp / "data"),
+        "--key", str(setup.tmp / "identity.key"),
+        "--directory", setup.pebble.directory_url,
+        "--ca-file", str(setup.pebble.ca_file),
+        "--broker", setup.broker.url,
+        "--dns", "{}:{}".format(*setup.pebble.dns_address),
+        env=env,
+        cwd=str(Path(__file__).parent.parent),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == -signal.SIGKILL, output.decode()
+    auto, node = setup.pair()
+    caplog.set_level(logging.WARNING, logger="autotls")
+    async with node, auto:
+        snap = await auto.order()
+        assert snap.lease_owner is not None and snap.lease_owner.split(":")[1] == str(proc.pid)
+        async with asyncio.timeout(60):
+            await auto.wait_for_certificate()
+    took = [r.getMessage() for r in caplog.records if "took over the lease" in r.getMessage()]
+    assert took == [
+        f"order {snap.id}: took over the lease of {snap.lease_owner}, whose process is gone"
+    ]
+
+
+async def test_a_process_without_the_lease_serves_what_the_other_installed(
+    setup: Setup,
+) -> None:
+    """Two processes for one identity on one data directory: the one that does not hold the
+    order's lease notices the installed certificate through the store, serves it, and its
+    wait ends (what `run --once` needs to exit 0)."""
+    first, node1 = setup.pair()
+    second, node2 = setup.pair(store_poll=timedelta(milliseconds=50))
+    async with node1, node2, first, second:
+        async with asyncio.timeout(60):
+            cert = await second.wait_for_certificate()
+            mine = await first.wait_for_certificate()
+        assert cert.serial == mine.serial
+        roots = setup.pebble.issuer_roots_pem()
+        for node, auto in ((node1, first), (node2, second)):
+            assert await served_fingerprint(node, auto.peer_id, roots) == leaf_fingerprint(
+                cert.chain_path
+            )
+        assert len(await second.store.certificates()) == 1
+
+
+async def test_start_refuses_a_ca_that_is_not_acme_before_touching_any_order(
+    setup: Setup,
+) -> None:
+    async def html(_request: web.Request) -> web.StreamResponse:
+        return web.Response(text="<html>hello</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/directory", html)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        auto = setup.autotls([], directory_url=f"http://127.0.0.1:{port}/directory")
+        with pytest.raises(ConfigurationError, match="not an ACME directory") as info:
+            await auto.start()
+        assert "\n" not in str(info.value)
+    finally:
+        await runner.cleanup()
+    from autotls.persistence.store import Store
+
+    async with await Store.open(f"sqlite:///{setup.tmp / 'data' / 'autotls.db'}") as store:
+        assert await store.list_orders() == [], "no order was created or touched"
+
+
+async def test_start_refuses_a_data_directory_others_may_write(setup: Setup) -> None:
+    data = setup.tmp / "data"
+    data.mkdir(mode=0o700)
+    data.chmod(0o777)
+    auto = setup.autotls([])
+    with pytest.raises(ConfigurationError, match=f"{data} is writable by others.*chmod go-w"):
+        await auto.start()
+    assert list(data.iterdir()) == [], "nothing was created in it"
+    data.chmod(0o700)
+    fresh = setup.tmp / "fresh" / "nested"
+    async with setup.autotls([], data_dir=fresh, run_worker=False):
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+        assert stat.S_IMODE(fresh.parent.stat().st_mode) == 0o700

@@ -17,6 +17,11 @@ Classification of problem types (short name after ``urn:ietf:params:acme:error:`
                    unsupportedContact, rejectedIdentifier, unsupportedIdentifier
     compound       the most severe class among its subproblems (permanent if it has none)
 
+Where the engine must branch on more than the class, the problem is also a typed port error of
+:mod:`autotls.fsm.errors`: ``accountDoesNotExist`` is an ``AccountUnknownError``, and a
+newOrder that carried ``replaces`` turns its refusal into a ``ReplacesRefusedError``
+(:func:`for_new_order`).
+
 Validation failures are not top-level problems: they live in a challenge's ``error``. The client
 turns an authorization or order that went ``invalid`` into :class:`AuthorizationFailed` /
 :class:`OrderFailed` (order_invalid), carrying the challenge's problem.
@@ -30,10 +35,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from autotls.fsm.errors import (
+    AccountUnknownError,
     AutoTLSError,
     ConfigurationError,
     ErrorClass,
     OrderInvalidError,
+    ReplacesRefusedError,
     TransientError,
 )
 
@@ -143,11 +150,12 @@ class AcmeProblem(AutoTLSError):
         self.subproblems = list(subproblems)
         self.instance = instance
         self.url = url
+        # The server's words first: one-line views (status tables, log lines) cut the end.
         where = f" at {url}" if url else ""
-        code = f"HTTP {status} " if status is not None else ""
-        summary = f"ACME {code}{problem_type}{where}"
+        code = f", HTTP {status}" if status is not None else ""
+        summary = f"ACME {short_kind(problem_type) or problem_type}{code}{where}"
         super().__init__(
-            f"{summary}: {detail}" if detail else summary,
+            f"{' '.join(detail.split())} ({summary})" if detail.strip() else summary,
             error_class=classify(problem_type, status, self.subproblems),
             retry_after=retry_after,
             problem=problem if problem is not None else {"type": problem_type, "detail": detail},
@@ -166,7 +174,9 @@ class RateLimited(AcmeProblem):
     kind_name = "rateLimited"
 
 
-class AccountDoesNotExist(AcmeProblem):
+class AccountDoesNotExist(AcmeProblem, AccountUnknownError):
+    """Also the engine's typed port error: the engine registers the stored key again."""
+
     kind_name = "accountDoesNotExist"
 
 
@@ -363,6 +373,30 @@ def problem_from_document(
     )
 
 
+def for_new_order(error: AutoTLSError, *, replaces: str | None) -> AutoTLSError:
+    """What a newOrder that failed with ``error`` raises to the engine.
+
+    With ``replaces``, any problem that is neither transient, a rate limit nor an unknown
+    account is a refusal of ``replaces`` (:class:`ReplacesRefusedError`), and the engine orders
+    again without it. Let's Encrypt refuses ``replaces`` in several shapes (409
+    ``alreadyReplaced``; 404 ``malformed`` for a serial it does not know; 403 ``unauthorized``
+    when another account requested the certificate; 400 ``malformed`` when the identifiers
+    differ) and only the first has a type of its own: telling them apart would mean reading
+    the server's prose. Asking once more without ``replaces`` costs one request, and a problem
+    that had nothing to do with ``replaces`` comes back unchanged on that request."""
+    if (
+        replaces is None
+        or not isinstance(error, AcmeProblem)
+        or isinstance(error, AccountUnknownError)
+        or error.error_class not in (ErrorClass.PERMANENT, ErrorClass.ORDER_INVALID)
+    ):
+        return error
+    return ReplacesRefusedError(
+        f"the CA refused to let the order replace {replaces}: {error.message}",
+        problem=error.problem,
+    )
+
+
 def _parse_subproblems(raw: Any, url: str | None) -> list[Subproblem]:
     if raw is None:
         return []
@@ -418,6 +452,18 @@ def error_for_response(
     if status >= 500:
         return AcmeNetworkError(
             f"HTTP {status} from {url} without a problem document",
+            url=url,
+            status=status,
+            retry_after=retry_after,
+        )
+    if 300 <= status < 400:
+        # Never followed (RFC 8555 URLs are exact, and a JWS is signed for its URL) and
+        # transient, like a broker's redirect (autotls.broker): something in front of a CA
+        # that answered before (a captive portal, a proxy's login page) goes away. A --ca URL
+        # that redirects from the start is refused at start by the directory check.
+        return AcmeProtocolError(
+            f"HTTP {status} redirect from {url}: redirects are not followed "
+            "(is a captive portal or a proxy in the way?)",
             url=url,
             status=status,
             retry_after=retry_after,

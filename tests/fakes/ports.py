@@ -8,7 +8,9 @@ by the integration tests; these fakes exist so each error class can be injected 
 step without network timing.
 
 Errors are scripted per operation: ``ca.fail("new_order", error)`` makes the next
-``new_order`` raise ``error`` (queue, first in first out).
+``new_order`` raise ``error`` (queue, first in first out). ACME problems are built with the
+production constructor (:func:`acme_problem`), and ``new_order`` passes them through the same
+conversion the real adapter applies, so a step test meets the classes users meet.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from autotls.acme.problems import for_new_order, problem_from_document
 from autotls.fsm.clock import Clock
-from autotls.fsm.errors import AutoTLSError, PermanentError
+from autotls.fsm.errors import AutoTLSError
 from autotls.fsm.ports import (
     AcmeAccount,
     AcmeOrderView,
@@ -40,27 +43,22 @@ from autotls.fsm.ports import (
     RenewalWindow,
     TxtCheck,
 )
+from autotls.install import CertificateRejected
 
 ACME = "urn:ietf:params:acme:error:"
 
 
-def acme_problem(kind: str, detail: str, status: int, **kw: object) -> AutoTLSError:
-    """An error shaped like the ACME client's problems (class set by the caller's choice)."""
-    from autotls.fsm.errors import ErrorClass
-
-    classes = {
-        "badNonce": ErrorClass.TRANSIENT,
-        "serverInternal": ErrorClass.TRANSIENT,
-        "rateLimited": ErrorClass.RATE_LIMITED,
-    }
-    err = AutoTLSError(
-        detail,
-        error_class=classes.get(kind, ErrorClass.PERMANENT),
-        problem={"type": ACME + kind, "detail": detail, "status": status},
-        retry_after=kw.get("retry_after"),  # type: ignore[arg-type]
+def acme_problem(
+    kind: str, detail: str, status: int, *, retry_after: float | None = None
+) -> AutoTLSError:
+    """The error the real ACME client raises for this problem document: built by the
+    production constructor, so the fakes inject exactly the classes users get."""
+    return problem_from_document(
+        {"type": ACME + kind, "detail": detail, "status": status},
+        status=status,
+        retry_after=retry_after,
+        url="https://fake-ca.test/",
     )
-    err.status = status  # type: ignore[attr-defined]
-    return err
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -185,12 +183,15 @@ class FakeCA:
     async def new_order(
         self, account: AcmeAccount, identifier: str, *, profile: str | None, replaces: str | None
     ) -> AcmeOrderView:
-        self._enter("new_order")
-        self._check_account(account)
+        try:
+            self._enter("new_order")
+            self._check_account(account)
+            if replaces is not None and replaces in self.serials_replaced:
+                raise acme_problem("alreadyReplaced", "certificate already replaced", 409)
+        except AutoTLSError as error:  # what AcmeAdapter.new_order does with a problem
+            raise for_new_order(error, replaces=replaces) from None
         now = self.clock.now()
         if replaces is not None:
-            if replaces in self.serials_replaced:
-                raise acme_problem("alreadyReplaced", "certificate already replaced", 409)
             self.serials_replaced.add(replaces)
         if self.reuse_orders:
             for order in self.orders.values():
@@ -477,10 +478,10 @@ class FakeInstaller:
         leaf = x509.load_pem_x509_certificates(chain_pem.encode())[0]
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         if san.get_values_for_type(x509.DNSName) != [identifier]:
-            raise PermanentError(f"certificate names {san} instead of {identifier}")
+            raise CertificateRejected(f"certificate names {san} instead of {identifier}")
         key = serialization.load_pem_private_key(key_pem, None)
         if key.public_key() != leaf.public_key():
-            raise PermanentError("certificate does not match the order's key")
+            raise CertificateRejected("certificate does not match the order's key")
         serial = f"{leaf.serial_number:x}"
         if (peer_id, serial) not in self.installed:
             self.installed.append((peer_id, serial))
