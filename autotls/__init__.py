@@ -3,20 +3,58 @@
 The public surface is small: :class:`AutoTLS` (the embedding API), identity keys and PeerIds,
 the error types, and the ``autotls`` command line (``autotls.cli``). Everything else is
 reachable for the curious but may change.
+
+The names below load on first use (PEP 562): ``import autotls`` alone costs nothing, so the
+command line can answer ``--help`` or ``status`` without loading aiohttp and the whole
+service. ``from autotls import AutoTLS`` works as always.
 """
 
-from autotls.fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
-from autotls.peerid import (
-    KeyType,
-    PeerId,
-    PeerIdError,
-    PrivateKey,
-    key_file_exposed,
-    load_private_key,
-    load_private_key_async,
-    save_private_key,
-)
-from autotls.service import AutoTLS, CertificateInfo, DeadlineExceeded, Failure, IssuanceFailed
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from autotls._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from autotls.fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
+    from autotls.peerid import (
+        KeyType,
+        PeerId,
+        PeerIdError,
+        PrivateKey,
+        key_file_exposed,
+        load_private_key,
+        load_private_key_async,
+        save_private_key,
+    )
+    from autotls.service import (
+        AutoTLS,
+        CertificateInfo,
+        DeadlineExceeded,
+        Failure,
+        IssuanceFailed,
+    )
+
+# Each public name and the module that defines it (tests/test_startup.py checks that this,
+# __all__ and the imports above agree).
+_EXPORTS: dict[str, str] = {
+    "AutoTLS": "autotls.service",
+    "AutoTLSError": "autotls.fsm.errors",
+    "CertificateInfo": "autotls.service",
+    "ConfigurationError": "autotls.fsm.errors",
+    "DeadlineExceeded": "autotls.service",
+    "ErrorClass": "autotls.fsm.errors",
+    "Failure": "autotls.service",
+    "IssuanceFailed": "autotls.service",
+    "KeyType": "autotls.peerid",
+    "PeerId": "autotls.peerid",
+    "PeerIdError": "autotls.peerid",
+    "PrivateKey": "autotls.peerid",
+    "key_file_exposed": "autotls.peerid",
+    "load_private_key": "autotls.peerid",
+    "load_private_key_async": "autotls.peerid",
+    "save_private_key": "autotls.peerid",
+}
 
 __all__ = [
     "AutoTLS",
@@ -36,3 +74,6 @@ __all__ = [
     "load_private_key_async",
     "save_private_key",
 ]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

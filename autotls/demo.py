@@ -39,7 +39,8 @@ from autotls.localstack.stack import LocalStack
 from autotls.multiaddrs import Multiaddr, ip_label
 from autotls.node import Libp2pNode
 from autotls.peerid import PrivateKey, load_private_key, save_private_key
-from autotls.service import DATABASE_FILE, AutoTLS
+from autotls.persistence.urls import DATABASE_FILE
+from autotls.service import AutoTLS
 
 DEFAULT_WORKDIR = Path(".autotls-demo")
 IDENTITY_FILE = "identity.key"

@@ -68,11 +68,11 @@ from autotls.persistence.errors import (
 )
 from autotls.persistence.records import CertificateRecord, OrderSnapshot
 from autotls.persistence.store import Store
+from autotls.persistence.urls import DATABASE_FILE
 
 log = logging.getLogger(__name__)
 
 EventName = Literal["loaded", "renewed", "failed", "transition"]
-DATABASE_FILE = "autotls.db"
 RENEW_RETRY_S = 0.05
 # How long start() waits for the ACME directory before going on without the check.
 DIRECTORY_CHECK_TIMEOUT_S = 10.0

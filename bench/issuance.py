@@ -41,7 +41,8 @@ from autotls.localstack.stack import LocalStack
 from autotls.node import Libp2pNode
 from autotls.peerid import PrivateKey
 from autotls.persistence.store import Store
-from autotls.service import DATABASE_FILE, AutoTLS
+from autotls.persistence.urls import DATABASE_FILE
+from autotls.service import AutoTLS
 from bench._common import Report, add_json_flag, emit, percentile
 
 ISSUANCE_TIMEOUT_S = 120.0

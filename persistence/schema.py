@@ -3,6 +3,10 @@
 The program upgrades an older database on start, and refuses, naming both revisions, a
 database whose revision it does not know (it was migrated by a newer autotls). Alembic runs
 synchronously; callers in async code run these functions in a thread.
+
+Alembic (half a second of imports) is loaded only when a database is *not* at our head:
+the common case, a database already current, is one plain ``SELECT`` of ``alembic_version``
+against :data:`HEAD_REVISION`, so ``autotls status`` starts quickly.
 """
 
 from __future__ import annotations
@@ -14,17 +18,23 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, pool, text
-from sqlalchemy.engine import URL
+from sqlalchemy import create_engine, inspect, pool, text
+from sqlalchemy.engine import URL, Connection
 
 from autotls._files import make_private_dirs
 from autotls.persistence.errors import SchemaOutdatedError, SchemaTooNewError
 from autotls.persistence.urls import redact, sync_url
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# The newest revision in migrations/versions, known without loading Alembic, compared with
+# what the database's alembic_version table holds (migrations/env.py keeps Alembic's default
+# table name). tests/test_migrations.py fails when this differs from Alembic's own head, so a
+# new revision cannot forget it.
+HEAD_REVISION = "0002"
 
 # The Alembic scripts travel with the package (autotls/migrations in the wheel; in a source
 # checkout the top-level migrations/ folder, which autotls/migrations links to). Located by
@@ -33,18 +43,25 @@ MIGRATIONS_DIR = Path(__file__).parent.parent / "migrations"
 
 
 def alembic_config() -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     return cfg
 
 
 def head_revision() -> str:
+    """The head as Alembic computes it from migrations/versions (see :data:`HEAD_REVISION`)."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "migrations/ has no revisions"
     return head
 
 
 def known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
     return {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
 
 
@@ -63,6 +80,8 @@ def _engine(url: URL):  # type: ignore[no-untyped-def]
 
 
 def current_revision(url: URL) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     engine = _engine(url)
     try:
         with engine.connect() as conn:
@@ -71,8 +90,29 @@ def current_revision(url: URL) -> str | None:
         engine.dispose()
 
 
+def _stored_revision(conn: Connection) -> str | None:
+    """The revision in Alembic's version table, read with a plain query: None when the table
+    is missing, empty, or holds several rows (branches, which only Alembic can resolve)."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    rows = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+    return str(rows[0][0]) if len(rows) == 1 else None
+
+
 def check(url: URL) -> SchemaStatus:
-    status = SchemaStatus(current_revision(url), head_revision())
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            if _stored_revision(conn) == HEAD_REVISION:
+                return SchemaStatus(HEAD_REVISION, HEAD_REVISION)
+            # Not at our head: Alembic tells an older revision (to upgrade) from one it does
+            # not know (a newer autotls migrated this database).
+            from alembic.runtime.migration import MigrationContext
+
+            current = MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+    status = SchemaStatus(current, head_revision())
     if status.current is not None and status.current not in known_revisions():
         raise SchemaTooNewError(
             f"database {redact(url)} is at schema revision {status.current}, which this autotls "
@@ -117,6 +157,8 @@ def upgrade(url: URL, revision: str = "head") -> SchemaStatus:
             with engine.begin() as conn:
                 if url.get_backend_name() == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+                from alembic import command
+
                 cfg = alembic_config()
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, revision)

@@ -14,6 +14,9 @@ from sqlalchemy.exc import ArgumentError
 
 from autotls.persistence.errors import DatabaseURLError
 
+# The SQLite file in a data directory when no URL is given (the facade's and the CLI's default).
+DATABASE_FILE = "autotls.db"
+
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
 _SYNC_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
 

@@ -1,5 +1,5 @@
 """The ``autotls`` command line, in process: arguments, environment variables, exit codes,
-one-line errors, key files, address expansion, logging, and every database command against
+one-line errors, key files, logging, and every database command against
 SQLite databases made with the engine on fakes (orders Installed, Failed, waiting, corrupt).
 
 The end-to-end runs (a real ``autotls run`` against the local stack, SIGTERM and resume, the
@@ -21,6 +21,10 @@ import pytest
 
 from autotls import cli
 from autotls.acme import jwk_thumbprint, load_account_key
+from autotls.cli.exits import scrub
+from autotls.cli.logs import quiet_libp2p, stderr_logging
+from autotls.cli.run import load_identity
+from autotls.cli.settings import secret_values
 from autotls.fsm.diagrams import graphviz_available
 from autotls.fsm.machine import State
 from autotls.peerid import PrivateKey, save_private_key
@@ -143,7 +147,7 @@ def test_trust_roots_must_be_pem_certificates(
 
 def _settings(*argv: str) -> cli.NodeSettings:
     args = cli.build_parser().parse_args(["run", *argv])
-    cli._apply_environment(args)
+    cli.apply_environment(args)
     return cli.node_settings(args)
 
 
@@ -226,11 +230,11 @@ def test_database_commands_read_the_environment_too(
 
 def test_a_missing_key_reads_as_none_and_a_present_one_loads(tmp_path: Path) -> None:
     path = tmp_path / "identity.key"
-    assert cli.load_identity(path) is None
+    assert load_identity(path) is None
     assert not path.exists()
     key = PrivateKey.generate()
     save_private_key(key, path)
-    loaded = cli.load_identity(path)
+    loaded = load_identity(path)
     assert loaded is not None and loaded.peer_id == key.peer_id
 
 
@@ -295,42 +299,6 @@ def test_an_ecdsa_identity_is_refused_before_listening(
     assert not (tmp_path / "autotls.db").exists()
 
 
-# -- addresses ---------------------------------------------------------------------------------
-
-
-def test_unspecified_listen_addresses_expand_to_interface_addresses() -> None:
-    listen = [
-        "/ip4/0.0.0.0/tcp/4001",
-        "/ip4/0.0.0.0/tcp/4002/tls/sni/*.libp2p.direct/ws",
-        "/ip6/::/tcp/4001",
-        "/ip4/203.0.113.9/tcp/4003/tls/ws",
-    ]
-    expanded = cli.expand_unspecified(listen, ["127.0.0.1", "192.0.2.10"], ["::1", "2001:db8::5"])
-    assert expanded == [
-        "/ip4/127.0.0.1/tcp/4001",
-        "/ip4/192.0.2.10/tcp/4001",
-        "/ip4/127.0.0.1/tcp/4002/tls/sni/*.libp2p.direct/ws",
-        "/ip4/192.0.2.10/tcp/4002/tls/sni/*.libp2p.direct/ws",
-        "/ip6/::1/tcp/4001",
-        "/ip6/2001:db8::5/tcp/4001",
-        "/ip4/203.0.113.9/tcp/4003/tls/ws",
-    ]
-    assert cli.expand_unspecified(["/ip4/0.0.0.0/tcp/1"], [], ["::1"]) == []
-
-
-def test_interface_addresses_of_this_machine() -> None:
-    import ipaddress
-
-    v4, v6 = cli.interface_addresses()
-    assert "127.0.0.1" in v4  # Linux always has lo
-    for text in v4:
-        assert ipaddress.ip_address(text).version == 4
-    for text in v6:
-        ip = ipaddress.ip_address(text)
-        assert ip.version == 6 and not ip.is_link_local
-    assert len(set(v4)) == len(v4) and len(set(v6)) == len(v6)
-
-
 # -- logging and secrets -----------------------------------------------------------------------
 
 
@@ -341,8 +309,8 @@ def test_libp2p_logs_are_routed_and_silenced(
     saved = (libp2p_logger.propagate, libp2p_logger.level)
     root_handlers = list(logging.getLogger().handlers)
     try:
-        with cli._logging(0):
-            cli._quiet_libp2p(0)
+        with stderr_logging(0):
+            quiet_libp2p(0)
             assert libp2p_logger.propagate is True
             assert libp2p_logger.level == logging.CRITICAL
             # a py-libp2p module that sets its own level (auto_connector sets INFO)
@@ -355,8 +323,8 @@ def test_libp2p_logs_are_routed_and_silenced(
         assert "noise" not in err and "multiselect" not in err and "Entered" not in err
         assert "autotls: WARNING: disk almost full" in err
         assert logging.getLogger().handlers == root_handlers
-        with cli._logging(1):
-            cli._quiet_libp2p(1)
+        with stderr_logging(1):
+            quiet_libp2p(1)
             logging.getLogger("libp2p.stream_muxer").warning("multiselect handshake failed")
         assert "multiselect handshake failed" in capsys.readouterr().err
     finally:
@@ -381,8 +349,8 @@ def test_secrets_are_scrubbed_from_error_lines() -> None:
     args = cli.build_parser().parse_args(
         ["run", "--eab-kid", "k", "--eab-hmac-key", "c2VjcmV0LWhtYWM", "--forge-auth", "tok-123"]
     )
-    secrets = cli._secrets(args)
-    assert cli._scrub("key c2VjcmV0LWhtYWM and tok-123", secrets) == "key *** and ***"
+    secrets = secret_values(args)
+    assert scrub("key c2VjcmV0LWhtYWM and tok-123", secrets) == "key *** and ***"
 
 
 # -- databases made with the engine ------------------------------------------------------------

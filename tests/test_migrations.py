@@ -31,6 +31,13 @@ def test_models_and_migrations_agree(database_url: str) -> None:
     assert diffs == []
 
 
+def test_the_head_revision_constant_is_alembics_head() -> None:
+    """The schema check compares a database with HEAD_REVISION without loading Alembic: a
+    new revision in migrations/versions must move the constant along, or this fails."""
+    assert schema.head_revision() == schema.HEAD_REVISION
+    assert schema.HEAD_REVISION in schema.known_revisions()
+
+
 def test_upgrade_from_the_previous_revision_keeps_rows(database_url: str) -> None:
     url = parse_database_url(database_url)
     previous = "0001"

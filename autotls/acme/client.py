@@ -76,6 +76,7 @@ from autotls.acme.problems import (
     PollTimeout,
     error_for_response,
 )
+from autotls.acme.revocation import REVOCATION_REASONS
 
 log = logging.getLogger("autotls.acme")
 
@@ -92,7 +93,6 @@ DEFAULT_BAD_NONCE_RETRIES = 8
 MAX_ERROR_RETRY_AFTER = 7 * 24 * 3600.0
 _NONCE = re.compile(r"[A-Za-z0-9_-]+")
 _NONCE_POOL_SIZE = 32
-_REVOCATION_REASONS = frozenset({0, 1, 2, 3, 4, 5, 6, 8, 9, 10})
 
 
 def _version() -> str:
@@ -552,7 +552,7 @@ class AcmeClient:
             raise AcmeInputError("revoke_certificate needs a DER certificate") from None
         payload: dict[str, Any] = {"certificate": b64url(cert_der)}
         if reason is not None:
-            if reason not in _REVOCATION_REASONS:
+            if reason not in REVOCATION_REASONS.values():
                 raise AcmeInputError(f"not an RFC 5280 revocation reason code: {reason!r}")
             payload["reason"] = reason
         directory = await self.directory()

@@ -1,0 +1,220 @@
+"""``autotls run`` and ``autotls demo``: the commands that run a node.
+
+``run`` starts a py-libp2p node and an :class:`AutoTLS` on the settings that
+:func:`autotls.cli.settings.node_settings` validated, reports the order's progress on
+stderr and the certificate and addresses to announce on stdout, and stops cleanly on
+SIGTERM (exit 0) or SIGINT (130); with ``--once`` it exits as soon as a certificate is
+installed (0) or the order failed for good (1). ``demo`` does the same on the local stack
+(:mod:`autotls.demo`) and proves the certificate with a TLS handshake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from autotls.cli.exits import EXIT_INTERRUPTED, EXIT_OK, OperationFailed, UsageError
+from autotls.cli.logs import quiet_libp2p
+from autotls.cli.output import err, one_line, out, when
+from autotls.cli.settings import NodeSettings, node_settings
+
+if TYPE_CHECKING:
+    from autotls.cli.dispatch import Stop
+    from autotls.fsm.worker import OrderEvent
+    from autotls.peerid import PrivateKey
+    from autotls.service import AutoTLS, CertificateInfo, Failure
+
+
+async def cmd_demo(args: argparse.Namespace, stop: Stop) -> int:
+    from autotls.demo import DEFAULT_WORKDIR, run_demo
+
+    workdir: Path = args.workdir or DEFAULT_WORKDIR
+    quiet_libp2p(args.verbose)
+    result = await run_demo(workdir, progress=err, timeout_s=args.timeout)
+    if args.json:
+        out(json.dumps(result.as_json(), sort_keys=True))
+    else:
+        out(f"state:        {result.state}")
+        out(f"tls_verified: {str(result.tls_verified).lower()}")
+        out(f"peer:         {result.peer_id}")
+        out(f"domain:       {result.domain}")
+        if result.cert_path:
+            out(f"certificate:  {result.cert_path} (valid until {result.not_after})")
+        for index, address in enumerate(result.addresses):
+            out(("addresses:    " if index == 0 else " " * 14) + address)
+        out(f"acme requests {result.acme_requests}, {result.elapsed_s:.1f}s")
+        if result.data_dir:
+            out(f"next: autotls status --data-dir {result.data_dir}")
+    if not result.ok:
+        raise OperationFailed(f"demo failed: {result.error or result.state}")
+    return EXIT_OK
+
+
+async def cmd_run(args: argparse.Namespace, stop: Stop) -> int:
+    settings = node_settings(args)
+    quiet_libp2p(args.verbose)
+    return await run_node(settings, stop)
+
+
+def load_identity(path: Path) -> PrivateKey | None:
+    """The identity key at ``path``, or None when nothing is there. A present but
+    unreadable or corrupt file raises :class:`PeerIdError` and is left exactly as it was."""
+    from autotls.peerid import load_private_key
+
+    if path.exists() or path.is_symlink():
+        return load_private_key(path)
+    return None
+
+
+async def run_node(settings: NodeSettings, stop: Stop) -> int:
+    from autotls.fsm.machine import State
+    from autotls.interfaces import expand_unspecified, interface_addresses
+    from autotls.node import Libp2pNode, NodeError
+    from autotls.peerid import PrivateKey, save_private_key
+    from autotls.persistence.urls import redact
+    from autotls.service import AutoTLS
+
+    for note in settings.notes:
+        err(f"autotls: note: {note}")
+    key = load_identity(settings.key_path)
+    created = key is None
+    if key is None:
+        key = PrivateKey.generate()  # saved once the rest of the configuration is accepted
+
+    node: Libp2pNode | None = None
+
+    def addresses() -> list[str]:
+        if settings.announce is not None:
+            return list(settings.announce)
+        bound = node.listen_addresses if node is not None else []
+        return expand_unspecified(bound, *interface_addresses())
+
+    auto = AutoTLS(
+        key,
+        data_dir=settings.data_dir,
+        addresses=addresses,
+        database_url=settings.database_url,
+        directory_url=settings.directory_url,
+        ca_file=settings.ca_file,
+        broker_url=settings.broker_url,
+        broker_ca_file=settings.broker_ca_file,
+        forge_auth=settings.forge_auth,
+        dns_servers=settings.dns_servers,
+        allow_private_addresses=settings.allow_private_addresses,
+        trust_roots=settings.trust_roots,
+        eab=settings.eab,
+        profile=settings.profile,
+        contact=settings.contact,
+        preferred_chain=settings.preferred_chain,
+    )
+    try:
+        node = Libp2pNode(key, listen=settings.listen, tls_context=auto.ssl_context)
+    except NodeError as exc:
+        raise UsageError(f"{exc}") from None
+    if not settings.data_dir.exists():
+        settings.data_dir.mkdir(parents=True, mode=0o700)
+    if created:
+        save_private_key(key, settings.key_path)
+        err(f"generated a new identity key in {settings.key_path}")
+
+    finished = asyncio.Event()
+    failures: list[Failure] = []
+    announce = _Announcer(auto, settings.allow_private_addresses)
+
+    def on_transition(event: OrderEvent) -> None:
+        _report_transition(event)
+        if event.to_state == State.INSTALLED.value and auto.certificate is not None:
+            finished.set()
+
+    def on_failed(failure: Failure) -> None:
+        failures.append(failure)
+        finished.set()
+        if not settings.once:  # a service keeps serving what it has; say what to do
+            err(f"{_describe_failure(failure)}")
+
+    auto.on("transition", on_transition)
+    auto.on("failed", on_failed)
+    auto.on("loaded", lambda cert: announce.certificate(cert, "loaded"))
+    auto.on("renewed", lambda cert: announce.certificate(cert, "renewed"))
+
+    err(f"peer {key.peer_id.to_base58()} ({auto.peer_id})")
+    err(
+        f"database {redact(settings.database_url)}, ACME {settings.directory_url}, "
+        f"broker {settings.broker_url}"
+    )
+    await node.start()
+    try:
+        err(f"listening on {', '.join(node.listen_addresses)}")
+        await auto.start()
+        try:
+            snapshot = await auto.order()
+            if snapshot.state == State.INSTALLED.value and auto.certificate is not None:
+                finished.set()
+            waiters = [asyncio.ensure_future(stop.event.wait())]
+            if settings.once:
+                waiters.append(asyncio.ensure_future(finished.wait()))
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            final = await auto.order()
+        finally:
+            err("stopping")
+            await auto.stop()
+    finally:
+        await node.stop()
+    if stop.signal_name is not None:
+        err(f"stopped on {stop.signal_name}")
+        if stop.signal_name == "SIGTERM" and not settings.once:
+            return EXIT_OK
+        return EXIT_INTERRUPTED
+    if failures and final.state == State.FAILED.value:
+        raise OperationFailed(_describe_failure(failures[-1]))
+    return EXIT_OK
+
+
+def _describe_failure(failure: Failure) -> str:
+    return (
+        f"order {failure.order_id} failed ({failure.error_class}): {failure.message}; "
+        f"fix the cause, then `autotls retry --order {failure.order_id}`"
+    )
+
+
+class _Announcer:
+    """Prints the certificate and the forge addresses whenever a certificate is (re)loaded."""
+
+    def __init__(self, auto: AutoTLS, allow_private: bool) -> None:
+        self._auto = auto
+        self._allow_private = allow_private
+
+    def certificate(self, cert: CertificateInfo, how: str) -> None:
+        from autotls.multiaddrs import select_dialable
+
+        forged = self._auto.forge_addresses()
+        shown = select_dialable(forged, allow_private=self._allow_private)
+        out(
+            f"certificate {how}: {cert.domain} serial {cert.serial}, valid until "
+            f"{when(cert.not_after)}, {cert.chain_path}"
+        )
+        if shown:
+            out("announce:")
+            for address in shown:
+                out(f"  {address}")
+        else:
+            out("announce: (no public secure WebSocket address; see --announce)")
+
+
+def _report_transition(event: OrderEvent) -> None:
+    where = f"order {event.order_id}"
+    if event.trigger is not None:
+        err(f"{where}: {event.from_state} -> {event.to_state} ({event.trigger})")
+    elif event.error_class:
+        retry = f", next attempt {when(event.next_run_at)}" if event.next_run_at else ""
+        err(
+            f"{where}: {event.from_state}: {event.error_class} error{retry}: "
+            f"{one_line(event.message or '', 300)}"
+        )

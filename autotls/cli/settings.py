@@ -1,0 +1,231 @@
+"""Settings validation: where the data directory and the database are, and everything
+``autotls run`` needs, checked before anything starts.
+
+:func:`node_settings` is the one place a ``run`` option is validated (after
+:mod:`autotls.cli.options` has read it from the flag or its environment variable): a bad
+value stops the command with a one-line :class:`UsageError` that names the flag or variable
+it came from, before a key is generated or a database created. New ``run`` checks go here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from autotls.cli.exits import UsageError
+from autotls.cli.options import source
+from autotls.fsm.errors import ConfigurationError
+from autotls.persistence.errors import DatabaseURLError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from autotls.acme import ExternalAccountBinding
+
+DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/tcp/4002/tls/sni/*.libp2p.direct/ws")
+IDENTITY_FILE = "identity.key"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME", "").strip()
+    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "share"
+    return root / "autotls"
+
+
+def data_dir(args: argparse.Namespace) -> Path:
+    text = getattr(args, "data_dir", None)
+    return Path(text).expanduser() if text else default_data_dir()
+
+
+def database_url(args: argparse.Namespace) -> str:
+    """``--db`` as given (once it parses), else the SQLite file in the data directory."""
+    from autotls.persistence.urls import DATABASE_FILE, parse_database_url
+
+    text = getattr(args, "db", None)
+    if text:
+        try:
+            parse_database_url(text)
+        except DatabaseURLError as exc:
+            raise UsageError(f"{source(args, 'db')}: {exc}") from None
+        return str(text)
+    return f"sqlite:///{data_dir(args) / DATABASE_FILE}"
+
+
+@dataclass
+class NodeSettings:
+    """Everything ``autotls run`` needs, validated before anything starts."""
+
+    data_dir: Path
+    key_path: Path
+    database_url: str
+    listen: list[str]
+    announce: list[str] | None
+    directory_url: str
+    ca_file: str | None
+    trust_roots: list[x509.Certificate] | None
+    broker_url: str
+    broker_ca_file: str | None
+    dns_servers: list[str] | None
+    allow_private_addresses: bool
+    profile: str | None
+    eab: ExternalAccountBinding | None
+    contact: list[str]
+    preferred_chain: str | None
+    forge_auth: str | None = field(repr=False)
+    once: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def check_url(args: argparse.Namespace, dest: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{source(args, dest)}: {value!r} is not an http(s) URL")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise UsageError(f"{source(args, dest)}: {value!r} has a bad port") from None
+    return value
+
+
+def check_ca_file(args: argparse.Namespace, dest: str, value: str | None) -> str | None:
+    import ssl
+
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(
+            f"{source(args, dest)}: cannot use {path} as a CA file: {reason}"
+        ) from None
+    return str(path)
+
+
+def _multiaddrs(args: argparse.Namespace, dest: str, values: Sequence[str]) -> list[str]:
+    from autotls.multiaddrs import Multiaddr, MultiaddrError
+
+    out = []
+    for value in values:
+        try:
+            out.append(str(Multiaddr.parse(value)))
+        except MultiaddrError as exc:
+            raise UsageError(f"{source(args, dest)}: {exc}") from None
+    return out
+
+
+def node_settings(args: argparse.Namespace) -> NodeSettings:
+    """Validate every ``run`` option (flags, then environment, then defaults)."""
+    from autotls.acme import AcmeInputError, ExternalAccountBinding
+    from autotls.adapters import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
+    from autotls.broker import DEFAULT_BROKER_URL
+    from autotls.dnscheck import parse_nameserver
+    from autotls.install import load_trust_roots
+
+    notes: list[str] = []
+    directory = data_dir(args)
+    key_path = Path(args.key).expanduser() if args.key else directory / IDENTITY_FILE
+    database = database_url(args)
+
+    if args.staging and args.ca:
+        raise UsageError(
+            f"{source(args, 'staging')} and {source(args, 'ca')} both choose the ACME "
+            "directory: give one"
+        )
+    if args.ca:
+        directory_url = check_url(args, "ca", args.ca)
+    else:
+        directory_url = LETS_ENCRYPT_STAGING if args.staging else LETS_ENCRYPT
+
+    trust_roots: list[x509.Certificate] | None = None
+    if args.trust_roots:
+        try:
+            trust_roots = load_trust_roots(Path(args.trust_roots).expanduser())
+        except ConfigurationError as exc:
+            raise UsageError(f"{source(args, 'trust_roots')}: {exc}") from None
+        if not trust_roots:
+            raise UsageError(f"{source(args, 'trust_roots')}: no certificate in the file")
+    elif args.staging:
+        # Staging chains end in "(STAGING)" roots that no system bundle holds: without them
+        # every issued chain would be rejected as untrusted.
+        trust_roots = []
+        notes.append(
+            "staging: issued chains are checked for consistency only; give --trust-roots "
+            "with Let's Encrypt's staging roots to verify them fully"
+        )
+
+    dns_servers = None
+    if args.dns_server:
+        for server in args.dns_server:
+            try:
+                parse_nameserver(server)
+            except ConfigurationError as exc:
+                raise UsageError(f"{source(args, 'dns_server')}: {exc}") from None
+        dns_servers = list(args.dns_server)
+
+    eab = None
+    if bool(args.eab_kid) != bool(args.eab_hmac_key):
+        raise UsageError("External Account Binding needs both --eab-kid and --eab-hmac-key")
+    if args.eab_kid and args.eab_hmac_key:
+        try:
+            eab = ExternalAccountBinding.from_base64url(args.eab_kid, args.eab_hmac_key)
+        except AcmeInputError as exc:
+            raise UsageError(f"{source(args, 'eab_hmac_key')}: {exc}") from None
+
+    contact = list(args.contact or [])
+    for item in contact:
+        if not item.startswith("mailto:") or "@" not in item:
+            raise UsageError(
+                f"{source(args, 'contact')}: {item!r} is not a mailto: address "
+                "(mailto:you@example.org)"
+            )
+
+    listen = _multiaddrs(args, "listen", args.listen or DEFAULT_LISTEN)
+    announce = _multiaddrs(args, "announce", args.announce) if args.announce else None
+    return NodeSettings(
+        data_dir=directory,
+        key_path=key_path,
+        database_url=database,
+        listen=listen,
+        announce=announce,
+        directory_url=directory_url,
+        ca_file=check_ca_file(args, "ca_bundle", args.ca_bundle),
+        trust_roots=trust_roots,
+        broker_url=check_url(args, "broker", args.broker or DEFAULT_BROKER_URL),
+        broker_ca_file=check_ca_file(args, "broker_ca_bundle", args.broker_ca_bundle),
+        dns_servers=dns_servers,
+        allow_private_addresses=bool(args.allow_private_addresses),
+        profile=args.profile or None,
+        eab=eab,
+        contact=contact,
+        preferred_chain=args.preferred_chain or None,
+        forge_auth=args.forge_auth or None,
+        once=bool(args.once),
+        notes=notes,
+    )
+
+
+def secret_values(args: argparse.Namespace) -> list[str]:
+    """Values that must never reach the terminal, even inside a library's message."""
+    found = [
+        value
+        for value in (getattr(args, "eab_hmac_key", None), getattr(args, "forge_auth", None))
+        if value
+    ]
+    db = getattr(args, "db", None)
+    if db and "://" in db:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        with contextlib.suppress(ArgumentError, ValueError):
+            password = make_url(db).password
+            if password:
+                found.append(str(password))
+    return found

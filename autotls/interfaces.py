@@ -1,0 +1,61 @@
+"""This machine's IP addresses, and listen addresses expanded to them.
+
+What this module owns, and nothing else: turning ``/ip4/0.0.0.0/...`` (``/ip6/::/...``) —
+"every interface" — into the concrete addresses a broker can be told about. The interface
+list comes from :func:`psutil.net_if_addrs` (``getifaddrs`` on Linux and the BSDs,
+``GetAdaptersAddresses`` on Windows), not from our own ``ioctl`` calls.
+
+IPv6 link-local addresses are left out: they need a zone id (``%eth0``), which a multiaddr
+cannot carry. Loopback is kept; which addresses are worth announcing is decided later, by
+:func:`autotls.multiaddrs.select_dialable`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+
+__all__ = ["expand_unspecified", "interface_addresses"]
+
+
+def interface_addresses() -> tuple[list[str], list[str]]:
+    """(IPv4, IPv6) addresses of this machine's interfaces, loopback included, each once."""
+    import psutil  # only `run` needs it; the operator commands stay quick to start
+
+    v4: list[str] = []
+    v6: list[str] = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                ip = ipaddress.ip_address(address.address)
+            except ValueError:  # pragma: no cover - the kernel hands out well-formed addresses
+                continue
+            if isinstance(ip, ipaddress.IPv4Address):
+                v4.append(ip.compressed)
+            elif not ip.is_link_local:
+                # A zone only ever comes with a scoped (link-local) address; strip it anyway,
+                # so nothing here can print an address a multiaddr cannot hold.
+                v6.append(ip.compressed.partition("%")[0])
+    return list(dict.fromkeys(v4)), list(dict.fromkeys(v6))
+
+
+def expand_unspecified(addresses: Sequence[str], v4: Sequence[str], v6: Sequence[str]) -> list[str]:
+    """``/ip4/0.0.0.0/...`` once per IPv4 address in ``v4`` (``/ip6/::/...`` per ``v6``);
+    other addresses unchanged. Order kept, duplicates dropped."""
+    from autotls.multiaddrs import Multiaddr
+
+    out: list[str] = []
+    for text in addresses:
+        ma = Multiaddr.parse(text)
+        proto, ip = ma.components[0]
+        rest = ma.components[1:]
+        if proto == "ip4" and ip == "0.0.0.0":  # noqa: S104 - recognising, not binding
+            out.extend(str(Multiaddr((("ip4", a), *rest))) for a in v4)
+        elif proto == "ip6" and ip == "::":
+            out.extend(str(Multiaddr((("ip6", a), *rest))) for a in v6)
+        else:
+            out.append(str(ma))
+    return list(dict.fromkeys(out))
