@@ -2,8 +2,9 @@
 
 * :class:`AcmeAdapter` -- ``AcmePort`` over :class:`autotls.acme.AcmeClient`: one client per
   account key (the store shares one account among all orders), one HTTP session for all;
-  chain preference among alternates; keys and CSRs as PEM/DER bytes so the engine never
-  touches ``cryptography`` objects.
+  the choice among the CA's alternate chains (never one that does not build to the trust
+  roots); keys and CSRs as PEM/DER bytes so the engine never touches ``cryptography``
+  objects.
 * :class:`BrokerAdapter` -- ``BrokerPort`` over :class:`autotls.broker.BrokerClient`: finds the
   peer's identity key and its current addresses through callables supplied by the embedding
   application (or the py-libp2p node adapter).
@@ -45,6 +46,7 @@ from autotls.acme.problems import (
     for_new_order,
 )
 from autotls.broker import DEFAULT_BROKER_URL, BrokerClient
+from autotls.fsm.clock import Clock, SystemClock
 from autotls.fsm.errors import ConfigurationError, ErrorClass, PermanentError
 from autotls.fsm.ports import (
     AcmeAccount,
@@ -56,6 +58,7 @@ from autotls.fsm.ports import (
     RegisteredAccount,
     RenewalWindow,
 )
+from autotls.install import builds_to_roots
 from autotls.peerid import PrivateKey
 
 log = logging.getLogger(__name__)
@@ -113,13 +116,20 @@ class AcmeAdapter:
         eab: ExternalAccountBinding | None = None,
         contact: Sequence[str] = (),
         preferred_chain: str | None = None,
+        trust_roots: Sequence[x509.Certificate] = (),
+        clock: Clock | None = None,
         timeout: float = 30.0,
     ) -> None:
+        """``preferred_chain``: the common name of the top issuer of the chain to prefer among
+        the CA's alternates; ``trust_roots``: the roots the installer verifies chains against
+        (a chain that does not build to them is never chosen over one that does)."""
         self.directory_url = directory_url
         self.ca_file = ca_file
         self.eab = eab
         self.contact = tuple(contact)
         self.preferred_chain = preferred_chain
+        self.trust_roots = list(trust_roots)
+        self.clock = clock or SystemClock()
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
         self._clients: dict[bytes, AcmeClient] = {}
@@ -270,11 +280,40 @@ class AcmeAdapter:
 
     async def download_certificate(self, account: AcmeAccount, url: str) -> ChainView:
         chain = await self._client(account).download_certificate(url)
-        if self.preferred_chain:
-            for candidate in (chain.pem, *chain.alternates):
-                if _top_issuer(candidate) == self.preferred_chain:
-                    return ChainView(candidate)
-        return ChainView(chain.pem)
+        return ChainView(self.choose_chain(chain.pem, chain.alternates))
+
+    def choose_chain(self, default: str, alternates: Sequence[str]) -> str:
+        """The chain to serve among the CA's: the first of the preferred chain (top issuer
+        named ``preferred_chain``), the CA's default, then the alternates, that builds to the
+        trust roots. A new root is missing from many stores for years (Let's Encrypt's Gen Y),
+        so a preference, or a default, that no configured root completes is passed over. When
+        none builds, the default (the installer then says why); without trust roots nothing
+        can be checked and the preference alone decides."""
+        preferred = [
+            c
+            for c in (default, *alternates)
+            if self.preferred_chain and _top_issuer(c) == self.preferred_chain
+        ]
+        candidates = list(dict.fromkeys([*preferred, default, *alternates]))
+        if not self.trust_roots:
+            return candidates[0]
+        now = self.clock.now()
+        chosen = next((c for c in candidates if builds_to_roots(c, self.trust_roots, now)), None)
+        if preferred and chosen != preferred[0]:
+            log.warning(
+                "preferred chain %r does not build to the configured trust roots; serving the "
+                "chain that ends at %r",
+                self.preferred_chain,
+                _top_issuer(chosen or default),
+            )
+        elif chosen is not None and chosen != default:
+            log.info(
+                "the CA's default chain (ending at %r) does not build to the configured trust "
+                "roots; serving its alternate ending at %r",
+                _top_issuer(default),
+                _top_issuer(chosen),
+            )
+        return chosen or default
 
     async def renewal_info(self, cert_pem: str) -> RenewalWindow | None:
         info = await (await self._directory_client()).renewal_info(_leaf(cert_pem))

@@ -160,6 +160,8 @@ class AutoTLS:
             eab=eab,
             contact=contact,
             preferred_chain=preferred_chain,
+            trust_roots=roots,
+            clock=self.clock,
         )
         self.broker = BrokerAdapter(
             identity=lambda peer: self.identity if peer == self.peer_id else None,

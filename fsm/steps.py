@@ -392,6 +392,15 @@ def _after_finalize(order: AcmeOrderView, now: datetime, ports: Ports) -> Outcom
             ),
             f"order {order.status}",
         )
+    if order.status == "invalid" and order.error is None and _expired(order, now):
+        # It expired before it was finalized (e.g. a Retry-After longer than the order's
+        # life): nothing failed at the CA, so no failed validation is counted; order again.
+        return Advance(
+            "reorder",
+            clear=ORDER_KEYS,
+            note={"reason": "the order expired before it was finalized", "order_url": order.url},
+            effects=Effects(cert_key_pem=None),
+        )
     if order.status == "invalid" or _expired(order, now):
         detail = order.error.get("detail") if order.error else None
         raise OrderInvalidError(

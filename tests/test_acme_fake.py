@@ -120,6 +120,50 @@ async def test_full_issuance_with_a_profile(ca: FakeAcmeServer, client: AcmeClie
     assert all(p is None for e, p in ca.payloads if e in ("order", "authz", "certificate"))
 
 
+async def test_the_default_profile_lifetime_follows_the_issuance_date(
+    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+) -> None:
+    """Let's Encrypt's schedule for the default profile: 90 days, 64 from 2027-02-10, 45 from
+    2028-02-16 (by the moment of issuance, not of the order)."""
+    lifetimes = []
+    for moment in ("2027-02-09T23:59:59", "2027-02-10T00:00:00", "2028-02-16T00:00:00"):
+        clock.now = datetime.fromisoformat(moment).replace(tzinfo=UTC)
+        leaf = (await issue(client, await client.new_order([WILDCARD]))).leaf
+        lifetimes.append(leaf.not_valid_after_utc - leaf.not_valid_before_utc)
+    assert lifetimes == [timedelta(days=d, minutes=1) for d in (90, 64, 45)]
+
+
+async def test_a_shortlived_authorization_expires_after_an_hour_as_in_boulder(
+    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+) -> None:
+    order = await client.new_order([WILDCARD], profile="shortlived")
+    assert order.expires == START + timedelta(hours=8)
+    authz = await client.get_authorization(order.authorizations[0])
+    assert authz.expires == START + timedelta(hours=1)
+    clock.now = START + timedelta(hours=1)
+    # Boulder: an expired authorization is inaccessible (404), and its order invalid.
+    with pytest.raises(Malformed) as caught:
+        await client.get_authorization(authz.url)
+    assert caught.value.status == 404
+    with pytest.raises(Malformed):
+        await client.answer_challenge(authz.challenge("dns-01").url)
+    assert (await client.get_order(order.url)).status == "invalid"
+
+
+async def test_gen_y_chains_are_linked_as_alternates(clock: FakeClock) -> None:
+    async with (
+        FakeAcmeServer(now=clock, chains="cross-signed") as ca,
+        AcmeClient(ca.directory_url, generate_account_key(), now=clock) as acme,
+    ):
+        await acme.new_account()
+        chain = await issue(acme, await acme.new_order([WILDCARD]))
+    [alternate] = chain.alternates
+    verify_chain(chain, ca.root_pem)  # leaf, issuer, the cross-sign -> the old root
+    verify_chain(CertificateChain(url="", pem=alternate), ca.gen_y_root_pem)
+    assert len(chain.certificates()) == 3
+    assert len(CertificateChain(url="", pem=alternate).certificates()) == 2
+
+
 async def test_unknown_profile_is_invalid_profile(client: AcmeClient) -> None:
     with pytest.raises(InvalidProfile) as caught:
         await client.new_order([WILDCARD], profile="eternal")

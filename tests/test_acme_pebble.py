@@ -34,6 +34,7 @@ from autotls.acme import (
     make_csr,
 )
 from autotls.acme.jws import AccountKey
+from autotls.adapters import AcmeAdapter
 from autotls.fsm.errors import ErrorClass
 from autotls.localstack.pebble import PebbleOptions, PebbleStack
 from tests.fixtures.pebble import PebbleFactory
@@ -232,6 +233,35 @@ async def test_alternate_chains(pebble_factory: PebbleFactory) -> None:
     assert chains_to(chain.alternates[0], roots[1:]) and not chains_to(
         chain.alternates[0], roots[:1]
     )
+
+
+async def test_a_preferred_chain_that_does_not_build_to_the_trust_roots_is_passed_over(
+    pebble_factory: PebbleFactory,
+) -> None:
+    """--preferred-chain names the alternate's root; a store without that root (Let's
+    Encrypt's Gen Y roots are not everywhere yet) gets the default chain, one with it gets the
+    preferred chain, and no store at all leaves the preference alone."""
+    stack = pebble_factory(PebbleOptions(nonce_reject_percent=20, alternate_roots=1))
+    async with acme_client(stack) as acme:
+        await acme.new_account()
+        chain, _ = await issue(stack, acme, wildcard())
+    roots = [x509.load_pem_x509_certificate(pem.encode()) for pem in stack.issuer_roots_pem()]
+    [alternate] = chain.alternates
+    top = CertificateChain(url="", pem=alternate).certificates()[-1]
+    preferred = str(top.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+
+    def choice(trusted: list[x509.Certificate]) -> str:
+        adapter = AcmeAdapter(
+            stack.directory_url,
+            ca_file=stack.ca_file,
+            preferred_chain=preferred,
+            trust_roots=trusted,
+        )
+        return adapter.choose_chain(chain.pem, chain.alternates)
+
+    assert choice(roots[:1]) == chain.pem
+    assert choice(roots) == alternate
+    assert choice([]) == alternate
 
 
 async def test_external_account_binding(pebble_factory: PebbleFactory) -> None:
