@@ -29,11 +29,10 @@ from yarl import URL
 
 from autotls.fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
 from autotls.http import (
-    AnswerTooLarge,
-    AnswerTruncated,
     HttpClient,
     HttpFailure,
     HttpTransport,
+    IncompleteAnswer,
     Observer,
     parse_retry_after,
 )
@@ -335,7 +334,7 @@ class BrokerClient(HttpClient):
                 headers=self._headers(),
                 limit=MAX_BODY,
             )
-        except (AnswerTooLarge, AnswerTruncated) as exc:
+        except IncompleteAnswer as exc:
             answer = exc.answer  # the status decides; what arrived of the body is detail
         except HttpFailure as exc:
             raise BrokerNetworkError(f"broker health check failed: {exc.reason}") from None

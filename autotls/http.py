@@ -9,9 +9,10 @@ What this module owns, and nothing else:
   caller's session, used as it is and never closed;
 * the ``User-Agent`` every request carries (RFC 8555 §6.1 asks ACME clients for one);
 * the exchange: one request under a total timeout, redirects never followed, the answer read
-  whole up to a size limit. An exchange that brings no whole answer raises one of the four
-  :class:`HttpFailure` types, each carrying what did arrive; every client turns them into its
-  own classified errors, so the classification stays with the protocol that owns it;
+  whole up to a size limit. An exchange that brings no whole answer raises an
+  :class:`HttpFailure` (timed out, connection failed, or an :class:`IncompleteAnswer`: too
+  large or cut, with the status, headers and what arrived of the body); every client turns
+  them into its own classified errors, so the classification stays with its protocol;
 * the observer: every exchange, answered or failed, passes through one place and is handed
   to the transport's observer as an :class:`Exchange` (method, URL, request class, status,
   headers, bodies, elapsed time). Request metrics and recordings hook in there;
@@ -52,6 +53,7 @@ __all__ = [
     "HttpFailure",
     "HttpResponse",
     "HttpTransport",
+    "IncompleteAnswer",
     "Observer",
     "RequestTimedOut",
     "UnusableCaFile",
@@ -170,30 +172,9 @@ class ConnectionFailed(HttpFailure):
     status line and headers arrived."""
 
 
-class AnswerTooLarge(HttpFailure):
-    """The body exceeds the size limit (as announced by ``Content-Length``, or as read).
-    ``answer`` holds the status and headers and at most ``limit`` bytes of the body."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        method: str,
-        url: str,
-        request_class: str,
-        answer: HttpResponse,
-        limit: int,
-    ) -> None:
-        super().__init__(
-            message, method=method, url=url, request_class=request_class, reason=message
-        )
-        self.answer = answer
-        self.limit = limit
-
-
-class AnswerTruncated(HttpFailure):
-    """The status line and headers arrived, then the connection died inside the body.
-    ``answer`` holds them and the part of the body that did arrive."""
+class IncompleteAnswer(HttpFailure):
+    """The status line and headers arrived, the body did not arrive whole. ``answer`` holds
+    them and what was read of the body."""
 
     def __init__(
         self,
@@ -209,6 +190,15 @@ class AnswerTruncated(HttpFailure):
             message, method=method, url=url, request_class=request_class, reason=reason
         )
         self.answer = answer
+
+
+class AnswerTooLarge(IncompleteAnswer):
+    """The body exceeds the size limit (as announced by ``Content-Length``, or as read); the
+    answer holds at most the limit's worth of it."""
+
+
+class AnswerTruncated(IncompleteAnswer):
+    """The connection died inside the body."""
 
 
 @dataclass(frozen=True)
@@ -333,7 +323,7 @@ class HttpTransport:
             return answer
         except HttpFailure as exc:
             error = exc
-            answer = exc.answer if isinstance(exc, AnswerTooLarge | AnswerTruncated) else None
+            answer = exc.answer if isinstance(exc, IncompleteAnswer) else None
             raise
         finally:
             if self.observer is not None:
@@ -389,23 +379,17 @@ class HttpTransport:
                     head = HttpResponse(where, resp.status, resp.headers, b"")
                     declared = resp.content_length
                     if declared is not None and declared > limit:
-                        raise AnswerTooLarge(
-                            f"{method} {where}: body of {declared} bytes exceeds the"
-                            f" {limit}-byte limit",
-                            answer=head,
-                            limit=limit,
-                            **names,
-                        )
+                        message = f"{method} {where}: body of {declared} bytes exceeds the"
+                        message += f" {limit}-byte limit"
+                        raise AnswerTooLarge(message, reason=message, answer=head, **names)
                     total = 0
                     async for chunk in resp.content.iter_chunked(_CHUNK):
                         total += len(chunk)
                         if total > limit:
                             chunks.append(chunk[: len(chunk) - (total - limit)])
+                            message = f"{method} {where}: body exceeds the {limit}-byte limit"
                             raise AnswerTooLarge(
-                                f"{method} {where}: body exceeds the {limit}-byte limit",
-                                answer=_joined(head, chunks),
-                                limit=limit,
-                                **names,
+                                message, reason=message, answer=_joined(head, chunks), **names
                             )
                         chunks.append(chunk)
                     return _joined(head, chunks)
