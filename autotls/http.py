@@ -216,7 +216,7 @@ class Exchange:
     response_headers: Mapping[str, str] | None
     response_body: bytes | None  # whole, or what arrived of it when ``error`` is set
     elapsed: float  # seconds, from sending to the whole answer (or the failure)
-    error: HttpFailure | None = None
+    error: BaseException | None = None  # an HttpFailure, or what else ended it (cancellation)
 
     @property
     def request_size(self) -> int:
@@ -317,11 +317,11 @@ class HttpTransport:
         self.request_count += 1
         started = time.monotonic()
         answer: HttpResponse | None = None
-        error: HttpFailure | None = None
+        error: BaseException | None = None
         try:
             answer = await self._exchange(method, url, request_class, sent, body, limit)
             return answer
-        except HttpFailure as exc:
+        except BaseException as exc:  # observed, then re-raised: a cancellation included
             error = exc
             answer = exc.answer if isinstance(exc, IncompleteAnswer) else None
             raise

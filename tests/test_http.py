@@ -223,3 +223,33 @@ def test_the_adapters_name_the_server_whose_ca_file_is_unusable(tmp_path: Path) 
     # At construction, before any order is touched (the health check's client is made then).
     with pytest.raises(ConfigurationError, match=r"^the broker CA file .*missing\.pem"):
         BrokerAdapter(identity=lambda _p: None, addresses=lambda _p: [], ca_file=missing)
+
+
+async def test_a_cancelled_exchange_is_observed_too() -> None:
+    entered, released = asyncio.Event(), asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        entered.set()
+        await released.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/hang", hang)
+    test_server = TestServer(app, host="127.0.0.1")
+    await test_server.start_server()
+    seen: list[Exchange] = []
+    try:
+        async with HttpTransport(observer=seen.append) as http:
+            task = asyncio.ensure_future(
+                http.request("GET", url(test_server, "/hang"), request_class="slow")
+            )
+            await entered.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        released.set()
+        await test_server.close()
+    assert [(e.request_class, e.status, type(e.error)) for e in seen] == [
+        ("slow", None, asyncio.CancelledError)
+    ]
