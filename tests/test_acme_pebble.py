@@ -37,6 +37,7 @@ from autotls.acme.jws import AccountKey
 from autotls.adapters import AcmeAdapter
 from autotls.fsm.errors import ErrorClass
 from autotls.localstack.pebble import PebbleOptions, PebbleStack
+from tests.fixtures.acme import settled_authorization, settled_order
 from tests.fixtures.pebble import PebbleFactory
 
 pytestmark = pytest.mark.pebble
@@ -58,7 +59,6 @@ def acme_client(stack: PebbleStack, key: AccountKey | None = None, **kwargs: obj
         stack.directory_url,
         key if key is not None else generate_account_key(),
         ca_file=stack.ca_file,
-        poll_interval=0.1,
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -81,7 +81,7 @@ async def validate(stack: PebbleStack, client: AcmeClient, order: Order) -> None
         await stack.set_txt(fqdn, dns01_value(challenge.token, client.account_key))
         try:
             await client.answer_challenge(challenge.url)
-            await client.poll_authorization(url, timeout=30)
+            assert (await settled_authorization(client, url)).status == "valid"
         finally:
             await stack.clear_txt(fqdn)
 
@@ -92,8 +92,8 @@ async def issue(
     order = await client.new_order([name])
     await validate(stack, client, order)
     key = generate_certificate_key()
-    order = await client.finalize(order, make_csr(key, [name]))
-    order = await client.poll_order(order.url, timeout=30)
+    await client.finalize(order.url, order.finalize, make_csr(key, [name]))
+    order = await settled_order(client, order.url)
     assert order.status == "valid" and order.certificate is not None
     return await client.download_certificate(order.certificate), key
 
@@ -162,11 +162,15 @@ async def test_finalize_before_ready_refetches_the_order(
 ) -> None:
     name = wildcard()
     order = await client.new_order([name])
-    result = await client.finalize(order, make_csr(generate_certificate_key(), [name]))
+    result = await client.finalize(
+        order.url, order.finalize, make_csr(generate_certificate_key(), [name])
+    )
     assert (result.url, result.status) == (order.url, "pending")
     # The order is still usable: validate and finalize for real.
     await validate(pebble, client, result)
-    finalized = await client.finalize(result, make_csr(generate_certificate_key(), [name]))
+    finalized = await client.finalize(
+        order.url, order.finalize, make_csr(generate_certificate_key(), [name])
+    )
     assert finalized.status in ("processing", "valid")
 
 

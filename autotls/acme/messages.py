@@ -10,7 +10,6 @@ than making the authorization unreadable.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -408,31 +407,6 @@ class RenewalInfo:
 
 
 # -- headers --------------------------------------------------------------------------------
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from ``now``: delay-seconds or an HTTP-date (past dates give 0).
-    None when absent or unparseable (negative numbers and decimals are not Retry-After)."""
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    if text.isdigit() and text.isascii():
-        try:
-            return float(int(text))
-        except (ValueError, OverflowError):  # thousands of digits: not a delay, garbage
-            return None
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    try:
-        return max(0.0, (when - now).total_seconds())
-    except OverflowError:
-        return None
 
 
 @dataclass(frozen=True)
