@@ -453,3 +453,43 @@ def test_a_metrics_address_in_use_is_a_one_line_usage_error(
     assert result.error_line.startswith(
         f"autotls: error: --metrics-listen: cannot listen on 127.0.0.1:{port}: "
     ), result.error_line
+
+
+# -- the deployment examples the README shows -------------------------------------------------
+
+DEPLOY = Path(__file__).resolve().parent.parent / "examples" / "deploy"
+
+
+def test_the_readme_shows_the_deployment_files_as_shipped() -> None:
+    readme = (DEPLOY.parent.parent / "README.md").read_text()
+    for name in ("autotls.service", "autotls.env"):
+        assert (DEPLOY / name).read_text() in readme, f"README's {name} differs from the file"
+    expressions = [
+        line.split("expr:", 1)[1].strip()
+        for line in (DEPLOY / "autotls-alerts.yml").read_text().splitlines()
+        if line.strip().startswith("expr:")
+    ]
+    assert len(expressions) == 7
+    for expression in expressions:  # in a Markdown table, | is written \|
+        assert f"`{expression.replace('|', chr(92) + '|')}`" in readme, expression
+    for name in METRIC_NAMES:
+        assert name in readme
+
+
+@pytest.mark.usefixtures("no_autotls_environment")
+def test_the_example_environment_file_is_a_valid_configuration(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for line in (DEPLOY / "autotls.env").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            monkeypatch.setenv(name, value)
+    settings = _settings(monkeypatch, tmp_path)
+    assert settings.announce == [
+        "/ip4/203.0.113.7/tcp/4001",
+        "/ip4/203.0.113.7/tcp/4002/tls/sni/*.libp2p.direct/ws",
+    ]
+    assert settings.directory_url == "https://acme-staging-v02.api.letsencrypt.org/directory"
+    assert settings.data_dir == Path("/var/lib/autotls/staging")
+    assert str(settings.metrics_listen) == "127.0.0.1:9464"
+    assert settings.contact == ["mailto:ops@example.org"]
