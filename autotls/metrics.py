@@ -172,14 +172,17 @@ class AutoTLSCollector(Collector):
             if not force and self._read_at is not None and now - self._read_at < self.max_age:
                 return
             auto = self.autotls
-            if auto.order_id is None:  # not started: nothing to read yet
+            try:
+                store = auto.store
+            except RuntimeError:  # not started, or stopped: no database to read
                 return
             try:
-                counts = await auto.store.count_by_state(peers=[auto.peer_id])
+                counts = await store.count_by_state(peers=[auto.peer_id])
                 order = await auto.order()
             except Exception as exc:
                 if not self._store_failing:
-                    log.warning("metrics: reading the store failed: %s", _describe(exc))
+                    reason = describe_database_error(exc)
+                    log.warning("metrics: reading the store failed: %s", reason)
                 self._store_failing = True
                 return
             self._store_failing = False
@@ -246,12 +249,6 @@ def planned_renewal(order: OrderSnapshot) -> datetime | None:
     except ValueError:
         return None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, RuntimeError):  # the facade was stopped: its store is closed
-        return str(exc)
-    return describe_database_error(exc)
 
 
 # ---------------------------------------------------------------------------------------------
