@@ -1,7 +1,8 @@
 """autotls: get and keep a ``*.<peerid>.libp2p.direct`` certificate for a libp2p node.
 
 The public surface is small: :class:`AutoTLS` (the embedding API), identity keys and PeerIds,
-the error types, and the ``autotls`` command line (``autotls.cli``). Everything else is
+the error types, Prometheus metrics and the health check (:mod:`autotls.metrics`), and the
+``autotls`` command line (``autotls.cli``). Everything else is
 reachable for the curious but may change.
 
 The names below load on first use (PEP 562): ``import autotls`` alone costs nothing, so the
@@ -17,6 +18,7 @@ from autotls._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from autotls.fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
+    from autotls.metrics import AutoTLSCollector, Health, MetricsServer, check_health, metrics_app
     from autotls.peerid import (
         KeyType,
         PeerId,
@@ -39,39 +41,49 @@ if TYPE_CHECKING:
 # __all__ and the imports above agree).
 _EXPORTS: dict[str, str] = {
     "AutoTLS": "autotls.service",
+    "AutoTLSCollector": "autotls.metrics",
     "AutoTLSError": "autotls.fsm.errors",
     "CertificateInfo": "autotls.service",
     "ConfigurationError": "autotls.fsm.errors",
     "DeadlineExceeded": "autotls.service",
     "ErrorClass": "autotls.fsm.errors",
     "Failure": "autotls.service",
+    "Health": "autotls.metrics",
     "IssuanceFailed": "autotls.service",
     "KeyType": "autotls.peerid",
+    "MetricsServer": "autotls.metrics",
     "PeerId": "autotls.peerid",
     "PeerIdError": "autotls.peerid",
     "PrivateKey": "autotls.peerid",
+    "check_health": "autotls.metrics",
     "key_file_exposed": "autotls.peerid",
     "load_private_key": "autotls.peerid",
     "load_private_key_async": "autotls.peerid",
+    "metrics_app": "autotls.metrics",
     "save_private_key": "autotls.peerid",
 }
 
 __all__ = [
     "AutoTLS",
+    "AutoTLSCollector",
     "AutoTLSError",
     "CertificateInfo",
     "ConfigurationError",
     "DeadlineExceeded",
     "ErrorClass",
     "Failure",
+    "Health",
     "IssuanceFailed",
     "KeyType",
+    "MetricsServer",
     "PeerId",
     "PeerIdError",
     "PrivateKey",
+    "check_health",
     "key_file_exposed",
     "load_private_key",
     "load_private_key_async",
+    "metrics_app",
     "save_private_key",
 ]
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import ssl
@@ -53,6 +54,7 @@ from autotls.fsm.errors import ConfigurationError, LocalIOError
 from autotls.fsm.machine import State
 from autotls.fsm.ports import EngineSettings, InstalledCertificate, Ports
 from autotls.fsm.worker import OrderEvent, Worker
+from autotls.http import Exchange
 from autotls.install import Installer, LiveTlsContext, load_trust_roots
 from autotls.multiaddrs import (
     DEFAULT_ZONE,
@@ -97,6 +99,8 @@ class Failure:
 
 
 Callback = Callable[..., Awaitable[None] | None]
+# ``observer(service, exchange)``: service is "acme" or "broker" (see AutoTLS.observe_http).
+HttpObserver = Callable[[str, Exchange], None]
 
 
 def system_trust_roots() -> list[x509.Certificate]:
@@ -154,6 +158,7 @@ class AutoTLS:
             roots = system_trust_roots()
         else:
             roots = list(trust_roots)
+        self._http_observers: list[HttpObserver] = []
         self.acme = AcmeAdapter(
             directory_url,
             ca_file=ca_file,
@@ -162,6 +167,7 @@ class AutoTLS:
             preferred_chain=preferred_chain,
             trust_roots=roots,
             clock=self.clock,
+            observer=functools.partial(self._observe_http, "acme"),
         )
         self.broker = BrokerAdapter(
             identity=lambda peer: self.identity if peer == self.peer_id else None,
@@ -170,6 +176,7 @@ class AutoTLS:
             ca_file=broker_ca_file,
             forge_auth=forge_auth,
             allow_private_addresses=allow_private_addresses,
+            observer=functools.partial(self._observe_http, "broker"),
         )
         self.dns = AuthoritativeTxtChecker(
             zone=zone,
@@ -213,6 +220,27 @@ class AutoTLS:
         if cert is None or cert.not_after <= self.clock.now() or cert.serial in self._revoked:
             return None
         return cert
+
+    @property
+    def served_certificate(self) -> CertificateInfo | None:
+        """The certificate new handshakes get, also once it expired or was revoked (until its
+        replacement arrives): what monitoring watches. :attr:`certificate` is the one to
+        announce."""
+        return self._certificate
+
+    @property
+    def worker_running(self) -> bool:
+        """Whether this object's worker is at work: False before :meth:`start`, after
+        :meth:`stop`, once it stopped by itself (:attr:`worker_error` says why), and with
+        ``run_worker=False``."""
+        return self._task is not None and not self._task.done()
+
+    def observe_http(self, observer: HttpObserver) -> None:
+        """Call ``observer(service, exchange)`` for every HTTP exchange with the ACME server
+        (``service`` ``"acme"``) and the broker (``"broker"``), answered or failed; request
+        metrics hook in here (:mod:`autotls.metrics`). It runs inside the request path: keep
+        it quick, and never write down the exchange's secrets (:class:`autotls.http.Exchange`)."""
+        self._http_observers.append(observer)
 
     @property
     def store(self) -> Store:
@@ -461,6 +489,13 @@ class AutoTLS:
         return self._worker
 
     # -- internals --------------------------------------------------------------------------
+
+    def _observe_http(self, service: str, exchange: Exchange) -> None:
+        for observer in self._http_observers:
+            try:
+                observer(service, exchange)
+            except Exception:  # an observer's bug must not cost an exchange its answer
+                log.exception("HTTP observer failed on %s %s", exchange.method, exchange.url)
 
     def _settings_with_profile(self) -> EngineSettings:
         if self._profile is None:

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ class OrderEvent:
     error_class: str | None
     message: str | None
     next_run_at: datetime | None
+    # How long the step took (monotonic seconds, the commit excluded); None when no step ran
+    # (a corrupt row set aside). Step-latency metrics read it.
+    step_seconds: float | None = None
 
 
 EventListener = Callable[[OrderEvent], Awaitable[None] | None]
@@ -315,6 +319,7 @@ class Worker:
             return
         self.faults.hit(FaultPoint.BEFORE_EFFECT, snap.state)
         keeper = asyncio.ensure_future(self._keep_lease(snap))
+        started = time.monotonic()
         try:
             plan = await self._run_step(step, snap)
         except asyncio.CancelledError:
@@ -323,6 +328,7 @@ class Worker:
             raise
         finally:
             keeper.cancel()
+        step_seconds = time.monotonic() - started
         self.steps_run += 1
         self.faults.hit(FaultPoint.AFTER_EFFECT, snap.state)
         now = self.ports.clock.now()
@@ -350,7 +356,7 @@ class Worker:
             )
             return
         self.faults.hit(FaultPoint.AFTER_COMMIT, snap.state)
-        await self._announce(snap, plan)
+        await self._announce(snap, plan, step_seconds)
 
     async def _run_step(self, step: Step, snap: OrderSnapshot) -> CommitPlan:
         clock, settings, rng = self.ports.clock, self.ports.settings, self.ports.rng
@@ -416,7 +422,7 @@ class Worker:
                 )
             )
 
-    async def _announce(self, snap: OrderSnapshot, plan: CommitPlan) -> None:
+    async def _announce(self, snap: OrderSnapshot, plan: CommitPlan, step_seconds: float) -> None:
         trigger = plan.journal.trigger if plan.journal and plan.journal.kind != "error" else None
         extra = {"order_id": snap.id, "state": plan.to_state}
         if trigger:
@@ -445,6 +451,7 @@ class Worker:
                 plan.last_error_class,
                 plan.last_error_message,
                 plan.next_run_at,
+                step_seconds,
             )
         )
 

@@ -426,6 +426,15 @@ class Store:
             value: datetime | None = result.scalar_one_or_none()
         return value
 
+    async def count_by_state(self, *, peers: Collection[str] | None = None) -> dict[str, int]:
+        """How many orders (of ``peers``) are in each state: one ``GROUP BY`` (metrics)."""
+        query = select(orders.c.state, func.count()).group_by(orders.c.state)
+        if peers is not None:
+            query = query.where(orders.c.peer_id.in_(list(peers)))
+        async with self._read() as conn:
+            rows = (await conn.execute(query)).all()
+        return {str(state): int(count) for state, count in rows}
+
     async def journal(self, order_id: int) -> list[JournalRecord]:
         async with self._read() as conn:
             rows = (

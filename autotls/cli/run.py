@@ -4,8 +4,9 @@
 :func:`autotls.cli.settings.node_settings` validated, reports the order's progress on
 stderr and the certificate and addresses to announce on stdout, and stops cleanly on
 SIGTERM (exit 0) or SIGINT (130); with ``--once`` it exits as soon as a certificate is
-installed (0) or the order failed for good (1). ``demo`` does the same on the local stack
-(:mod:`autotls.demo`) and proves the certificate with a TLS handshake.
+installed (0) or the order failed for good (1); with ``--metrics-listen`` it serves
+Prometheus metrics and a health check (:mod:`autotls.metrics`). ``demo`` does the same on
+the local stack (:mod:`autotls.demo`) and proves the certificate with a TLS handshake.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from typing import TYPE_CHECKING
 from autotls.cli.exits import EXIT_INTERRUPTED, EXIT_OK, OperationFailed, UsageError
 from autotls.cli.logs import quiet_libp2p
 from autotls.cli.output import err, one_line, out, when
-from autotls.cli.settings import NodeSettings, node_settings
+from autotls.cli.settings import ListenAddress, NodeSettings, node_settings
 
 if TYPE_CHECKING:
     from autotls.cli.dispatch import Stop
     from autotls.fsm.worker import OrderEvent
+    from autotls.metrics import MetricsServer
     from autotls.peerid import PrivateKey
     from autotls.service import AutoTLS, CertificateInfo, Failure
 
@@ -146,7 +148,10 @@ async def run_node(settings: NodeSettings, stop: Stop) -> int:
         f"broker {settings.broker_url}"
     )
     await node.start()
+    metrics: MetricsServer | None = None
     try:
+        if settings.metrics_listen is not None:
+            metrics = await serve_metrics(auto, settings.metrics_listen)
         err(f"listening on {', '.join(node.listen_addresses)}")
         await auto.start()
         try:
@@ -166,6 +171,8 @@ async def run_node(settings: NodeSettings, stop: Stop) -> int:
             err("stopping")
             await auto.stop()
     finally:
+        if metrics is not None:
+            await metrics.stop()
         await node.stop()
     if stop.signal_name is not None:
         err(f"stopped on {stop.signal_name}")
@@ -175,6 +182,27 @@ async def run_node(settings: NodeSettings, stop: Stop) -> int:
     if failures and final.state == State.FAILED.value:
         raise OperationFailed(_describe_failure(failures[-1]))
     return EXIT_OK
+
+
+async def serve_metrics(auto: AutoTLS, where: ListenAddress) -> MetricsServer:
+    """``--metrics-listen``: ``/metrics`` and ``/healthz`` (:mod:`autotls.metrics`), started
+    before the worker so that its first requests are counted."""
+    from prometheus_client import disable_created_metrics
+
+    from autotls.metrics import MetricsServer
+
+    # The process is ours: no `*_created` series, which in the text format are only more
+    # series to store (an embedder's process keeps prometheus_client's setting).
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    server = MetricsServer(auto, where.host, where.port)
+    try:
+        await server.start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"{where.given_by}: cannot listen on {where}: {reason}") from None
+    urls = ", ".join(f"{url}/metrics" for url in server.urls)
+    err(f"metrics on {urls} (health check: /healthz)")
+    return server
 
 
 def _describe_failure(failure: Failure) -> str:
