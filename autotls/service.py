@@ -50,7 +50,7 @@ from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
 from autotls.fsm import operator
 from autotls.fsm.clock import Clock, SystemClock
 from autotls.fsm.errors import ConfigurationError, LocalIOError
-from autotls.fsm.machine import State
+from autotls.fsm.machine import State, Trigger
 from autotls.fsm.ports import EngineSettings, InstalledCertificate, Ports
 from autotls.fsm.worker import OrderEvent, Worker
 from autotls.install import Installer, LiveTlsContext, load_trust_roots
@@ -489,10 +489,10 @@ class AutoTLS:
                 if active is not None:
                     return active
         try:
-            return await store.create_order(
+            return await operator.create_order(
+                store,
                 self.peer_id,
                 self.domain,
-                initial_state=State.NEW.value,
                 now=self.clock.now(),
                 actor=f"autotls:{os.getpid()}",
             )
@@ -553,7 +553,7 @@ class AutoTLS:
             # A renewal begins: an operator's revoke records itself on the order this way.
             self._note_revocation(await self.order())
         await self._emit("transition", event)
-        if event.trigger == "certificate_installed" and self._served is not None:
+        if event.trigger is Trigger.CERTIFICATE_INSTALLED and self._served is not None:
             previous, self._certificate, self._served = self._certificate, self._served, None
             if previous is None:
                 await self._emit("loaded", self._certificate)

@@ -28,14 +28,14 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from autotls.fsm.errors import AutoTLSError, ErrorClass
 from autotls.fsm.faults import FaultPlan, FaultPoint
-from autotls.fsm.machine import State
+from autotls.fsm.machine import State, Trigger
 from autotls.fsm.policy import plan_error, plan_outcome, plan_unexpected
 from autotls.fsm.ports import Ports
 from autotls.fsm.steps import STEPS, Step
@@ -48,16 +48,22 @@ log = logging.getLogger("autotls.worker")
 
 @dataclass(frozen=True)
 class OrderEvent:
-    """What happened to an order in one commit (for callbacks, metrics, progress)."""
+    """What happened to an order in one commit (for callbacks, metrics, progress): the
+    ``"transition"`` event of :meth:`autotls.AutoTLS.on`.
+
+    ``trigger`` is the move the journal recorded, ``None`` when the order stayed where it was
+    (a wait, or a classified error it will retry: then ``error_class`` and ``message`` say
+    which). ``problem`` is the server's problem document behind the error, if any."""
 
     order_id: int
     peer_id: str
     from_state: str
     to_state: str
-    trigger: str | None  # None for a wait
+    trigger: Trigger | None
     error_class: str | None
     message: str | None
     next_run_at: datetime | None
+    problem: Mapping[str, Any] | None = None
 
 
 EventListener = Callable[[OrderEvent], Awaitable[None] | None]
@@ -398,7 +404,11 @@ class Worker:
         )
         now = self.ports.clock.now()
         if await self.store.fail_corrupt(
-            order, failed_state=State.FAILED.value, now=now, worker=self.id
+            order,
+            failed_state=State.FAILED.value,
+            trigger=Trigger.CORRUPT.value,
+            now=now,
+            worker=self.id,
         ):
             await self._emit(
                 OrderEvent(
@@ -406,7 +416,7 @@ class Worker:
                     order.peer_id or "?",
                     order.state or "?",
                     State.FAILED.value,
-                    "fail",
+                    Trigger.CORRUPT,
                     "permanent",
                     f"corrupt order row: {order.error}",
                     None,
@@ -414,7 +424,8 @@ class Worker:
             )
 
     async def _announce(self, snap: OrderSnapshot, plan: CommitPlan) -> None:
-        trigger = plan.journal.trigger if plan.journal and plan.journal.kind != "error" else None
+        moved = plan.journal is not None and plan.journal.trigger != Trigger.RETRY_LATER
+        trigger = Trigger(plan.journal.trigger) if plan.journal and moved else None
         extra = {"order_id": snap.id, "state": plan.to_state}
         if trigger:
             log.info(
@@ -442,6 +453,7 @@ class Worker:
                 plan.last_error_class,
                 plan.last_error_message,
                 plan.next_run_at,
+                plan.last_problem,
             )
         )
 
