@@ -37,6 +37,10 @@ DEFAULT_ZONE = "libp2p.direct"
 MIN_NS_CACHE_S = 60.0
 
 
+class NameserverError(ConfigurationError, ValueError):
+    """A DNS server given as text is malformed (the message names it and says why)."""
+
+
 @dataclass(frozen=True)
 class NameServer:
     address: str  # an IP address
@@ -56,10 +60,10 @@ def parse_nameserver(text: str) -> NameServer:
     if spec.startswith("["):
         host, sep, rest = spec[1:].partition("]")
         if not sep:
-            raise ConfigurationError(f"DNS server {text!r}: missing ']'")
+            raise NameserverError(f"DNS server {text!r}: missing ']'")
         if rest:
             if not rest.startswith(":"):
-                raise ConfigurationError(f"DNS server {text!r}: expected ':PORT' after ']'")
+                raise NameserverError(f"DNS server {text!r}: expected ':PORT' after ']'")
             port = _port(rest[1:], text)
     elif spec.count(":") == 1:
         host, _, port_text = spec.partition(":")
@@ -69,7 +73,7 @@ def parse_nameserver(text: str) -> NameServer:
     try:
         address = str(ipaddress.ip_address(host))
     except ValueError:
-        raise ConfigurationError(
+        raise NameserverError(
             f"DNS server {text!r}: {host!r} is not an IP address (give HOST:PORT with an IP)"
         ) from None
     return NameServer(address, port)
@@ -77,7 +81,7 @@ def parse_nameserver(text: str) -> NameServer:
 
 def _port(value: str, text: str) -> int:
     if not value.isdigit() or not 0 < int(value) < 65536:
-        raise ConfigurationError(f"DNS server {text!r}: bad port {value!r}")
+        raise NameserverError(f"DNS server {text!r}: bad port {value!r}")
     return int(value)
 
 
