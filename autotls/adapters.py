@@ -45,6 +45,7 @@ from autotls.acme.problems import (
     for_new_order,
 )
 from autotls.broker import DEFAULT_BROKER_URL, BrokerClient
+from autotls.fsm.clock import Clock, SystemClock
 from autotls.fsm.errors import ConfigurationError, ErrorClass, PermanentError
 from autotls.fsm.ports import (
     AcmeAccount,
@@ -114,8 +115,11 @@ class AcmeAdapter:
         contact: Sequence[str] = (),
         preferred_chain: str | None = None,
         timeout: float = 30.0,
+        clock: Clock | None = None,
     ) -> None:
         self.directory_url = directory_url
+        # Retry-After dates and polling deadlines are read on the engine's clock.
+        self.clock = clock or SystemClock()
         self.ca_file = ca_file
         self.eab = eab
         self.contact = tuple(contact)
@@ -163,6 +167,7 @@ class AcmeAdapter:
                 account_url=account.url,
                 session=self._http(),
                 timeout=self.timeout,
+                now=self.clock.now,
             )
             self._clients[account.key_pem] = client
         return client
@@ -177,6 +182,7 @@ class AcmeAdapter:
                 generate_account_key(),
                 session=self._http(),
                 timeout=self.timeout,
+                now=self.clock.now,
             )
         return self._anonymous
 

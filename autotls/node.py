@@ -74,7 +74,7 @@ import logging
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotls.dialback import DialBackError, dial_back
 from autotls.fsm.errors import ErrorClass
@@ -97,6 +97,9 @@ from autotls.libp2p_host import (
 )
 from autotls.multiaddrs import Multiaddr, MultiaddrError
 from autotls.peerid import PeerId, PrivateKey
+
+if TYPE_CHECKING:
+    from autotls.service import AutoTLS
 
 __all__ = ["DialBackError", "Libp2pNode", "NodeError", "dial_back"]
 
@@ -203,12 +206,17 @@ class Libp2pNode:
     for each ``/tls/ws`` (or ``/tls/sni/*.libp2p.direct/ws``, ``/wss``) listen address. Use
     ``async with`` or :meth:`start`/:meth:`stop`; a stopped node can be started again.
 
+    ``autotls`` wires the node and an :class:`autotls.AutoTLS` together in one step: the
+    node serves its ``ssl_context`` and advertises its ``advertised_addresses`` (unless
+    ``tls_context`` / ``advertise`` are given), and the facade registers the node's listen
+    addresses with the broker (:meth:`autotls.AutoTLS.attach`).
+
     ``advertise`` returns addresses to advertise next to the host's own, in identify's
-    ``listenAddrs`` and in its signed peer record; pass ``AutoTLS.advertised_addresses`` and
-    the forge addresses appear while a valid certificate is held. It is called from the
-    node's own thread on every identify request, so it must be quick and only read shared
-    state; an exception or a malformed address it returns is logged and left out, never
-    breaking identify.
+    ``listenAddrs`` and in its signed peer record; with ``AutoTLS.advertised_addresses`` the
+    forge addresses appear while a valid certificate is held. It is called from the node's
+    own thread on every identify request, so it must be quick and only read shared state; an
+    exception or a malformed address it returns is logged and left out, never breaking
+    identify.
     """
 
     def __init__(
@@ -218,7 +226,11 @@ class Libp2pNode:
         listen: Sequence[str] = ("/ip4/0.0.0.0/tcp/4001",),
         tls_context: ssl.SSLContext | None = None,
         advertise: Callable[[], Sequence[str]] | None = None,
+        autotls: AutoTLS | None = None,
     ) -> None:
+        if autotls is not None:
+            tls_context = tls_context or autotls.ssl_context
+            advertise = advertise or autotls.advertised_addresses
         check_key_type(key)
         self._key = key
         self._plans = _plan_listeners(listen, tls_context)
@@ -229,6 +241,8 @@ class Libp2pNode:
         self.listen_addresses: list[str] = []
         self.announce_addresses: list[str] = []
         self._runner: TrioThread[None] | None = None
+        if autotls is not None:
+            autotls.attach(self)
 
     @property
     def running(self) -> bool:

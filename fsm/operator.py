@@ -11,6 +11,7 @@ from typing import Any
 
 from autotls.fsm.data import ORDER_KEYS, WAIT_KEYS, Keys, ValidationBudget, keys, order_data
 from autotls.fsm.machine import Mover, State, Trigger, fire
+from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError, OrderStateError
 from autotls.persistence.records import CommitPlan, JournalNote, OrderSnapshot, Revocation
 from autotls.persistence.store import Store
 
@@ -124,3 +125,28 @@ async def create_order(
         now=now,
         actor=actor,
     )
+
+
+async def resume_or_create(
+    store: Store, peer_id: str, identifier: str, *, now: datetime, actor: str
+) -> OrderSnapshot:
+    """The order a process serving ``peer_id`` works on: the active one; else a failed one
+    holding what the CA issued, retried (installed, never ordered again); else a new one.
+    Safe when several processes of the peer start at once."""
+    active = await store.active_order(peer_id)
+    if active is not None:
+        return active
+    latest = await store.latest_order(peer_id)
+    if latest is not None and holds_issued_certificate(latest):
+        try:
+            return await retry(store, latest.id, now=now, actor=actor)
+        except (OrderBusyError, OrderStateError, ActiveOrderExistsError):
+            active = await store.active_order(peer_id)
+            if active is not None:
+                return active
+    try:
+        return await create_order(store, peer_id, identifier, now=now, actor=actor)
+    except ActiveOrderExistsError:  # another process of this peer just made it
+        active = await store.active_order(peer_id)
+        assert active is not None
+        return active
