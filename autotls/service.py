@@ -365,8 +365,8 @@ class AutoTLS:
                 except (OrderBusyError, OrderStateError):
                     # A worker may hold the order for a moment (ours serves the certificate,
                     # and wait_for_certificate returns, just before its Installed commit), or
-                    # claim it between our read and our write: wait for its next commit while
-                    # that can be the reason.
+                    # claim it between our read and our write: wait for its next commit, or
+                    # the end of its lease, while that can be the reason.
                     current = await self.order()
                     until = current.lease_until
                     held = until is not None and until > self.clock.now()
@@ -374,11 +374,23 @@ class AutoTLS:
                     remaining = give_up - loop.time()
                     if not settling or remaining <= 0:
                         raise
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(changed), remaining)
+                    await self._next_change(changed, until if held else None, remaining)
             finally:
                 changed.cancel()
         self.worker.wake()
+
+    async def _next_change(
+        self, changed: asyncio.Future[None], lease_end: datetime | None, within: float
+    ) -> None:
+        """Until ``changed`` (a commit, a refresh), the end of a lease, or ``within`` seconds."""
+        waits: set[asyncio.Future[Any]] = {changed}
+        if lease_end is not None:
+            waits.add(asyncio.ensure_future(self.clock.sleep_until(lease_end)))
+        try:
+            await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -91,6 +91,7 @@ async def load_claimed(conn: AsyncConnection, order_id: int, fence: int | None) 
         lease_until=row.lease_until,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        last_problem=None if row.last_problem is None else dict(row.last_problem),
     )
 
 
