@@ -277,8 +277,6 @@ del T
 
 TRANSITION_OF: Mapping[Trigger, Transition] = {t.trigger: t for t in TRANSITIONS}
 assert set(TRANSITION_OF) == set(Trigger), "every trigger is declared exactly once"
-# Triggers only an operator may fire (the CLI, the facade); steps never return them.
-OPERATOR_TRIGGERS = frozenset(t.trigger for t in TRANSITIONS if Mover.OPERATOR in t.by)
 
 
 class InvalidTransitionError(Exception):

@@ -1,6 +1,10 @@
-"""What an operator may do to an order (the CLI's ``renew --force`` and ``retry``), as moves
-of the same machine: validated by :func:`autotls.fsm.machine.fire`, fenced like a worker's commit,
-journaled with the actor's name."""
+"""What happens to an order from outside the worker, as moves of the same machine: creating
+it (``create``), the CLI's and the facade's ``retry`` / ``retry_install`` and ``renew --force``
+(``force_renewal``, which records a revocation on the certificate's row when asked), and the
+order a starting process resumes. Each is validated by :func:`autotls.fsm.machine.fire` as a
+move of the operator, fenced like a worker's commit, and journaled with the actor's name; a
+move refused because of the order's state raises ``OrderStateError``, one refused because a
+worker holds the order raises ``OrderBusyError``."""
 
 from __future__ import annotations
 
