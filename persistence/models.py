@@ -37,7 +37,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from autotls.persistence.types import JSONObject, UTCDateTime
 
 # States in which an order no longer counts as the peer's active order. Kept here as plain
-# strings because persistence must not import fsm; tests check it matches autotls.fsm.machine.
+# strings because persistence must not import the machine; tests check it matches it.
 INACTIVE_STATES: tuple[str, ...] = ("Failed",)
 _INACTIVE_SQL = "state NOT IN ('Failed')"
 

@@ -54,12 +54,10 @@ class Setup:
     events: list[tuple[str, Any]] = field(default_factory=list)
 
     def pair(self, **overrides: Any) -> tuple[AutoTLS, Libp2pNode]:
-        """An AutoTLS and the node serving its context; the node is created second (it needs
-        the context) and AutoTLS reads its addresses lazily."""
-        box: list[Libp2pNode] = []
-        auto = self.autotls(lambda: box[0].listen_addresses if box else [], **overrides)
-        box.append(Libp2pNode(self.key, listen=LISTEN, tls_context=auto.ssl_context))
-        return auto, box[0]
+        """An AutoTLS and the node serving its context, wired together by the node (AutoTLS
+        reads the node's addresses at each registration)."""
+        auto = self.autotls(None, **overrides)
+        return auto, Libp2pNode(self.key, listen=LISTEN, autotls=auto)
 
     def autotls(self, addresses: Any, **overrides: Any) -> AutoTLS:
         roots = [
