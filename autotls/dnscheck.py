@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import dns.asyncquery
 import dns.asyncresolver
@@ -28,6 +28,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
+from autotls.fsm.clock import Clock, SystemClock
 from autotls.fsm.errors import ConfigurationError, TransientError
 from autotls.fsm.ports import TxtCheck
 
@@ -95,21 +96,24 @@ class AuthoritativeTxtChecker:
         nameservers: Sequence[NameServer] | None = None,
         resolver: dns.asyncresolver.Resolver | None = None,
         timeout: float = 3.0,
+        clock: Clock | None = None,
     ) -> None:
         self.zone = zone.rstrip(".")
         self.fixed = list(nameservers) if nameservers else None
         self.resolver = resolver
         self.timeout = timeout
+        self.clock = clock or SystemClock()  # how long the zone's NS set is cached
         self._cached: list[NameServer] | None = None
-        self._cached_until = 0.0
+        self._cached_until = datetime.min.replace(tzinfo=UTC)
 
     async def nameservers(self) -> list[NameServer]:
         if self.fixed is not None:
             return self.fixed
-        if self._cached is not None and time.monotonic() < self._cached_until:
+        if self._cached is not None and self.clock.now() < self._cached_until:
             return self._cached
         servers, ttl = await self._discover()
-        self._cached, self._cached_until = servers, time.monotonic() + max(ttl, MIN_NS_CACHE_S)
+        lasts = timedelta(seconds=max(ttl, MIN_NS_CACHE_S))
+        self._cached, self._cached_until = servers, self.clock.now() + lasts
         return servers
 
     async def _discover(self) -> tuple[list[NameServer], float]:

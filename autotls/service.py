@@ -182,6 +182,7 @@ class AutoTLS:
         self.dns = AuthoritativeTxtChecker(
             zone=zone,
             nameservers=[parse_nameserver(s) for s in dns_servers] if dns_servers else None,
+            clock=self.clock,
         )
         self.installer = Installer(self.data_dir, trust_roots=roots, clock=self.clock)
         self.tls = LiveTlsContext()
@@ -350,8 +351,7 @@ class AutoTLS:
         :class:`~autotls.persistence.errors.OrderStateError` when the order is not Installed,
         :class:`~autotls.persistence.errors.OrderBusyError` when another process kept it
         longer than a lease."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.worker.lease.total_seconds()
+        give_up = self.clock.now() + self.worker.lease
         while True:
             # Taken before the attempt: a commit between the refusal and the wait still wakes us.
             changed = self._changes.next()
@@ -368,29 +368,25 @@ class AutoTLS:
                     # claim it between our read and our write: wait for its next commit, or
                     # the end of its lease, while that can be the reason.
                     current = await self.order()
+                    now = self.clock.now()
                     until = current.lease_until
-                    held = until is not None and until > self.clock.now()
+                    held = until is not None and until > now
                     settling = held or current.state in (State.FINALIZED, State.INSTALLED)
-                    remaining = give_up - loop.time()
-                    if not settling or remaining <= 0:
+                    if not settling or now >= give_up:
                         raise
-                    await self._next_change(changed, until if held else None, remaining)
+                    await self._next_change(changed, min(until, give_up) if until else give_up)
             finally:
                 changed.cancel()
         self.worker.wake()
 
-    async def _next_change(
-        self, changed: asyncio.Future[None], lease_end: datetime | None, within: float
-    ) -> None:
-        """Until ``changed`` (a commit, a refresh), the end of a lease, or ``within`` seconds."""
-        waits: set[asyncio.Future[Any]] = {changed}
-        if lease_end is not None:
-            waits.add(asyncio.ensure_future(self.clock.sleep_until(lease_end)))
+    async def _next_change(self, changed: asyncio.Future[None], until: datetime) -> None:
+        """Until ``changed`` (a commit, a refresh) or ``until`` on this object's clock (the
+        end of a lease, or the moment to give up)."""
+        sleeper = asyncio.ensure_future(self.clock.sleep_until(until))
         try:
-            await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({changed, sleeper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for waiting in waits:
-                waiting.cancel()
+            sleeper.cancel()
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -125,7 +125,7 @@ def test_addresses_come_from_an_attached_node_unless_given(tmp_path: Path) -> No
 def test_the_facade_clock_reaches_every_part(tmp_path: Path) -> None:
     clock = ManualClock()
     auto = _facade(tmp_path, clock)
-    assert auto.installer.clock is clock and auto.acme.clock is clock
+    assert auto.installer.clock is clock and auto.acme.clock is clock and auto.dns.clock is clock
 
 
 @pytest.fixture
