@@ -11,6 +11,25 @@ through it, so ``mypy --strict`` refuses a misspelt key or a value of the wrong 
   key, as PEP 589 allows, so the engine never reads with ``.get()``.) An absent key and a
   ``None`` mean the same, which is why every value type admits ``None``.
 
+What an order carries in each state, beyond what the states before it on the issuance path
+left; the machine's guards require the contributions before the ``|``:
+
+==============  ==========================================================================
+New             | nothing of an ACME order (see below for what outlives one)
+Registered      | ``OrderRequested``, then ``OrderPlaced``
+Challenged      ``OrderPlaced``, ``ChallengeFound`` | ``TxtResent`` after a ``txt_timeout``
+BrokerNotified  ``BrokerSent`` |
+DNSPropagated   ``TxtSeen`` | ``ChallengeAnswered``
+Validated       ``AuthorizationValid`` | ``CsrRecorded``
+Finalized       ``CertificateIssued`` | ``ChainDownloaded``
+Installed       ``CertificateInstalled`` | ``RenewalPlanned``
+RenewDue        | ``RenewalTarget``
+Failed          | ``ChainRejected`` (an issued chain that can never be installed)
+==============  ==========================================================================
+
+:class:`ValidationBudget` outlives ACME orders (it is dropped by an operator's ``retry``);
+:class:`WaitNote` is written by every wait and dropped by every move.
+
 Everything else is derived from these declarations, never listed again:
 
 * what an order in each state must hold (the machine's guards,

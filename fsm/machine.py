@@ -122,16 +122,17 @@ ISSUANCE_PATH = (
 # What ``data`` must hold for an order to be in a state: the contributions (declared in
 # autotls.fsm.data) of the move that enters it. Checked on entry; tests that place rows
 # directly into a state use it too.
+STATE_CONTRIBUTIONS: Mapping[State, tuple[Any, ...]] = {
+    State.CHALLENGED: (d.OrderPlaced, d.ChallengeFound),
+    State.BROKER_NOTIFIED: (d.BrokerSent,),
+    State.DNS_PROPAGATED: (d.TxtSeen,),
+    State.VALIDATED: (d.AuthorizationValid,),
+    State.FINALIZED: (d.CertificateIssued,),
+    State.INSTALLED: (d.CertificateInstalled,),
+}
 STATE_REQUIRES: Mapping[State, tuple[str, ...]] = {
     state: tuple(sorted(d.keys(*contributions)))
-    for state, contributions in {
-        State.CHALLENGED: (d.OrderPlaced, d.ChallengeFound),
-        State.BROKER_NOTIFIED: (d.BrokerSent,),
-        State.DNS_PROPAGATED: (d.TxtSeen,),
-        State.VALIDATED: (d.AuthorizationValid,),
-        State.FINALIZED: (d.CertificateIssued,),
-        State.INSTALLED: (d.CertificateInstalled,),
-    }.items()
+    for state, contributions in STATE_CONTRIBUTIONS.items()
 }
 
 

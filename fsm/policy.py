@@ -103,10 +103,6 @@ def _plan(
 def plan_outcome(snap: OrderSnapshot, outcome: Outcome, now: datetime) -> CommitPlan:
     if isinstance(outcome, Wait):
         data = merge(snap.data, outcome.updates, frozenset())
-    else:
-        # A move makes what the step said about its wait untrue.
-        data = merge(snap.data, outcome.updates, outcome.clear | WAIT_KEYS)
-    if isinstance(outcome, Wait):
         data["waiting_for"] = outcome.reason
         return _plan(
             snap,
@@ -118,6 +114,8 @@ def plan_outcome(snap: OrderSnapshot, outcome: Outcome, now: datetime) -> Commit
             journal=None,
             effects=outcome.effects,
         )
+    # A move makes what the step said about its wait untrue.
+    data = merge(snap.data, outcome.updates, outcome.clear | WAIT_KEYS)
     to_state = fire(snap.state, outcome.trigger, data, by=Mover.STEP)
     return _plan(
         snap,

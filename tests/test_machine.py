@@ -11,6 +11,7 @@ import pytest
 from autotls.fsm import data, diagrams
 from autotls.fsm.machine import (
     ACTIVE_STATES,
+    STATE_CONTRIBUTIONS,
     STATE_REQUIRES,
     TRANSITIONS,
     InvalidTransitionError,
@@ -73,6 +74,13 @@ def test_what_each_state_requires_is_derived_from_the_data_declaration() -> None
     assert set(STATE_REQUIRES[State.INSTALLED]) == data.keys(data.CertificateInstalled)
     required = {key for keys in STATE_REQUIRES.values() for key in keys}
     assert required <= data.ALL_KEYS
+    # The table in data.py's docstring names, before its "|", what the guards require.
+    assert data.__doc__ is not None
+    for state in State:
+        row = re.search(rf"^{state.value} +(.*?)\|", data.__doc__, flags=re.M)
+        assert row is not None, state
+        named = re.findall(r"``(\w+)``", row.group(1))
+        assert named == [c.__name__ for c in STATE_CONTRIBUTIONS.get(state, ())], state
     # What belongs to one ACME order, and what a wait wrote, are parts of the same declaration.
     assert data.ORDER_KEYS < data.ALL_KEYS and data.WAIT_KEYS < data.ALL_KEYS
     assert not data.ORDER_KEYS & data.keys(data.RenewalTarget, data.ValidationBudget)
