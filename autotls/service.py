@@ -169,6 +169,7 @@ class AutoTLS:
             eab=eab,
             contact=contact,
             preferred_chain=preferred_chain,
+            trust_roots=roots,
             clock=self.clock,
         )
         self.broker = BrokerAdapter(
@@ -452,8 +453,16 @@ class AutoTLS:
         the one served already: after a restart, and when another process (the one holding
         the order's lease) installed it. Rewrites missing or different files from the store
         (a failure to write them is a warning: the certificate is served from memory).
-        Notes revocations recorded on the certificates' rows. Returns the newly served
-        certificate, if any. Runs every ``store_poll`` by itself."""
+        Notes revocations recorded on the certificates' rows, and wakes everything waiting
+        on the order (:meth:`wait_for_certificate`, :meth:`renew_now`: another process may
+        have moved it or let go of its lease). Returns the newly served certificate, if any.
+        Runs every ``store_poll`` by itself."""
+        try:
+            return await self._refresh(announce)
+        finally:
+            self._changes.notify()
+
+    async def _refresh(self, announce: bool) -> CertificateInfo | None:
         certs = await self.store.certificates(peer_id=self.peer_id)
         self._note_revoked(c for c in certs if c.revoked_at is not None)
         now = self.clock.now()
@@ -477,7 +486,6 @@ class AutoTLS:
             key_path,
         )
         self._certificate = info
-        self._changes.notify()
         if announce:
             await self._subscribers.emit("loaded" if current is None else "renewed", info)
         return info
@@ -528,10 +536,9 @@ class AutoTLS:
         while True:
             await self.clock.sleep_until(self.clock.now() + self.store_poll)
             try:
-                await self.refresh()
+                await self.refresh()  # waiters re-read the order: another process may move it
             except Exception as exc:
                 log.warning("reading certificates from the store: %s", describe_database_error(exc))
-            self._changes.notify()  # waiters re-read the order (another process may move it)
 
     def _worker_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

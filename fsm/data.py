@@ -16,8 +16,9 @@ left; the machine's guards require the contributions before the ``|``:
 
 ==============  ==========================================================================
 New             | nothing of an ACME order (see below for what outlives one)
-Registered      | ``OrderRequested``, then ``OrderPlaced``
-Challenged      ``OrderPlaced``, ``ChallengeFound`` | ``TxtResent`` after a ``txt_timeout``
+Registered      | ``OrderRequested``, then ``OrderPlaced`` ``OrderLifetime``
+Challenged      ``OrderPlaced``, ``ChallengeFound`` | ``OrderLifetime``, ``TxtResent`` after a
+                ``txt_timeout``
 BrokerNotified  ``BrokerSent`` |
 DNSPropagated   ``TxtSeen`` | ``ChallengeAnswered``
 Validated       ``AuthorizationValid`` | ``CsrRecorded``
@@ -72,6 +73,13 @@ class OrderPlaced(TypedDict, total=False):
     account, so the URL is the only way back to the order."""
 
     order_url: str | None
+
+
+class OrderLifetime(TypedDict, total=False):
+    """Registered: when the CA drops the order, if it said (no wait may outlive the order:
+    :func:`autotls.fsm.policy.plan_lapsed`)."""
+
+    order_expires: str | None
 
 
 class ChallengeFound(TypedDict, total=False):
@@ -188,6 +196,7 @@ class WaitNote(TypedDict, total=False):
 class OrderData(
     OrderRequested,
     OrderPlaced,
+    OrderLifetime,
     ChallengeFound,
     BrokerSent,
     TxtResent,
@@ -225,6 +234,7 @@ ALL_KEYS = keys(OrderData)
 ORDER_KEYS = keys(
     OrderRequested,
     OrderPlaced,
+    OrderLifetime,
     ChallengeFound,
     BrokerSent,
     TxtResent,

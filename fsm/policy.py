@@ -30,10 +30,20 @@
 
 Retry-After always wins over our own backoff. Every wait is written into the row, so a
 restarted worker resumes the same schedule (rule 7).
+
+No wait outlives the order it waits for (:func:`plan_lapsed`, applied to every plan that keeps
+an order where it is, and by the worker before a step runs): while an order needs its pending
+authorization (Challenged, BrokerNotified, DNSPropagated), a next try that would come after
+that authorization -- or the order -- expires re-orders instead, not before the old one is
+gone (Boulder hands back a pending order for the same names) and without counting a failed
+validation. Let's Encrypt's ``shortlived`` profile gives an authorization one hour, less than
+a backoff, a rate-limit wait or the 100-minute step of the slow schedule; and Boulder answers
+404 for an expired authorization, which would otherwise fail the order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -61,10 +71,12 @@ from autotls.fsm.journal import sanitize
 from autotls.fsm.machine import ORDERING_STATES, Mover, State, Trigger, fire
 from autotls.fsm.outcomes import Effects, Outcome, Wait
 from autotls.fsm.ports import EngineSettings
-from autotls.fsm.steps import iso
+from autotls.fsm.steps import AUTHZ_EXPIRY_MARGIN, iso
 from autotls.persistence.records import AccountUpdate, CommitPlan, JournalNote, OrderSnapshot
 
 MAX_RETRY_AFTER = timedelta(days=1)
+# States that still need the order's pending authorization (see plan_lapsed).
+PENDING_AUTHZ_STATES = frozenset({State.CHALLENGED, State.BROKER_NOTIFIED, State.DNS_PROPAGATED})
 
 
 def merge(data: Mapping[str, Any], updates: OrderData, clear: Keys) -> OrderData:
@@ -104,7 +116,7 @@ def plan_outcome(snap: OrderSnapshot, outcome: Outcome, now: datetime) -> Commit
     if isinstance(outcome, Wait):
         data = merge(snap.data, outcome.updates, frozenset())
         data["waiting_for"] = outcome.reason
-        return _plan(
+        plan = _plan(
             snap,
             to_state=snap.state,
             data=data,
@@ -114,6 +126,7 @@ def plan_outcome(snap: OrderSnapshot, outcome: Outcome, now: datetime) -> Commit
             journal=None,
             effects=outcome.effects,
         )
+        return plan_lapsed(snap, plan.next_run_at, plan) or plan
     # A move makes what the step said about its wait untrue.
     data = merge(snap.data, outcome.updates, outcome.clear | WAIT_KEYS)
     to_state = fire(snap.state, outcome.trigger, data, by=Mover.STEP)
@@ -154,9 +167,10 @@ def _retry_after(error: AutoTLSError, default: timedelta) -> timedelta:
 
 
 def _stay(snap: OrderSnapshot, error: AutoTLSError, until: datetime) -> CommitPlan:
-    """``retry_later``: the order keeps its state and data and is tried again at ``until``."""
+    """``retry_later``: the order keeps its state and data and is tried again at ``until``
+    (unless that comes too late for its pending authorization: :func:`plan_lapsed`)."""
     to_state = fire(snap.state, Trigger.RETRY_LATER, snap.data, by=Mover.POLICY)
-    return _plan(
+    plan = _plan(
         snap,
         to_state=to_state.value,
         data=dict(snap.data),
@@ -165,6 +179,65 @@ def _stay(snap: OrderSnapshot, error: AutoTLSError, until: datetime) -> CommitPl
         error=error,
         journal=JournalNote("error", Trigger.RETRY_LATER.value, _error_detail(error)),
         effects=Effects(),
+    )
+    return plan_lapsed(snap, until, plan) or plan
+
+
+def order_lapses_at(snap: OrderSnapshot) -> datetime | None:
+    """When the order in flight stops being usable for the step it is in: the earlier of its
+    pending authorization's and its own expiry, in the states that need the authorization;
+    None elsewhere (in Validated the order may be finalized already, and a finalized order
+    outlives its expiry: there the CA's answer decides)."""
+    if snap.state not in PENDING_AUTHZ_STATES:
+        return None
+    data = order_data(snap.data)
+    moments = [_parse(data["authz_expires"]), _parse(data["order_expires"])]
+    known = [moment for moment in moments if moment is not None]
+    if not known:
+        return None
+    lapses = min(known)
+    intent = data["new_order_intent"]
+    ordered = _parse(intent.get("at")) if isinstance(intent, Mapping) else None
+    if ordered is not None and lapses <= ordered + AUTHZ_EXPIRY_MARGIN:
+        # Expired, by our clock, before we even asked for it: the CA's clock and ours
+        # disagree by about the authorization's lifetime. No deadline can be trusted, and
+        # re-ordering on one would only loop; the CA's answers decide, as they did before.
+        return None
+    return lapses
+
+
+def plan_lapsed(
+    snap: OrderSnapshot, next_try: datetime, plan: CommitPlan | None = None
+) -> CommitPlan | None:
+    """A re-order, when the order's next try (``next_try``; the worker asks with the current
+    time before running a step) comes too late for its pending authorization; else None.
+
+    ``plan`` is what would have been committed otherwise (its error and attempts stay, for
+    the operator). The new order is placed at the planned time, but not before the old
+    authorization has expired: until then Boulder would hand the same order back."""
+    lapses = order_lapses_at(snap)
+    if lapses is None or next_try <= lapses - AUTHZ_EXPIRY_MARGIN:
+        return None
+    if plan is not None and plan.to_state != snap.state:
+        return None
+    data = without(snap.data if plan is None else plan.data, ORDER_KEYS | WAIT_KEYS)
+    detail = dict(plan.journal.detail) if plan is not None and plan.journal is not None else {}
+    detail.update(
+        reason="the order's authorization expires before its next try",
+        expires=iso(lapses),
+        next_try=iso(next_try),
+    )
+    fields: dict[str, Any] = {
+        "to_state": fire(snap.state, Trigger.REORDER, data, by=Mover.POLICY).value,
+        "data": data,
+        "next_run_at": max(next_try, lapses + timedelta(seconds=1)),
+        "journal": JournalNote("transition", Trigger.REORDER.value, sanitize(detail)),
+        "cert_key_pem": None,
+    }
+    if plan is not None:
+        return dataclasses.replace(plan, **fields)
+    return CommitPlan(
+        attempts=0, last_error_class=None, last_error_message=None, last_problem=None, **fields
     )
 
 

@@ -159,7 +159,7 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
                 updates={"replaces": None},
                 note={"replaces": replaces, "refused": str(exc)},
             )
-        return Wait(now, "order placed", updates={"order_url": order.url})
+        return Wait(now, "order placed", updates=_placed(order))
     order = await ports.acme.get_order(account, order_url)
     # Dropping a dead order waits like a re-order does: a CA that kept handing back dead
     # orders must not turn this into a tight loop.
@@ -182,7 +182,7 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
     return Advance(
         Trigger.ORDER_PLACED,
         updates={
-            "order_url": order.url,
+            **_placed(order),
             "authz_url": authz.url,
             "authz_expires": iso(expires),
             "authz_status": authz.status,
@@ -191,6 +191,13 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
         },
         note={"order_url": order.url, "authz_status": authz.status},
     )
+
+
+def _placed(order: AcmeOrderView) -> OrderData:
+    return {
+        "order_url": order.url,
+        "order_expires": iso(order.expires) if order.expires else None,
+    }
 
 
 def _abandon(order_url: str, why: str, retry_at: datetime) -> Advance:
@@ -368,6 +375,15 @@ def _after_finalize(order: AcmeOrderView, now: datetime, ports: Ports) -> Outcom
                 ports.settings.max_poll_interval,
             ),
             f"order {order.status}",
+        )
+    if order.status == "invalid" and order.error is None and _expired(order, now):
+        # It expired before it was finalized (e.g. a Retry-After longer than the order's
+        # life): nothing failed at the CA, so no failed validation is counted; order again.
+        return Advance(
+            Trigger.REORDER,
+            clear=ORDER_KEYS,
+            note={"reason": "the order expired before it was finalized", "order_url": order.url},
+            effects=Effects(cert_key_pem=None),
         )
     if order.status == "invalid" or _expired(order, now):
         detail = order.error.get("detail") if order.error else None

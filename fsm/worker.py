@@ -36,7 +36,7 @@ from typing import Any
 from autotls.fsm.errors import AutoTLSError, ErrorClass
 from autotls.fsm.faults import FaultPlan, FaultPoint
 from autotls.fsm.machine import State, Trigger
-from autotls.fsm.policy import plan_error, plan_outcome, plan_unexpected
+from autotls.fsm.policy import plan_error, plan_lapsed, plan_outcome, plan_unexpected
 from autotls.fsm.ports import Ports
 from autotls.fsm.steps import STEPS, Step
 from autotls.persistence.errors import StoreUnavailableError, describe_database_error
@@ -360,6 +360,9 @@ class Worker:
 
     async def _run_step(self, step: Step, snap: OrderSnapshot) -> CommitPlan:
         clock, settings, rng = self.ports.clock, self.ports.settings, self.ports.rng
+        lapsed = plan_lapsed(snap, clock.now())
+        if lapsed is not None:  # e.g. back after downtime: the authorization is gone
+            return lapsed
         try:
             outcome = await step(snap, self.ports)
             return plan_outcome(snap, outcome, clock.now())

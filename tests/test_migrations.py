@@ -146,7 +146,6 @@ _LEGACY_DATA = {
     "not_after": "2026-03-01T00:00:00+00:00",
     "renewal_reason": "backstop",
     "replaces_dropped": "alreadyReplaced",
-    "order_expires": "2026-01-08T00:00:00+00:00",
     "finalize_url": "https://ca.test/finalize/1",
     "token": "tok",
     "csr_sha256": "00",

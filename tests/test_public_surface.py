@@ -182,7 +182,7 @@ async def test_renew_now_waits_for_a_lease_to_end_on_the_facades_clock(
     asleep = clock.sleepers  # the store watcher
     renewing = asyncio.ensure_future(auto.renew_now())
     async with asyncio.timeout(30):
-        await clock.until_sleepers(asleep + 1)
+        await clock.sleeping(asleep + 1)
     assert not renewing.done()
     clock.set(held_until)
     async with asyncio.timeout(30):

@@ -192,11 +192,11 @@ async def test_manual_clock_wakes_sleepers_only_when_advanced() -> None:
         woke.set()
 
     task = asyncio.ensure_future(sleeper())
-    await asyncio.sleep(0)
+    await clock.sleeping()
     clock.advance(9)
-    await asyncio.sleep(0)
-    assert not woke.is_set()
+    assert clock.sleepers == 1, "nine seconds in, the sleeper still waits"
     clock.advance(1)
+    assert clock.sleepers == 0
     await asyncio.wait_for(task, 1)
     assert woke.is_set()
 

@@ -6,7 +6,7 @@
   is not known more precisely).
 * Keys no code reads leave ``orders.data``: ``serial`` and ``not_after`` (the certificate's
   row holds them), ``revoked_serial`` (moved), ``renewal_reason`` and ``replaces_dropped``
-  (the journal entry of the move says why), ``order_expires``, ``finalize_url``, ``token``,
+  (the journal entry of the move says why), ``finalize_url``, ``token``,
   ``csr_sha256``, ``broker_addresses``, ``txt_servers``, ``txt_last_check`` (the CA's or the
   journal's copies are the ones read), ``unexpected_errors`` (rows from before errors had
   class ``internal``).
@@ -44,7 +44,6 @@ DROPPED_KEYS = (
     "revoked_serial",
     "renewal_reason",
     "replaces_dropped",
-    "order_expires",
     "finalize_url",
     "token",
     "csr_sha256",
