@@ -122,6 +122,23 @@ def _check_ecdsa_curve(curve: ec.EllipticCurve) -> None:
         raise PeerIdError(f"unsupported ECDSA curve {curve.name} (supported: P-256, P-384, P-521)")
 
 
+def _key_type(
+    key: _CryptoPublic | _CryptoPrivate, half: str, secp256k1_as_ecdsa: bool
+) -> KeyType:
+    """The libp2p key type of a ``cryptography`` key (its class and curve), checked."""
+    if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
+        return KeyType.ED25519
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        _check_rsa_size(key.key_size)
+        return KeyType.RSA
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        if isinstance(key.curve, ec.SECP256K1) and not secp256k1_as_ecdsa:
+            return KeyType.SECP256K1
+        _check_ecdsa_curve(key.curve)
+        return KeyType.ECDSA
+    raise PeerIdError(f"unsupported {half} key type {type(key).__name__}")
+
+
 def _low_s(signature: bytes) -> bytes:
     r, s = decode_dss_signature(signature)
     if s > _SECP256K1_ORDER // 2:
@@ -155,17 +172,7 @@ class PublicKey:
         cls, key: _CryptoPublic, *, secp256k1_as_ecdsa: bool = False
     ) -> PublicKey:
         """Wrap a ``cryptography`` public key; the key type follows from the class and curve."""
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            return cls(KeyType.ED25519, key)
-        if isinstance(key, rsa.RSAPublicKey):
-            _check_rsa_size(key.key_size)
-            return cls(KeyType.RSA, key)
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            if isinstance(key.curve, ec.SECP256K1) and not secp256k1_as_ecdsa:
-                return cls(KeyType.SECP256K1, key)
-            _check_ecdsa_curve(key.curve)
-            return cls(KeyType.ECDSA, key)
-        raise PeerIdError(f"unsupported public key type {type(key).__name__}")
+        return cls(_key_type(key, "public", secp256k1_as_ecdsa), key)
 
     @classmethod
     def from_proto(cls, data: bytes) -> PublicKey:
@@ -289,17 +296,7 @@ class PrivateKey:
     def from_cryptography(
         cls, key: _CryptoPrivate, *, secp256k1_as_ecdsa: bool = False
     ) -> PrivateKey:
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            return cls(KeyType.ED25519, key)
-        if isinstance(key, rsa.RSAPrivateKey):
-            _check_rsa_size(key.key_size)
-            return cls(KeyType.RSA, key)
-        if isinstance(key, ec.EllipticCurvePrivateKey):
-            if isinstance(key.curve, ec.SECP256K1) and not secp256k1_as_ecdsa:
-                return cls(KeyType.SECP256K1, key)
-            _check_ecdsa_curve(key.curve)
-            return cls(KeyType.ECDSA, key)
-        raise PeerIdError(f"unsupported private key type {type(key).__name__}")
+        return cls(_key_type(key, "private", secp256k1_as_ecdsa), key)
 
     @classmethod
     def from_proto(cls, data: bytes) -> PrivateKey:
