@@ -155,7 +155,13 @@ class AcmeAdapter:
                 key = load_account_key(account.key_pem)
             except Exception as exc:
                 raise PermanentError(f"the stored ACME account key is unusable: {exc}") from None
-            client = AcmeClient(self.directory_url, key, account_url=account.url, http=self._http)
+            client = AcmeClient(
+                self.directory_url,
+                key,
+                account_url=account.url,
+                http=self._http,
+                now=self.clock.now,  # Retry-After dates on the engine's clock
+            )
             self._clients[account.key_pem] = client
         return client
 
@@ -165,7 +171,7 @@ class AcmeAdapter:
         if self._clients:
             return next(iter(self._clients.values()))
         if self._unsigned is None:
-            self._unsigned = AcmeClient(self.directory_url, http=self._http)
+            self._unsigned = AcmeClient(self.directory_url, http=self._http, now=self.clock.now)
         return self._unsigned
 
     async def close(self) -> None:

@@ -313,10 +313,11 @@ class LiveTlsContext:
         """Serve the chain and key in these files (read, then loaded as one pair)."""
         self.load_pem(certfile.read_text("ascii"), keyfile.read_bytes(), fingerprint)
 
-    def load_placeholder(self, identifier: str) -> None:
+    def load_placeholder(self, identifier: str, *, now: datetime | None = None) -> None:
         """Serve a self-signed certificate until the real one is installed (from memory:
-        nothing is written, so no other process's placeholder can be mixed with ours)."""
-        cert_pem, key_pem = placeholder_certificate(identifier)
+        nothing is written, so no other process's placeholder can be mixed with ours),
+        valid from ``now`` (the caller's clock)."""
+        cert_pem, key_pem = placeholder_certificate(identifier, now=now)
         self.load_pem(cert_pem, key_pem, None)
 
 

@@ -71,6 +71,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from autotls.fsm.data import order_data, renewal_plan
 from autotls.fsm.machine import State
 from autotls.persistence.errors import describe_database_error
 from autotls.service import AutoTLS
@@ -240,8 +241,8 @@ class AutoTLSCollector(Collector):
 def planned_renewal(order: OrderSnapshot) -> datetime | None:
     """When the Installed step planned the renewal (``renewal.renew_at`` in the order's
     data), if it did."""
-    renewal = order.data.get("renewal")
-    text = renewal.get("renew_at") if isinstance(renewal, Mapping) else None
+    renewal = order_data(order.data)["renewal"]
+    text = renewal_plan(renewal)["renew_at"] if isinstance(renewal, Mapping) else None
     if not isinstance(text, str):
         return None
     try:

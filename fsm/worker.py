@@ -29,14 +29,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from autotls.fsm.errors import AutoTLSError, ErrorClass
 from autotls.fsm.faults import FaultPlan, FaultPoint
-from autotls.fsm.machine import State
+from autotls.fsm.machine import State, Trigger
 from autotls.fsm.policy import plan_error, plan_lapsed, plan_outcome, plan_unexpected
 from autotls.fsm.ports import Ports
 from autotls.fsm.steps import STEPS, Step
@@ -49,16 +49,22 @@ log = logging.getLogger("autotls.worker")
 
 @dataclass(frozen=True)
 class OrderEvent:
-    """What happened to an order in one commit (for callbacks, metrics, progress)."""
+    """What happened to an order in one commit (for callbacks, metrics, progress): the
+    ``"transition"`` event of :meth:`autotls.AutoTLS.on`.
+
+    ``trigger`` is the move the journal recorded, ``None`` when the order stayed where it was
+    (a wait, or a classified error it will retry: then ``error_class`` and ``message`` say
+    which). ``problem`` is the server's problem document behind the error, if any."""
 
     order_id: int
     peer_id: str
     from_state: str
     to_state: str
-    trigger: str | None  # None for a wait
+    trigger: Trigger | None
     error_class: str | None
     message: str | None
     next_run_at: datetime | None
+    problem: Mapping[str, Any] | None = None
     # How long the step took (monotonic seconds, the commit excluded); None when no step ran
     # (a corrupt row set aside). Step-latency metrics read it.
     step_seconds: float | None = None
@@ -407,7 +413,11 @@ class Worker:
         )
         now = self.ports.clock.now()
         if await self.store.fail_corrupt(
-            order, failed_state=State.FAILED.value, now=now, worker=self.id
+            order,
+            failed_state=State.FAILED.value,
+            trigger=Trigger.CORRUPT.value,
+            now=now,
+            worker=self.id,
         ):
             await self._emit(
                 OrderEvent(
@@ -415,7 +425,7 @@ class Worker:
                     order.peer_id or "?",
                     order.state or "?",
                     State.FAILED.value,
-                    "fail",
+                    Trigger.CORRUPT,
                     "permanent",
                     f"corrupt order row: {order.error}",
                     None,
@@ -423,7 +433,8 @@ class Worker:
             )
 
     async def _announce(self, snap: OrderSnapshot, plan: CommitPlan, step_seconds: float) -> None:
-        trigger = plan.journal.trigger if plan.journal and plan.journal.kind != "error" else None
+        moved = plan.journal is not None and plan.journal.trigger != Trigger.RETRY_LATER
+        trigger = Trigger(plan.journal.trigger) if plan.journal and moved else None
         extra = {"order_id": snap.id, "state": plan.to_state}
         if trigger:
             log.info(
@@ -451,7 +462,8 @@ class Worker:
                 plan.last_error_class,
                 plan.last_error_message,
                 plan.next_run_at,
-                step_seconds,
+                problem=plan.last_problem,
+                step_seconds=step_seconds,
             )
         )
 

@@ -22,7 +22,7 @@ from autotls.fsm.errors import (
     TransientError,
 )
 from autotls.fsm.journal import is_valid_journal
-from autotls.fsm.machine import InvalidTransitionError, State
+from autotls.fsm.machine import InvalidTransitionError, State, Trigger
 from tests.fakes.ports import acme_problem
 from tests.fixtures.engine import HAPPY_TRIGGERS, Engine
 
@@ -110,7 +110,8 @@ async def test_transient_error_retries_with_backoff_and_keeps_state(engine: Engi
     delay = snap.next_run_at - engine.clock.now()
     assert timedelta(seconds=1) <= delay <= timedelta(seconds=2)
     errors = [j for j in await engine.store.journal(order.id) if j.kind == "error"]
-    assert [e.trigger for e in errors] == ["retry:transient"]
+    assert [e.trigger for e in errors] == [Trigger.RETRY_LATER]
+    assert errors[0].detail["error_class"] == "transient"
     await engine.drive_to(order.id, State.INSTALLED, worker)
     assert (await engine.store.get_order(order.id)).attempts == 0
 
@@ -257,11 +258,11 @@ async def test_dns_lag_polls_then_advances(engine: Engine) -> None:
     engine.dns.lag = 3
     order = await engine.order()
     await engine.drive_to(order.id, State.BROKER_NOTIFIED)
-    snap = await engine.drive_to(order.id, State.DNS_PROPAGATED)
+    await engine.drive_to(order.id, State.DNS_PROPAGATED)
     assert engine.dns.checks == 4
-    assert snap.data["txt_servers"] == {"ns1.fake": "ok"}
-    # Polling is not journaled: only the transition is.
-    assert [j.trigger for j in await engine.store.journal(order.id)][-1] == "txt_visible"
+    # Polling is not journaled: only the transition is, with what each server answered.
+    last = (await engine.store.journal(order.id))[-1]
+    assert (last.trigger, last.detail["servers"]) == (Trigger.TXT_VISIBLE, {"ns1.fake": "ok"})
 
 
 async def test_txt_never_visible_resends_then_reorders_without_answering(engine: Engine) -> None:
@@ -355,7 +356,8 @@ async def test_a_bug_is_class_internal_on_the_slow_schedule_and_never_fails_the_
     assert debug == [], "the traceback is logged at debug only (caplog captured from INFO)"
     await engine.drive_to(bad.id, State.INSTALLED)  # the bug is gone: it resumes
     journal = await engine.store.journal(bad.id)
-    assert [j.trigger for j in journal].count("retry:internal") == 6
+    internal = [j for j in journal if j.detail.get("error_class") == "internal"]
+    assert [j.trigger for j in internal] == [Trigger.RETRY_LATER] * 6
     assert is_valid_journal(journal)
 
 
@@ -441,5 +443,14 @@ async def test_a_dead_stored_order_is_replaced_after_a_pause_not_in_a_loop(engin
     snap = await engine.store.get_order(order.id)
     assert snap.state == State.REGISTERED.value and "order_url" not in snap.data
     assert snap.next_run_at == engine.clock.now() + timedelta(minutes=1)
+    # The per-order history says why the stored order went (a declared move that stays).
+    last = (await engine.store.journal(order.id))[-1]
+    assert (last.from_state, last.to_state, last.trigger) == (
+        State.REGISTERED.value,
+        State.REGISTERED.value,
+        Trigger.ABANDON_ORDER,
+    )
+    assert "stored order is invalid" in last.detail["reason"]
     await engine.drive_to(order.id, State.INSTALLED)
     assert engine.ca.count("new_order") == 2
+    assert is_valid_journal(await engine.store.journal(order.id))

@@ -56,12 +56,10 @@ class Setup:
     events: list[tuple[str, Any]] = field(default_factory=list)
 
     def pair(self, **overrides: Any) -> tuple[AutoTLS, Libp2pNode]:
-        """An AutoTLS and the node serving its context; the node is created second (it needs
-        the context) and AutoTLS reads its addresses lazily."""
-        box: list[Libp2pNode] = []
-        auto = self.autotls(lambda: box[0].listen_addresses if box else [], **overrides)
-        box.append(Libp2pNode(self.key, listen=LISTEN, tls_context=auto.ssl_context))
-        return auto, box[0]
+        """An AutoTLS and the node serving its context, wired together by the node (AutoTLS
+        reads the node's addresses at each registration)."""
+        auto = self.autotls(None, **overrides)
+        return auto, Libp2pNode(self.key, listen=LISTEN, autotls=auto)
 
     def autotls(self, addresses: Any, **overrides: Any) -> AutoTLS:
         roots = [
@@ -187,6 +185,7 @@ async def test_issue_serve_and_renew_live_behind_the_nodes_listener(
             await refused.wait()  # renew_now met the other worker's lease
         assert not renewing.done(), "renew_now waits for the lease instead of failing"
         await hold_lease(auto, snap.id, None, None)  # the other worker lets go
+        await auto.refresh()  # as every store_poll: what another process did reaches us
         async with asyncio.timeout(60):
             await renewing
             await renewed.wait()
@@ -269,17 +268,20 @@ async def test_an_untrusted_chain_is_kept_and_installed_after_the_fix_without_a_
         assert cert.serial == f"{stored.serial_number:x}"
         triggers = [j.trigger for j in await fixed.store.journal(snap.id)]
         assert triggers.count("order_placed") == 1 and triggers.count("certificate_issued") == 1
-        assert "retry:configuration" in triggers
+        journal = await fixed.store.journal(snap.id)
+        assert ("retry_later", "configuration") in [
+            (j.trigger, j.detail.get("error_class")) for j in journal
+        ]
         assert len(await fixed.store.certificates()) == 1
     assert [name for name, _ in setup.events] == ["loaded"]
 
 
 async def test_renew_now_refuses_an_order_that_is_not_installed(setup: Setup) -> None:
-    from autotls.persistence.errors import OrderBusyError
+    from autotls.persistence.errors import OrderStateError
 
     auto, node = setup.pair(run_worker=False)
     async with node, auto:
-        with pytest.raises(OrderBusyError, match="order 1 is New"):
+        with pytest.raises(OrderStateError, match="order 1 is New"):
             await auto.renew_now()
 
 

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from autotls.fsm.clock import ManualClock
-from autotls.fsm.machine import State
+from autotls.fsm.machine import State, Trigger
 from autotls.fsm.worker import Worker
 from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError
 from autotls.persistence.records import CommitPlan, JournalNote
@@ -45,7 +45,9 @@ async def store(database_url: str):  # type: ignore[no-untyped-def]
 
 async def _new(store: Store, peer: str | None = None) -> int:
     peer = peer or new_peer()
-    snap = await store.create_order(peer, identifier_for(peer), initial_state="New", now=NOW)
+    snap = await store.create_order(
+        peer, identifier_for(peer), initial_state="New", trigger=Trigger.CREATE, now=NOW
+    )
     return snap.id
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from autotls.fsm import operator
 from autotls.fsm.errors import MisconfiguredError
 from autotls.fsm.machine import State
 from autotls.fsm.worker import Worker, owner_state
@@ -80,9 +81,7 @@ async def test_a_read_only_database_stops_the_worker_after_bounded_retries(
 ) -> None:
     path = tmp_path / "ro.db"
     async with await Store.open(f"sqlite:///{path}") as store:
-        await store.create_order(
-            "peer", "*.peer.libp2p.direct", initial_state="New", now=engine.clock.now()
-        )
+        await operator.create_order(store, "peer", "*.peer.libp2p.direct", now=engine.clock.now())
     with _read_only(path):
         store = await Store.open(f"sqlite:///{path}")
         try:

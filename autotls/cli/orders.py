@@ -234,12 +234,21 @@ async def cmd_revoke(args: argparse.Namespace, stop: Stop) -> int:
                 )
             except AlreadyRevoked:
                 out(f"certificate {cert.serial} of order {order_id} was already revoked")
-        if args.no_renew:
+        # Recorded on the certificate's row (with the forced renewal when there is one): a
+        # running autotls stops advertising the revoked certificate's forge addresses.
+        if args.no_renew or snap.state != State.INSTALLED.value:
+            await store.record_revocation(cert.id, now=datetime.now(UTC), reason=args.reason)
+            if not args.no_renew:
+                out(f"order {order_id} is {snap.state}: not forcing a renewal")
             return EXIT_OK
-        if snap.state != State.INSTALLED.value:
-            out(f"order {order_id} is {snap.state}: not forcing a renewal")
-            return EXIT_OK
-        renewed = await force_renewal(store, order_id, now=datetime.now(UTC), actor=actor())
+        renewed = await force_renewal(
+            store,
+            order_id,
+            now=datetime.now(UTC),
+            actor=actor(),
+            revoked=True,
+            reason=args.reason,
+        )
     out(
         f"order {renewed.id}: Installed -> {renewed.state}; a running `autotls run` replaces "
         f"the certificate within {WORKER_POLL_S}s (or start one)"

@@ -73,7 +73,6 @@ def load_identity(path: Path) -> PrivateKey | None:
 
 async def run_node(settings: NodeSettings, stop: Stop) -> int:
     from autotls.fsm.machine import State
-    from autotls.interfaces import expand_unspecified, interface_addresses
     from autotls.node import Libp2pNode, NodeError
     from autotls.peerid import PrivateKey, save_private_key
     from autotls.persistence.urls import redact
@@ -86,18 +85,12 @@ async def run_node(settings: NodeSettings, stop: Stop) -> int:
     if key is None:
         key = PrivateKey.generate()  # saved once the rest of the configuration is accepted
 
-    node: Libp2pNode | None = None
-
-    def addresses() -> list[str]:
-        if settings.announce is not None:
-            return list(settings.announce)
-        bound = node.listen_addresses if node is not None else []
-        return expand_unspecified(bound, *interface_addresses())
-
+    # Without --announce, the broker is told the node's listen addresses (attach below), with
+    # unspecified ones expanded to this machine's interface addresses.
     auto = AutoTLS(
         key,
         data_dir=settings.data_dir,
-        addresses=addresses,
+        addresses=settings.announce,
         database_url=settings.database_url,
         directory_url=settings.directory_url,
         ca_file=settings.ca_file,
@@ -116,6 +109,7 @@ async def run_node(settings: NodeSettings, stop: Stop) -> int:
         node = Libp2pNode(key, listen=settings.listen, tls_context=auto.ssl_context)
     except NodeError as exc:
         raise UsageError(f"{exc}") from None
+    auto.attach(node)
     if not settings.data_dir.exists():
         settings.data_dir.mkdir(parents=True, mode=0o700)
     if created:
