@@ -189,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--no-renew", action="store_true", help="do not force a renewal")
     option(revoke, "--ca-bundle", metavar="FILE", help="CA file for the ACME server's HTTPS")
 
+    replay = commands.add_parser(
+        "replay",
+        parents=[verbose],
+        help="re-drive the engine against a recorded transcript (offline) and compare",
+    )
+    replay.add_argument("file", type=Path, metavar="FILE", help="a transcript (order-<id>.jsonl)")
+
     account = commands.add_parser("account", parents=[verbose], help="the stored ACME accounts")
     account_commands = account.add_subparsers(
         dest="account_command", metavar="ACTION", required=True
@@ -287,6 +294,13 @@ def _add_run(run: argparse.ArgumentParser) -> None:
         "--once",
         kind="bool",
         help="exit 0 once a valid certificate is installed, 1 on permanent failure",
+    )
+    option(
+        run,
+        "--record",
+        metavar="DIR",
+        help="write each order's steps to DIR/order-<id>.jsonl (sanitised, size-capped) for "
+        "`autotls replay`",
     )
 
 

@@ -104,6 +104,7 @@ async def run_node(settings: NodeSettings, stop: Stop) -> int:
         profile=settings.profile,
         contact=settings.contact,
         preferred_chain=settings.preferred_chain,
+        record=settings.record,
     )
     try:
         node = Libp2pNode(key, listen=settings.listen, tls_context=auto.ssl_context)

@@ -82,6 +82,7 @@ class NodeSettings:
     forge_auth: str | None = field(repr=False)
     once: bool
     metrics_listen: ListenAddress | None = None
+    record: Path | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -272,8 +273,17 @@ def node_settings(args: argparse.Namespace) -> NodeSettings:
         metrics_listen=listen_address(args, "metrics_listen", args.metrics_listen)
         if args.metrics_listen
         else None,
+        record=record_directory(args, args.record) if args.record else None,
         notes=notes,
     )
+
+
+def record_directory(args: argparse.Namespace, value: str) -> Path:
+    """``--record DIR``: a directory (made on start if missing), not a file."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{source(args, 'record')}: {path} is not a directory")
+    return path
 
 
 def secret_values(args: argparse.Namespace) -> list[str]:
