@@ -188,7 +188,7 @@ async def test_the_code_asking_for_another_exchange_is_reported_as_such(
         return steps._after_finalize(order, ports.clock.now(), ports)
 
     original = steps.STEPS[State.VALIDATED]
-    monkeypatch.setitem(steps.STEPS, State.VALIDATED, finalize_without_refetch)  # type: ignore[attr-defined]
+    monkeypatch.setitem(steps.STEPS, State.VALIDATED, finalize_without_refetch)
     report = await replay_transcript(path)
     assert not report.identical
     divergence = report.divergence
@@ -216,7 +216,7 @@ def sooner_dns_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
             outcome = replace(outcome, updates={**outcome.updates, "txt_deadline": sooner})
         return outcome
 
-    monkeypatch.setitem(steps.STEPS, State.CHALLENGED, challenged)  # type: ignore[attr-defined]
+    monkeypatch.setitem(steps.STEPS, State.CHALLENGED, challenged)
 
 
 async def test_the_same_exchanges_with_another_decision_is_reported_as_such(
@@ -460,9 +460,7 @@ async def test_a_step_cut_short_is_written_at_close_and_replayed_that_far(
 ) -> None:
     engine = recorded.engine
     order = await engine.order()
-    await recorded.drive(
-        lambda: _in_state(engine, order.id, State.CHALLENGED)  # type: ignore[arg-type]
-    )
+    await recorded.drive(lambda: _in_state(engine, order.id, State.CHALLENGED))
     entered = asyncio.Event()
 
     async def hanging_health() -> Any:
@@ -600,3 +598,54 @@ async def test_the_replay_command_loads_no_libp2p(recorded: Recorded, tmp_path: 
     code, out, loaded = await asyncio.to_thread(probe, tmp_path, "replay", path)
     assert code == 0 and "identical" in out
     assert not loaded & {"libp2p", "trio", "prometheus_client"}, loaded
+
+
+async def test_orders_stepped_side_by_side_each_get_a_transcript_that_replays(
+    recorded: Recorded,
+) -> None:
+    """Two orders of one store share its ACME account: what one order did to it reaches the
+    other's transcript as a new session, so each replays alone."""
+    engine = recorded.engine
+    first = await engine.order()
+    await recorded.drive(lambda: _in_state(engine, first.id, State.CHALLENGED))
+    second = await engine.order()  # adopts the account the first one registered
+    await recorded.drive()
+    recorded.recorder.close()
+    sessions = []
+    for order in (first, second):
+        report = await assert_replays(recorded.path(order.id))
+        sessions.append(len(report.sessions))
+        assert report.sessions[-1].recorded[-1]["trigger"] == "certificate_installed"
+    assert sessions == [1, 2]  # the second order found the account the first one made
+    notes = [
+        s.header.get("note", "")
+        for order in (first, second)
+        for s in read_transcript(recorded.path(order.id)).sessions
+    ]
+    assert any("ACME account was changed by another order" in n for n in notes)
+
+
+async def test_a_step_whose_commit_failed_is_replayed_without_its_commit(
+    recorded: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = recorded.engine
+    order = await engine.order()
+    commit = engine.store.commit
+    failures = [1]
+
+    async def failing_once(*args: Any, **kwargs: Any) -> bool:
+        snap = args[0]
+        if snap.state == State.DNS_PROPAGATED.value and failures:
+            failures.pop()
+            raise OSError("disk I/O error")
+        return await commit(*args, **kwargs)
+
+    monkeypatch.setattr(engine.store, "commit", failing_once)
+    await recorded.drive()
+    recorded.recorder.close()
+    monkeypatch.undo()
+    transcript = read_transcript(recorded.path(order.id))
+    [lost] = [s for s in transcript.sessions[0].steps if not s.committed]
+    assert lost.state == State.DNS_PROPAGATED.value and lost.end is not None
+    report = await assert_replays(recorded.path(order.id))
+    assert report.sessions[0].steps_replayed == transcript.steps

@@ -109,7 +109,12 @@ class _OrderLog:
     steps: int = 0  # in the current session
     fence: int | None = None
     state: str | None = None
+    account: tuple[str | None, str] | None = None  # (url, status) as this order's steps left it
     pending: _Step | None = None
+
+
+def _account_of(snap: OrderSnapshot) -> tuple[str | None, str] | None:
+    return None if snap.account is None else (snap.account.url, snap.account.status)
 
 
 # A port call that never returned (the step was cancelled): a replay stops there.
@@ -221,19 +226,13 @@ class Recorder:
         order = self._order(snap.id)
         if order.pending is not None:
             self._flush(order, order.pending, None)  # a step that never ended
-        continuous = order.fence is not None and snap.fence == order.fence + 1
-        if not (continuous and snap.state == order.state):
-            note = None
-            if order.fence is not None:
-                note = (
-                    "the order was moved outside this worker since its last step (an "
-                    "operator's command, or another process): a new session starts here"
-                )
+        note = self._discontinuity(order, snap)
+        if order.fence is None or note is not None:
             self._start_session(order, snap, note)
         order.steps += 1
         step = _Step(snap.id, order.steps, snap)
         order.pending = step
-        order.fence, order.state = snap.fence, snap.state
+        order.fence, order.state, order.account = snap.fence, snap.state, _account_of(snap)
         _CURRENT.set(step)
 
     def step_ended(
@@ -247,7 +246,30 @@ class Recorder:
         order.pending = None
         if committed:
             order.state = plan.to_state
+            if plan.account_update is not None:
+                order.account = (plan.account_update.url, plan.account_update.status)
+            elif plan.new_account is not None:
+                order.account = (None, "unregistered")  # unless another order made it first
         self._flush(order, step, end_record(snap, plan, now=now, committed=committed))
+
+    @staticmethod
+    def _discontinuity(order: _OrderLog, snap: OrderSnapshot) -> str | None:
+        """Why ``snap`` is not what this order's own last step left (a replay then starts a
+        new session from ``snap``), or None."""
+        if order.fence is None:
+            return None
+        if snap.fence != order.fence + 1 or snap.state != order.state:
+            return (
+                "the order was moved outside this worker since its last step (an operator's "
+                "command, or another process): a new session starts here"
+            )
+        if _account_of(snap) != order.account:
+            # The store shares one ACME account among its orders: another order registered
+            # it, or the CA forgot it while another order was stepped.
+            return (
+                "the order's ACME account was changed by another order: a new session starts here"
+            )
+        return None
 
     def close(self) -> None:
         """Write the steps that never ended (the process stopped mid-step)."""

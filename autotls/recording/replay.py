@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import random
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -658,9 +657,3 @@ def _journal_entry(entry: dict[str, Any]) -> dict[str, Any]:
             "detail": entry.get("detail"),
         }
     )
-
-
-def journals(report: ReplayReport) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
-    """(recorded, replayed) journal entries of each replayed session."""
-    for session in report.sessions:
-        yield session.recorded, session.replayed
