@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
         "replay",
         parents=[verbose],
         help="re-drive the engine against a recorded transcript (offline) and compare",
+        description="Replay a transcript written by `run --record`: the real engine against "
+        "the recorded answers, a throw-away store, no network. Prints the recorded journal "
+        "next to the replayed one. Exit 0 when identical, 1 at the first divergence, 2 when "
+        "FILE is not a transcript.",
     )
     replay.add_argument("file", type=Path, metavar="FILE", help="a transcript (order-<id>.jsonl)")
 

@@ -201,6 +201,7 @@ class Recorder:
                 f"cannot record transcripts in {self.directory}: {reason}"
             ) from None
         self._created = True
+        log.info("recording every order's steps in %s", self.directory)
 
     def wrap(self, ports: Ports) -> Ports:
         """``ports`` with every port call, clock reading and random draw of a step recorded."""
