@@ -2,7 +2,10 @@
 
 * Bounded concurrency: at most ``concurrency`` steps in flight; new claims fill free slots.
 * No busy polling: when idle it sleeps until the store's next due time (or ``idle_poll``,
-  to notice rows other processes add; :meth:`Worker.wake` cuts the sleep short).
+  to notice rows other processes add; :meth:`Worker.wake` cuts the sleep short). While
+  :meth:`Worker.run` runs, a move another process commits for one of its peers (an
+  operator's ``renew --force``, ``retry``, ``revoke``; a new order) wakes it at once
+  (:meth:`~autotls.persistence.store.Store.on_change`): ``idle_poll`` is only the fallback.
 * Long steps keep their lease alive (renewed every third of the lease); a worker that still
   loses it finds its commit refused by the fence and drops the result.
 * On start (:meth:`Worker.prepare`): leases of a dead predecessor on this host (worker ids
@@ -28,7 +31,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,6 +42,7 @@ from autotls.fsm.machine import State
 from autotls.fsm.policy import plan_error, plan_outcome, plan_unexpected
 from autotls.fsm.ports import Ports
 from autotls.fsm.steps import STEPS, Step
+from autotls.persistence.changes import Change
 from autotls.persistence.errors import StoreUnavailableError, describe_database_error
 from autotls.persistence.records import CommitPlan, OrderSnapshot
 from autotls.persistence.store import ClaimedOrder, CorruptOrder, Store
@@ -121,6 +125,7 @@ class Worker:
         self.peers = frozenset(peers) if peers is not None else None
         self._listeners: list[EventListener] = []
         self._wake = asyncio.Event()
+        self.changes_seen = 0  # wake-ups by another process's commit
         self.steps_run = 0
         self.lost_leases = 0
         self.lease_renewals = 0
@@ -133,6 +138,12 @@ class Worker:
     def wake(self) -> None:
         """New work may be due now (an order was created or retried)."""
         self._wake.set()
+
+    def _store_changed(self, changes: Sequence[Change]) -> None:
+        # Our own commits need no wake-up: the loop already knows what it just did.
+        if any(c.concerns(self.peers) and c.actor != self.id for c in changes):
+            self.changes_seen += 1
+            self.wake()
 
     async def run_once(self) -> int:
         """Claim what is due now, run those steps concurrently, commit. Returns how many."""
@@ -150,11 +161,15 @@ class Worker:
         inflight: set[asyncio.Task[None]] = set()
         db_failures = 0
         stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        unsubscribe = self.store.on_change(self._store_changed)
         try:
             await self.prepare()
             while not stop.is_set():
                 free = self.concurrency - len(inflight)
                 claimed: list[ClaimedOrder] = []
+                # Cleared before the claim, never after it: a wake-up that arrives while we
+                # claim or read the next due time must cut the coming sleep short.
+                self._wake.clear()
                 if free > 0:
                     try:
                         claimed = await self._claim(free)
@@ -171,6 +186,7 @@ class Worker:
                 await self._sleep(await self._idle_for(inflight), stop_wait, inflight)
                 inflight = {t for t in inflight if not t.done()}
         finally:
+            unsubscribe()
             stop_wait.cancel()
             await self._shutdown(inflight, grace)
 
@@ -277,7 +293,6 @@ class Worker:
         """Sleep until ``duration`` passes, a step finishes, work is woken, or stop."""
         if duration <= timedelta(0):
             return
-        self._wake.clear()
         sleeper: asyncio.Future[Any] = asyncio.ensure_future(
             self.ports.clock.sleep_until(self.ports.clock.now() + duration, self._wake)
         )

@@ -13,6 +13,10 @@ What it guarantees (design.md rules 4-6 and 10):
 * **No transaction spans network I/O**: every method opens and closes its own transaction;
   callers hold only immutable snapshots in between.
 * One corrupt row is reported as :class:`CorruptOrder` and never stops a claim of the others.
+* **Changes are told**: every journaled commit is a :class:`~autotls.persistence.changes.Change`
+  that other processes learn of at once through :meth:`Store.on_change` (PostgreSQL:
+  ``NOTIFY`` inside the commit; SQLite: ``PRAGMA data_version``); see
+  :mod:`autotls.persistence.changes`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from autotls._files import make_private_dirs
 from autotls.persistence import schema
+from autotls.persistence.changes import CHANNEL, ChangeFeed, Listener, notify_payload
 from autotls.persistence.errors import (
     ActiveOrderExistsError,
     CorruptRowError,
@@ -95,6 +100,7 @@ class Store:
         self.engine = engine
         self.url = url
         self.dialect = url.get_backend_name()
+        self._changes: ChangeFeed | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -121,7 +127,19 @@ class Store:
         return cls(engine, parsed)
 
     async def close(self) -> None:
+        changes, self._changes = self._changes, None
+        if changes is not None:
+            await changes.close()
         await self.engine.dispose()
+
+    def on_change(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` (on this event loop) with the changes committed through other
+        connections -- other processes, or another :class:`Store` -- as they happen; returns
+        the function that unsubscribes it. The first call starts the feed; :meth:`close`
+        ends it. Must be called from a running event loop."""
+        if self._changes is None:
+            self._changes = ChangeFeed(self.url)
+        return self._changes.subscribe(listener)
 
     async def __aenter__(self) -> Self:
         return self
@@ -181,6 +199,7 @@ class Store:
                         detail={"identifier": identifier},
                     )
                 )
+                await self._tell(conn, order_id, peer_id, actor)
         except IntegrityError as exc:
             if "uq_orders_active_peer" in str(exc.orig) or "orders.peer_id" in str(exc.orig):
                 raise ActiveOrderExistsError(peer_id) from None
@@ -296,6 +315,7 @@ class Store:
                     detail={"error": order.error},
                 )
             )
+            await self._tell(conn, order.id, order.peer_id or "", worker)
             return True
 
     async def operator_commit(
@@ -580,7 +600,15 @@ class Store:
                     detail=dict(plan.journal.detail),
                 )
             )
+            await self._tell(conn, snapshot.id, snapshot.peer_id, worker)
         return True
+
+    async def _tell(self, conn: AsyncConnection, order_id: int, peer_id: str, actor: str) -> None:
+        """Tell other processes about this journaled commit (PostgreSQL: NOTIFY, delivered
+        only if the transaction commits; SQLite readers see ``data_version`` move)."""
+        if self.dialect == "postgresql":
+            payload = notify_payload(order_id, peer_id, actor)
+            await conn.execute(select(func.pg_notify(CHANNEL, payload)))
 
     async def _adopt_account(self, conn: AsyncConnection, plan: CommitPlan, now: datetime) -> int:
         """Insert the directory's account unless another worker won the race; use the winner."""

@@ -228,13 +228,13 @@ def test_database_commands_read_the_environment_too(
 # -- key files ---------------------------------------------------------------------------------
 
 
-def test_a_missing_key_reads_as_none_and_a_present_one_loads(tmp_path: Path) -> None:
+async def test_a_missing_key_reads_as_none_and_a_present_one_loads(tmp_path: Path) -> None:
     path = tmp_path / "identity.key"
-    assert load_identity(path) is None
+    assert await load_identity(path) is None
     assert not path.exists()
     key = PrivateKey.generate()
     save_private_key(key, path)
-    loaded = load_identity(path)
+    loaded = await load_identity(path)
     assert loaded is not None and loaded.peer_id == key.peer_id
 
 
