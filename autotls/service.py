@@ -54,7 +54,7 @@ from autotls.fsm.clock import Clock, SystemClock
 from autotls.fsm.errors import ConfigurationError, LocalIOError
 from autotls.fsm.machine import State
 from autotls.fsm.ports import EngineSettings, InstalledCertificate, Ports
-from autotls.fsm.worker import OrderEvent, Worker
+from autotls.fsm.worker import OrderEvent, Worker, order_fields
 from autotls.install import Installer, LiveTlsContext, load_trust_roots
 from autotls.multiaddrs import (
     DEFAULT_ZONE,
@@ -393,7 +393,11 @@ class AutoTLS:
             await self._close_clients()
             raise
         log.info(
-            "AutoTLS for %s started (order %s, %s)", self.domain, self.order_id, snapshot.state
+            "AutoTLS for %s started (order %s, %s)",
+            self.domain,
+            self.order_id,
+            snapshot.state,
+            extra=order_fields(snapshot.id, self.peer_id, snapshot.state),
         )
         return self
 
@@ -553,7 +557,12 @@ class AutoTLS:
         if task.cancelled() or task.exception() is None:
             return
         self._worker_error = task.exception()
-        log.error("AutoTLS for %s stopped working: %s", self.domain, self._worker_error)
+        log.error(
+            "AutoTLS for %s stopped working: %s",
+            self.domain,
+            self._worker_error,
+            extra=order_fields(self.order_id, self.peer_id, None),
+        )
         self._changed.set()
 
     async def _on_install(self, peer_id: str, installed: InstalledCertificate) -> None:
@@ -574,7 +583,12 @@ class AutoTLS:
         serial = snapshot.data.get("revoked_serial")
         if isinstance(serial, str) and serial not in self._revoked:
             self._revoked = self._revoked | {serial}
-            log.info("certificate %s of %s was revoked: no longer advertised", serial, self.domain)
+            log.info(
+                "certificate %s of %s was revoked: no longer advertised",
+                serial,
+                self.domain,
+                extra=order_fields(snapshot.id, self.peer_id, snapshot.state),
+            )
 
     async def _on_event(self, event: OrderEvent) -> None:
         if event.from_state == State.RENEW_DUE.value:

@@ -67,6 +67,25 @@ class OrderEvent:
 EventListener = Callable[[OrderEvent], Awaitable[None] | None]
 
 
+def order_fields(
+    order_id: int | None,
+    peer_id: str | None,
+    state: str | None,
+    *,
+    trigger: str | None = None,
+    error_class: str | None = None,
+) -> dict[str, object]:
+    """The ``extra=`` of every log line about an order: the fields structured logging
+    (``autotls run --log-format json``) shows next to the message."""
+    return {
+        "order_id": order_id,
+        "peer": peer_id,
+        "state": state,
+        "trigger": trigger,
+        "error_class": error_class,
+    }
+
+
 def default_worker_id() -> str:
     """``host:pid:random``: enough to tell, on the same host, whether the owner still runs."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -227,7 +246,7 @@ class Worker:
                     "order %s: took over the lease of %s, whose process is gone",
                     lease.order_id,
                     lease.owner,
-                    extra={"order_id": lease.order_id},
+                    extra=order_fields(lease.order_id, lease.peer_id, lease.state),
                 )
             elif verdict != "dead":
                 log.warning(
@@ -236,7 +255,7 @@ class Worker:
                     lease.owner,
                     verdict,
                     lease.until.isoformat(timespec="seconds"),
-                    extra={"order_id": lease.order_id},
+                    extra=order_fields(lease.order_id, lease.peer_id, lease.state),
                 )
         return taken
 
@@ -351,9 +370,14 @@ class Worker:
                 "order %s: commit failed: %s",
                 snap.id,
                 describe_database_error(exc),
-                extra={"order_id": snap.id},
+                extra=order_fields(snap.id, snap.peer_id, snap.state),
             )
-            log.debug("order %s: commit failure", snap.id, exc_info=True)
+            log.debug(
+                "order %s: commit failure",
+                snap.id,
+                exc_info=True,
+                extra=order_fields(snap.id, snap.peer_id, snap.state),
+            )
             return
         if not committed:
             self.lost_leases += 1
@@ -361,7 +385,7 @@ class Worker:
                 "order %s: lease lost while in %s; result dropped",
                 snap.id,
                 snap.state,
-                extra={"order_id": snap.id, "state": snap.state},
+                extra=order_fields(snap.id, snap.peer_id, snap.state),
             )
             return
         self.faults.hit(FaultPoint.AFTER_COMMIT, snap.state)
@@ -384,7 +408,7 @@ class Worker:
                 snap.id,
                 snap.state,
                 exc_info=True,
-                extra={"order_id": snap.id, "state": snap.state},
+                extra=order_fields(snap.id, snap.peer_id, snap.state, error_class="internal"),
             )
             return plan_unexpected(snap, exc, clock.now(), settings, rng)
 
@@ -396,12 +420,19 @@ class Worker:
             until = clock.now() + self.lease
             try:
                 if not await self.store.renew_lease(snap.id, snap.fence, self.id, until):
-                    log.warning("order %s: lease taken over during a long step", snap.id)
+                    log.warning(
+                        "order %s: lease taken over during a long step",
+                        snap.id,
+                        extra=order_fields(snap.id, snap.peer_id, snap.state),
+                    )
                     return
                 self.lease_renewals += 1
             except Exception as exc:
                 log.warning(
-                    "order %s: lease renewal failed: %s", snap.id, describe_database_error(exc)
+                    "order %s: lease renewal failed: %s",
+                    snap.id,
+                    describe_database_error(exc),
+                    extra=order_fields(snap.id, snap.peer_id, snap.state),
                 )
 
     async def _set_aside(self, order: CorruptOrder) -> None:
@@ -409,7 +440,7 @@ class Worker:
             "order %s is corrupt and is set aside as Failed: %s",
             order.id,
             order.error,
-            extra={"order_id": order.id},
+            extra=order_fields(order.id, order.peer_id, order.state, error_class="permanent"),
         )
         now = self.ports.clock.now()
         if await self.store.fail_corrupt(
@@ -430,7 +461,13 @@ class Worker:
 
     async def _announce(self, snap: OrderSnapshot, plan: CommitPlan) -> None:
         trigger = plan.journal.trigger if plan.journal and plan.journal.kind != "error" else None
-        extra = {"order_id": snap.id, "state": plan.to_state}
+        extra = order_fields(
+            snap.id,
+            snap.peer_id,
+            plan.to_state,
+            trigger=trigger,
+            error_class=plan.last_error_class,
+        )
         if trigger:
             log.info(
                 "order %s: %s -> %s (%s)", snap.id, snap.state, plan.to_state, trigger, extra=extra
@@ -446,7 +483,13 @@ class Worker:
                 extra=extra,
             )
         else:
-            log.debug("order %s: waiting in %s until %s", snap.id, snap.state, plan.next_run_at)
+            log.debug(
+                "order %s: waiting in %s until %s",
+                snap.id,
+                snap.state,
+                plan.next_run_at,
+                extra=extra,
+            )
         await self._emit(
             OrderEvent(
                 snap.id,
@@ -467,7 +510,11 @@ class Worker:
                 if result is not None:
                     await result
             except Exception:
-                log.exception("event listener failed for order %s", event.order_id)
+                log.exception(
+                    "event listener failed for order %s",
+                    event.order_id,
+                    extra=order_fields(event.order_id, event.peer_id, event.to_state),
+                )
 
 
 async def run_until_idle(

@@ -89,6 +89,8 @@ class LeaseHeld:
     owner: str
     until: datetime
     fence: int
+    peer_id: str | None = None  # for the log lines that name the order
+    state: str | None = None
 
 
 def _is_active(state: str) -> bool:
@@ -353,7 +355,12 @@ class Store:
     ) -> list[LeaseHeld]:
         """Active orders (of ``peers``) whose lease is still running at ``now``."""
         query = select(
-            orders.c.id, orders.c.lease_owner, orders.c.lease_until, orders.c.fence
+            orders.c.id,
+            orders.c.lease_owner,
+            orders.c.lease_until,
+            orders.c.fence,
+            orders.c.peer_id,
+            orders.c.state,
         ).where(
             orders.c.state.not_in(INACTIVE_STATES),
             orders.c.lease_until > now,
@@ -364,7 +371,10 @@ class Store:
         async with self._read() as conn:
             rows = (await conn.execute(query.order_by(orders.c.id))).all()
         return [
-            LeaseHeld(int(r.id), str(r.lease_owner), r.lease_until, int(r.fence)) for r in rows
+            LeaseHeld(
+                int(r.id), str(r.lease_owner), r.lease_until, int(r.fence), r.peer_id, r.state
+            )
+            for r in rows
         ]
 
     async def end_lease(self, lease: LeaseHeld, *, now: datetime) -> bool:

@@ -25,6 +25,7 @@ from autotls import cli
 from autotls.acme import jwk_thumbprint, load_account_key
 from autotls.cli.exits import exit_code_for, scrub
 from autotls.cli.logs import quiet_libp2p, stderr_logging
+from autotls.cli.output import ORDER_FIELDS
 from autotls.cli.run import load_identity
 from autotls.cli.settings import parse_duration, secret_values
 from autotls.fsm.diagrams import graphviz_available
@@ -35,7 +36,7 @@ from autotls.persistence import schema
 from autotls.persistence.urls import parse_database_url
 from tests.fakes.ports import acme_problem
 from tests.fixtures.components import component_missing
-from tests.fixtures.engine import Engine
+from tests.fixtures.engine import HAPPY_TRIGGERS, Engine
 
 
 @dataclass
@@ -520,6 +521,27 @@ def test_json_lines_carry_the_order_fields_and_never_a_key(
     # the human format is back once the command is over
     err("plain")
     assert capsys.readouterr().err == "plain\n"
+
+
+async def test_worker_lines_about_an_order_carry_its_fields(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    from autotls.fsm.errors import TransientError
+
+    order = await engine.order()
+    engine.broker.fail(TransientError("broker could not dial the node back"))
+    with caplog.at_level(logging.DEBUG, logger="autotls.worker"):
+        await engine.drive_to(order.id, State.INSTALLED)
+    about_orders = [r for r in caplog.records if r.getMessage().startswith("order ")]
+    assert len(about_orders) >= len(HAPPY_TRIGGERS)
+    for record in about_orders:
+        fields = {name: getattr(record, name, None) for name in ORDER_FIELDS}
+        assert fields["order_id"] == order.id, record.getMessage()
+        assert fields["peer"] == order.peer_id and fields["state"], record.getMessage()
+    transient = [r for r in about_orders if getattr(r, "error_class", None) == "transient"]
+    assert len(transient) == 1 and transient[0].state == "Challenged"  # type: ignore[attr-defined]
+    moves = [getattr(r, "trigger", None) for r in about_orders]
+    assert [t for t in moves if t] == HAPPY_TRIGGERS[1:]
 
 
 def test_the_human_format_filters_keys_too(capsys: pytest.CaptureFixture[str]) -> None:
