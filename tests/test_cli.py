@@ -16,7 +16,7 @@ import sqlite3
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -915,3 +915,44 @@ async def test_operator_commands_do_not_create_databases(
         result = await arun_cli(capsys, *argv, "--db", missing)
         assert_one_line_error(result, 3, "no database at")
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("once", [False, True], ids=["run", "run-once"])
+async def test_a_worker_that_gives_up_on_the_database_ends_run_with_3(
+    libp2p_installed: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    once: bool,
+) -> None:
+    """The worker ends after a bounded number of refused claims; ``run`` (waiting on it) and
+    ``run --once`` (waiting for a certificate) end with it. The bound is one refusal here:
+    the default eight back off for three minutes."""
+    from autotls.fsm.worker import Worker
+    from autotls.persistence.store import Store
+    from tests.test_worker_faults import _read_only
+
+    monkeypatch.setitem(Worker.__init__.__kwdefaults__, "store_retries", 1)  # type: ignore[index]
+    data_dir = tmp_path / "node"
+    data_dir.mkdir(mode=0o700)
+    key = PrivateKey.generate()
+    save_private_key(key, data_dir / "identity.key")
+    peer = key.peer_id.to_base36()
+    async with await Store.open(f"sqlite:///{data_dir / 'autotls.db'}") as store:
+        await store.create_order(
+            peer, f"*.{peer}.libp2p.direct", initial_state="New", now=datetime.now(UTC)
+        )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_ca = f"http://127.0.0.1:{sock.getsockname()[1]}/dir"  # unreachable: a warning
+    argv = ["run", "--data-dir", data_dir, "--listen", "/ip4/127.0.0.1/tcp/0", "--ca", dead_ca]
+    with _read_only(data_dir / "autotls.db"):
+        result = await asyncio.wait_for(
+            arun_cli(capsys, *argv, *(["--once"] if once else [])), 120
+        )
+    assert result.code == 3, result.err
+    assert result.error_line.startswith(f"autotls: error: database sqlite:///{data_dir}")
+    assert result.error_line.endswith(
+        "is unusable: attempt to write a readonly database (1 attempts)"
+    )
+    assert "Traceback" not in result.err
