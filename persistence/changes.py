@@ -16,10 +16,11 @@ own commits. The poll stays as the fallback; a notification only cuts a sleep sh
 * **SQLite** has no server to notify through. The feed keeps one connection in a thread and
   reads ``PRAGMA data_version`` every :data:`SQLITE_POLL_S` seconds: the value moves when
   another connection commits to the file (any writer, even one that knows nothing of this
-  feed), and then the journal entries added since are read and reported. Measured (see
-  bench/README.md, ``bench.operator``): a poll costs ~3 us, about 2.7 s of CPU per hour at
-  this interval; a change is seen 0-250 ms after its commit. A socket in the data directory
-  would be faster but only for writers that know of it, and needs a socket per process.
+  feed), and then the journal entries added since are read and reported. Measured
+  (``bench.operator``, bench/README.md): a check costs ~4 us, the watcher under 2 s of CPU
+  per hour; a commit is seen 0-250 ms later (p50 127 ms). A socket in the data directory
+  would be faster (0.06 ms) but only for writers that know of it, and needs a socket per
+  process.
 """
 
 from __future__ import annotations
