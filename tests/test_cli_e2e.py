@@ -6,8 +6,14 @@ libp2p), then the operator commands against the database those runs leave behind
   ``retry`` and with the EAB key from the environment the same order is issued and exits 0;
   ``renew --force`` + ``run --once`` renews it; ``revoke`` revokes it at Pebble.
 * SIGINT and SIGTERM stop a running node cleanly (130 and 0) and the next start resumes the
-  same order: no second ACME order is placed.
+  same order: no second ACME order is placed; SIGTERM is serviced while the node is still
+  starting, too.
 * ``demo --json`` prints one JSON object with ``tls_verified: true``.
+* Issue 8: ``run --once`` always ends -- 75 at ``--deadline`` when the broker cannot dial the
+  node (and the next run resumes the order), 0 for a second process of the same identity
+  once the first installed, one line and no order for a ``--ca`` that is not ACME, 3 for a
+  read-only database; ``AUTOTLS_FAULTS`` kills a running node where it says; ``-vv`` (human
+  and JSON) never prints a key, the EAB HMAC key or the forge token.
 """
 
 from __future__ import annotations
