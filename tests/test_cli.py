@@ -956,3 +956,34 @@ async def test_a_worker_that_gives_up_on_the_database_ends_run_with_3(
         "is unusable: attempt to write a readonly database (1 attempts)"
     )
     assert "Traceback" not in result.err
+
+
+def test_a_progress_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log records come from other threads too (aiosqlite, py-libp2p): a line written in two
+    pieces (print writes the text, then the newline) can get a record in between, which
+    breaks ``--log-format json``'s one object per line. Every line is one write."""
+    from autotls.cli.output import err, use_json_lines
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    recorder = Recorder()
+    monkeypatch.setattr("sys.stderr", recorder)
+    for json_lines in (False, True):
+        use_json_lines(json_lines)
+        try:
+            err("stopping", order_id=3)
+        finally:
+            use_json_lines(False)
+    assert len(recorder.writes) == 2
+    for written in recorder.writes:
+        assert written.endswith("\n") and written.count("\n") == 1
+    assert json.loads(recorder.writes[1])["message"] == "stopping"

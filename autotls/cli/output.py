@@ -59,7 +59,11 @@ def err(line: str, *, level: str = "info", **fields: object) -> None:
     show in the JSON format only."""
     if _json_lines:
         line = json_line(level=level, logger=PROGRESS_LOGGER, message=line, fields=fields)
-    print(line, file=sys.stderr, flush=True)
+    # One write per line, as logging's handler does: print() writes the text and the newline
+    # separately, and a record logged from another thread (aiosqlite's, py-libp2p's) between
+    # the two would share the line.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def when(moment: datetime | None) -> str:
