@@ -171,6 +171,8 @@ async def test_operator_commands_reach_a_running_node_at_once(
         seen = await identify(node.tcp, node.peer_id)
         forge = f"/dns4/127-0-0-1.{node.peer}.libp2p.direct/tcp/"
         assert any(a.startswith(forge) and a.endswith("/tls/ws") for a in seen.listen_addrs)
+        assert node.running is not None
+        await node.running.line(f"identify advertises {forge}")  # and says so
 
         said = await operator("renew", "--force", *node.where())
         assert "takes it up at once" in said
