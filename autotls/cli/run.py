@@ -204,8 +204,14 @@ async def _run_node(settings: NodeSettings, stop: Stop) -> None:
 
     def on_failed(failure: Failure) -> None:
         if not settings.once:  # a service keeps serving what it has; say what to do
-            err(_describe_failure(failure), level="error", order_id=failure.order_id,
-                peer=auto.peer_id, state="Failed", error_class=failure.error_class)  # fmt: skip
+            err(
+                _describe_failure(failure),
+                level="error",
+                order_id=failure.order_id,
+                peer=auto.peer_id,
+                state="Failed",
+                error_class=failure.error_class,
+            )
 
     auto.on("transition", _report_transition)
     auto.on("failed", on_failed)
