@@ -552,6 +552,40 @@ def test_the_human_format_filters_keys_too(capsys: pytest.CaptureFixture[str]) -
     assert "Row (1, '[redacted private key]" in seen and "PRIVATE KEY" not in seen
 
 
+def test_libp2p_lines_on_the_root_logger_are_silenced_too(
+    libp2p_installed: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """py-libp2p's swarm connection logs its warnings on the *root* logger
+    (``logging.warning``), past every ``libp2p`` logger's level: real code of it, here."""
+    from libp2p.network.connection.swarm_connection import SwarmConn
+
+    class Unhookable:  # no room for the hooks SwarmConn attaches: it warns about each
+        __slots__ = ("peer_id",)
+
+        def __init__(self) -> None:
+            self.peer_id = "12D3KooWunhookable"
+
+    libp2p_logger = logging.getLogger("libp2p")
+    saved = (libp2p_logger.propagate, libp2p_logger.level)
+    try:
+        with stderr_logging(0):
+            quiet_libp2p(0)
+            SwarmConn(Unhookable(), None)  # type: ignore[arg-type]
+            logging.getLogger("autotls.test").warning("ours still shows")
+        quiet = capsys.readouterr().err
+        assert "Failed to set optional conveniences" not in quiet, quiet
+        assert "Could not attach on_close hook" not in quiet
+        assert "autotls: WARNING: ours still shows" in quiet
+        with stderr_logging(1):
+            quiet_libp2p(1)
+            SwarmConn(Unhookable(), None)  # type: ignore[arg-type]
+        verbose = capsys.readouterr().err
+        assert "WARNING root: Failed to set optional conveniences on muxed_conn" in verbose
+    finally:
+        libp2p_logger.propagate, _ = saved
+        libp2p_logger.setLevel(saved[1])
+
+
 def test_database_passwords_never_reach_the_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     url = "postgresql://autotls:hunter2-secret@127.0.0.1:9/autotls"
     quiet = run_cli(capsys, "status", "--db", url)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,17 +29,34 @@ def _libp2p_level(verbosity: int) -> int:
 
 
 class _Libp2pFilter(logging.Filter):
-    """Some py-libp2p modules set their own logger level (INFO), which a level on the
-    ``libp2p`` logger cannot override once its records propagate: drop them here."""
+    """py-libp2p's records at the level asked for (none at the default verbosity), whichever
+    way they come:
+
+    * some of its modules set their own logger level (INFO), which a level on the ``libp2p``
+      logger cannot override once their records propagate;
+    * some log on the *root* logger (``logging.warning(...)`` in
+      ``libp2p/network/connection/swarm_connection.py``: "Error while closing muxed
+      connection", "Error resetting stream"), past every ``libp2p`` logger: they are told by
+      the file they come from."""
 
     def __init__(self, level: int) -> None:
         super().__init__()
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "libp2p" or record.name.startswith("libp2p."):
+        if _from_libp2p(record):
             return record.levelno >= self.level
         return True
+
+
+def _from_libp2p(record: logging.LogRecord) -> bool:
+    if record.name == "libp2p" or record.name.startswith("libp2p."):
+        return True
+    if record.name != "root":
+        return False
+    package = sys.modules.get("libp2p")  # a record from its code means it is loaded
+    folders = getattr(package, "__path__", None) or ()
+    return any(record.pathname.startswith(os.path.join(folder, "")) for folder in folders)
 
 
 class JsonFormatter(logging.Formatter):
