@@ -1,12 +1,16 @@
 """The engine's ports (``autotls.fsm.ports``) implemented over the real clients.
 
 * :class:`AcmeAdapter` -- ``AcmePort`` over :class:`autotls.acme.AcmeClient`: one client per
-  account key (the store shares one account among all orders), one HTTP session for all;
-  chain preference among alternates; keys and CSRs as PEM/DER bytes so the engine never
-  touches ``cryptography`` objects.
+  account key (the store shares one account among all orders), one HTTP transport for all;
+  the choice among the CA's alternate chains (never one that does not build to the trust
+  roots); keys and CSRs as PEM/DER bytes so the engine never touches ``cryptography``
+  objects.
 * :class:`BrokerAdapter` -- ``BrokerPort`` over :class:`autotls.broker.BrokerClient`: finds the
   peer's identity key and its current addresses through callables supplied by the embedding
   application (or the py-libp2p node adapter).
+
+Both take an optional ``observer`` (:data:`autotls.http.Observer`): every HTTP exchange their
+clients make passes through it.
 
 The DNS port is :class:`autotls.dnscheck.AuthoritativeTxtChecker` and the installer port is
 :class:`autotls.install.Installer`; both implement their protocols directly.
@@ -15,12 +19,10 @@ The DNS port is :class:`autotls.dnscheck.AuthoritativeTxtChecker` and the instal
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -45,6 +47,8 @@ from autotls.acme.problems import (
     for_new_order,
 )
 from autotls.broker import DEFAULT_BROKER_URL, BrokerClient
+from autotls.broker import DEFAULT_TIMEOUT as BROKER_TIMEOUT
+from autotls.fsm.clock import Clock, SystemClock
 from autotls.fsm.errors import ConfigurationError, ErrorClass, PermanentError
 from autotls.fsm.ports import (
     AcmeAccount,
@@ -56,6 +60,8 @@ from autotls.fsm.ports import (
     RegisteredAccount,
     RenewalWindow,
 )
+from autotls.http import HttpTransport, Observer, UnusableCaFile
+from autotls.install import builds_to_roots
 from autotls.peerid import PrivateKey
 
 log = logging.getLogger(__name__)
@@ -113,46 +119,38 @@ class AcmeAdapter:
         eab: ExternalAccountBinding | None = None,
         contact: Sequence[str] = (),
         preferred_chain: str | None = None,
+        trust_roots: Sequence[x509.Certificate] = (),
+        clock: Clock | None = None,
         timeout: float = 30.0,
+        observer: Observer | None = None,
     ) -> None:
+        """``preferred_chain``: the common name of the top issuer of the chain to prefer among
+        the CA's alternates; ``trust_roots``: the roots the installer verifies chains against
+        (a chain that does not build to them is never chosen over one that does)."""
         self.directory_url = directory_url
         self.ca_file = ca_file
         self.eab = eab
         self.contact = tuple(contact)
         self.preferred_chain = preferred_chain
+        self.trust_roots = list(trust_roots)
+        self.clock = clock or SystemClock()
         self.timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
+        try:
+            self._http = HttpTransport(
+                ca_file=ca_file, timeout=timeout, connection_limit=32, observer=observer
+            )
+        except UnusableCaFile as exc:
+            raise ConfigurationError(f"the ACME {exc.message}") from None
         self._clients: dict[bytes, AcmeClient] = {}
-        self._anonymous: AcmeClient | None = None
-        self._retired_requests = 0
-        if ca_file is not None:
-            try:
-                ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigurationError(f"cannot load the ACME CA file {ca_file}: {exc}") from None
+        self._unsigned: AcmeClient | None = None
 
     @property
     def request_count(self) -> int:
-        clients = [*self._clients.values(), *([self._anonymous] if self._anonymous else [])]
-        return self._retired_requests + sum(c.request_count for c in clients)
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            context = (
-                ssl.create_default_context(cafile=self.ca_file)
-                if self.ca_file
-                else ssl.create_default_context()
-            )
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=context, limit=32), trust_env=False
-            )
-        return self._session
+        return self._http.request_count
 
     def _client(self, account: AcmeAccount) -> AcmeClient:
         client = self._clients.get(account.key_pem)
         if client is None or (account.url is not None and client.account_url != account.url):
-            if client is not None:
-                self._retired_requests += client.request_count
             try:
                 key = load_account_key(account.key_pem)
             except Exception as exc:
@@ -161,29 +159,23 @@ class AcmeAdapter:
                 self.directory_url,
                 key,
                 account_url=account.url,
-                session=self._http(),
-                timeout=self.timeout,
+                http=self._http,
+                now=self.clock.now,  # Retry-After dates on the engine's clock
             )
             self._clients[account.key_pem] = client
         return client
 
-    async def _directory_client(self) -> AcmeClient:
+    def _directory_client(self) -> AcmeClient:
+        """A client for the unsigned requests (directory, ARI): an account's when there is
+        one (it has fetched the directory already), else one without a key."""
         if self._clients:
             return next(iter(self._clients.values()))
-        if self._anonymous is None:
-            # Directory and ARI requests are unsigned; any key will do for the client object.
-            self._anonymous = AcmeClient(
-                self.directory_url,
-                generate_account_key(),
-                session=self._http(),
-                timeout=self.timeout,
-            )
-        return self._anonymous
+        if self._unsigned is None:
+            self._unsigned = AcmeClient(self.directory_url, http=self._http, now=self.clock.now)
+        return self._unsigned
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     async def check_directory(self) -> Directory | None:
         """Fetch the ACME directory once, before any order is touched.
@@ -199,7 +191,7 @@ class AcmeAdapter:
                 self.directory_url,
             )
         try:
-            return await (await self._directory_client()).directory()
+            return await self._directory_client().directory()
         except AcmeNetworkError as exc:
             log.warning("ACME directory %s not reachable now: %s", self.directory_url, exc)
             return None
@@ -217,11 +209,11 @@ class AcmeAdapter:
     # -- AcmePort -------------------------------------------------------------------------
 
     async def supports_ari(self) -> bool:
-        directory = await (await self._directory_client()).directory()
+        directory = await self._directory_client().directory()
         return directory.renewal_info is not None
 
     async def profiles(self) -> Mapping[str, str]:
-        directory = await (await self._directory_client()).directory()
+        directory = await self._directory_client().directory()
         return directory.profiles
 
     async def register_account(self, account: AcmeAccount) -> RegisteredAccount:
@@ -261,23 +253,48 @@ class AcmeAdapter:
     async def finalize(
         self, account: AcmeAccount, order_url: str, finalize_url: str, csr_der: bytes
     ) -> AcmeOrderView:
-        # The step has just fetched the order and seen it ready; finalize needs only its URLs
-        # (on 403 orderNotReady the client re-fetches it for us).
-        ready = Order(
-            url=order_url, status="ready", identifiers=(), authorizations=(), finalize=finalize_url
-        )
-        return _order_view(await self._client(account).finalize(ready, csr_der))
+        client = self._client(account)
+        return _order_view(await client.finalize(order_url, finalize_url, csr_der))
 
     async def download_certificate(self, account: AcmeAccount, url: str) -> ChainView:
         chain = await self._client(account).download_certificate(url)
-        if self.preferred_chain:
-            for candidate in (chain.pem, *chain.alternates):
-                if _top_issuer(candidate) == self.preferred_chain:
-                    return ChainView(candidate)
-        return ChainView(chain.pem)
+        return ChainView(self.choose_chain(chain.pem, chain.alternates))
+
+    def choose_chain(self, default: str, alternates: Sequence[str]) -> str:
+        """The chain to serve among the CA's: the first of the preferred chain (top issuer
+        named ``preferred_chain``), the CA's default, then the alternates, that builds to the
+        trust roots. A new root is missing from many stores for years (Let's Encrypt's Gen Y),
+        so a preference, or a default, that no configured root completes is passed over. When
+        none builds, the default (the installer then says why); without trust roots nothing
+        can be checked and the preference alone decides."""
+        preferred = [
+            c
+            for c in (default, *alternates)
+            if self.preferred_chain and _top_issuer(c) == self.preferred_chain
+        ]
+        candidates = list(dict.fromkeys([*preferred, default, *alternates]))
+        if not self.trust_roots:
+            return candidates[0]
+        now = self.clock.now()
+        chosen = next((c for c in candidates if builds_to_roots(c, self.trust_roots, now)), None)
+        if preferred and chosen != preferred[0]:
+            log.warning(
+                "preferred chain %r does not build to the configured trust roots; serving the "
+                "chain that ends at %r",
+                self.preferred_chain,
+                _top_issuer(chosen or default),
+            )
+        elif chosen is not None and chosen != default:
+            log.info(
+                "the CA's default chain (ending at %r) does not build to the configured trust "
+                "roots; serving its alternate ending at %r",
+                _top_issuer(default),
+                _top_issuer(chosen),
+            )
+        return chosen or default
 
     async def renewal_info(self, cert_pem: str) -> RenewalWindow | None:
-        info = await (await self._directory_client()).renewal_info(_leaf(cert_pem))
+        info = await self._directory_client().renewal_info(_leaf(cert_pem))
         if info is None:
             return None
         return RenewalWindow(info.start, info.end, info.retry_after, info.explanation_url)
@@ -309,7 +326,9 @@ AddressLookup = Callable[[str], Sequence[str]]
 
 
 class BrokerAdapter:
-    """``BrokerPort``: one :class:`BrokerClient` per peer identity this process holds."""
+    """``BrokerPort``: one :class:`BrokerClient` per peer identity this process holds (each
+    with its own session: the load balancer's affinity cookie is per handshake), and one
+    client without an identity for the health check."""
 
     def __init__(
         self,
@@ -320,7 +339,8 @@ class BrokerAdapter:
         ca_file: str | None = None,
         forge_auth: str | None = None,
         allow_private_addresses: bool = False,
-        timeout: float = 60.0,
+        timeout: float = BROKER_TIMEOUT,
+        observer: Observer | None = None,
     ) -> None:
         self.identity = identity
         self.addresses = addresses
@@ -329,33 +349,32 @@ class BrokerAdapter:
         self.forge_auth = forge_auth
         self.allow_private_addresses = allow_private_addresses
         self.timeout = timeout
+        self.observer = observer
         self._clients: dict[str, BrokerClient] = {}
-        self._health_client: BrokerClient | None = None
+        self._health_client = self._new_client(None)
 
-    def _client_for(self, key: PrivateKey) -> BrokerClient:
-        label = key.peer_id.to_base36()
-        client = self._clients.get(label)
-        if client is None:
-            client = BrokerClient(
+    def _new_client(self, key: PrivateKey | None) -> BrokerClient:
+        try:
+            return BrokerClient(
                 key,
                 base_url=self.base_url,
                 ca_file=self.ca_file,
                 forge_auth=self.forge_auth,
                 allow_private_addresses=self.allow_private_addresses,
                 timeout=self.timeout,
+                observer=self.observer,
             )
-            self._clients[label] = client
+        except UnusableCaFile as exc:
+            raise ConfigurationError(f"the broker {exc.message}") from None
+
+    def _client_for(self, key: PrivateKey) -> BrokerClient:
+        label = key.peer_id.to_base36()
+        client = self._clients.get(label)
+        if client is None:
+            client = self._clients[label] = self._new_client(key)
         return client
 
     async def health(self) -> BrokerHealthView:
-        if self._health_client is None:
-            self._health_client = BrokerClient(
-                PrivateKey.generate(),
-                base_url=self.base_url,
-                ca_file=self.ca_file,
-                forge_auth=self.forge_auth,
-                timeout=self.timeout,
-            )
         health = await self._health_client.health()
         return BrokerHealthView(health.healthy, health.wait_s, health.detail)
 
@@ -371,10 +390,6 @@ class BrokerAdapter:
         return await self._client_for(key).register(value, list(self.addresses(peer_id)))
 
     async def close(self) -> None:
-        clients = list(self._clients.values())
-        if self._health_client is not None:
-            clients.append(self._health_client)
-        for client in clients:
+        for client in [*self._clients.values(), self._health_client]:
             await client.close()
         self._clients.clear()
-        self._health_client = None

@@ -19,19 +19,23 @@ import base64
 import binascii
 import logging
 import re
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
-from autotls.acme.messages import parse_retry_after
 from autotls.fsm.errors import AutoTLSError, ConfigurationError, ErrorClass
+from autotls.http import (
+    HttpClient,
+    HttpFailure,
+    HttpTransport,
+    IncompleteAnswer,
+    Observer,
+    parse_retry_after,
+)
 from autotls.multiaddrs import select_dialable
 from autotls.peerid import PrivateKey
 from autotls.peeridauth import (
@@ -72,12 +76,7 @@ MAX_OUTAGE_WAIT = 86400.0
 # Nothing public to offer: the node may learn its public address later (AutoNAT, UPnP...).
 NO_ADDRESSES_RETRY = 900.0
 MAX_BODY = 64 * 1024
-
-try:
-    _VERSION = metadata.version("autotls")
-except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-    _VERSION = "0"
-DEFAULT_USER_AGENT = f"autotls/{_VERSION} (+python)"
+DEFAULT_TIMEOUT = 60.0
 
 _VALUE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 
@@ -276,84 +275,83 @@ def _not_a_challenge(status: int, body: bytes, headers: Any) -> BrokerError:
 # Client
 
 
-class BrokerClient:
-    """Talks to one AutoTLS broker as one libp2p identity."""
+class BrokerClient(HttpClient):
+    """Talks to one AutoTLS broker as one libp2p identity (``identity``; without one it only
+    checks the broker's health). ``http`` shares a transport; otherwise the client makes its
+    own from ``ca_file``, ``session``, ``timeout``, ``user_agent`` and ``observer``, keeping
+    the load balancer's cookies on IP hosts (protocol.md §3)."""
 
     def __init__(
         self,
-        identity: PrivateKey,
+        identity: PrivateKey | None = None,
         *,
         base_url: str = DEFAULT_BROKER_URL,
+        http: HttpTransport | None = None,
         ca_file: str | None = None,
         session: aiohttp.ClientSession | None = None,
         forge_auth: str | None = None,
         allow_private_addresses: bool = False,
-        user_agent: str = DEFAULT_USER_AGENT,
-        timeout: float = 60.0,
+        user_agent: str | None = None,
+        timeout: float | None = None,
+        observer: Observer | None = None,
     ) -> None:
         url = URL(base_url)
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigurationError(f"broker URL {base_url!r} is not an http(s) URL")
+        super().__init__(
+            http,
+            ca_file=ca_file,
+            session=session,
+            user_agent=user_agent,
+            timeout=timeout,
+            default_timeout=DEFAULT_TIMEOUT,
+            keep_ip_cookies=True,
+            observer=observer,
+        )
         self.identity = identity
         self.base_url = url
         self.forge_auth = forge_auth
         self.allow_private_addresses = allow_private_addresses
-        self.user_agent = user_agent
-        self.timeout = timeout
-        self._ssl: ssl.SSLContext | bool = True
-        if ca_file is not None:
-            try:
-                self._ssl = ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigurationError(f"cannot load broker CA file {ca_file}: {exc}") from None
-        self._session = session
-        self._owns_session = session is None
 
     def __repr__(self) -> str:
-        return f"BrokerClient({str(self.base_url)!r}, peer={self.identity.peer_id})"
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            # unsafe=True keeps cookies on IP hosts: the load balancer's affinity cookie must
-            # reach the second leg of the handshake (protocol.md §3).
-            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
-            self._owns_session = True
-        return self._session
+        peer = self.identity.peer_id if self.identity is not None else None
+        return f"BrokerClient({str(self.base_url)!r}, peer={peer})"
 
     def _url(self, path: str) -> URL:
         return self.base_url.with_path(self.base_url.path.rstrip("/") + path)
 
     def _headers(self) -> dict[str, str]:
-        headers = {"User-Agent": self.user_agent}
-        if self.forge_auth:
-            headers["Forge-Authorization"] = self.forge_auth
-        return headers
+        return {"Forge-Authorization": self.forge_auth} if self.forge_auth else {}
 
     async def health(self) -> BrokerHealth:
         """``GET /v1/health``. Network trouble raises :class:`BrokerNetworkError` (a blip is
         retried with backoff, not answered with an hour's wait)."""
-        url = self._url(HEALTH_PATH)
         try:
-            async with self._get_session().get(
-                url,
+            answer = await self.http.request(
+                "GET",
+                self._url(HEALTH_PATH),
+                request_class="health",
                 headers=self._headers(),
-                ssl=self._ssl,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                allow_redirects=False,
-            ) as resp:
-                body = await resp.content.read(MAX_BODY)
-                status, retry_after = resp.status, resp.headers.get("Retry-After")
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise BrokerNetworkError(f"broker health check failed: {_describe(exc)}") from None
+                limit=MAX_BODY,
+            )
+        except IncompleteAnswer as exc:
+            answer = exc.answer  # the status decides; what arrived of the body is detail
+        except HttpFailure as exc:
+            raise BrokerNetworkError(f"broker health check failed: {exc.reason}") from None
+        status = answer.status
         if 200 <= status < 300:
             return BrokerHealth(True, 0.0, f"healthy ({status})")
-        wait = health_wait(parse_retry_after(retry_after, _now()))
-        detail = f"unhealthy: {status} {_detail(body, 120)}".rstrip()
+        wait = health_wait(answer.retry_after(_now))
+        detail = f"unhealthy: {status} {_detail(answer.body, 120)}".rstrip()
         log.info("broker %s %s; waiting %.0f s before issuing", self.base_url, detail, wait)
         return BrokerHealth(False, wait, detail)
 
     async def register(self, value: str, addresses: Sequence[str]) -> list[str]:
         """Register the DNS-01 ``value``; returns the addresses actually sent."""
+        if self.identity is None:
+            raise ConfigurationError(
+                "this broker client has no identity key: it can check the broker's health only"
+            )
         validate_challenge_value(value)
         selected = select_dialable(addresses, allow_private=self.allow_private_addresses)
         if not selected:
@@ -364,13 +362,7 @@ class BrokerClient:
             )
         url = self._url(REGISTER_PATH)
         peer = self.identity.peer_id
-        client = PeerIdAuthClient(
-            self.identity,
-            self._get_session(),
-            timeout=self.timeout,
-            ssl=self._ssl,
-            max_body=MAX_BODY,
-        )
+        client = PeerIdAuthClient(self.identity, self.http, max_body=MAX_BODY)
         log.info("registering challenge for %s at %s with %s", peer, url, selected)
         try:
             resp = await client.request(
@@ -378,6 +370,7 @@ class BrokerClient:
                 url,
                 json_body={"value": value, "addresses": selected},
                 headers=self._headers(),
+                request_class="registration_leg",
             )
         except (HandshakeRefused, PeerIdAuthUnauthorized) as exc:
             refusal = _not_a_challenge(exc.status, exc.body, exc.headers)
@@ -387,8 +380,8 @@ class BrokerClient:
             raise BrokerUnauthorized(f"broker failed to authenticate: {exc.message}") from None
         except PeerIdAuthError as exc:
             raise BrokerUnauthorized(f"PeerID auth with the broker failed: {exc.message}") from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise BrokerNetworkError(f"broker registration failed: {_describe(exc)}") from None
+        except HttpFailure as exc:
+            raise BrokerNetworkError(f"broker registration failed: {exc.reason}") from None
         error = classify_response(resp.status, resp.body, resp.headers)
         if error is not None:
             log.info("broker (%s) refused %s: %s", resp.server_peer_id, peer, error)
@@ -396,29 +389,6 @@ class BrokerClient:
         log.info("broker %s accepted the challenge for %s", resp.server_peer_id, peer)
         return selected
 
-    async def close(self) -> None:
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-        self._session = None
-
-    async def __aenter__(self) -> BrokerClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

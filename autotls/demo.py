@@ -169,17 +169,9 @@ async def run_demo(
     say("starting Pebble, pebble-challtestsrv and the local broker")
     async with LocalStack(workdir / "stack", pebble_options=PebbleOptions()) as stack:
         say(f"ACME {stack.pebble.directory_url}, broker {stack.broker_url}, DNS {stack.dns_server}")
-        node: Libp2pNode | None = None
-        auto = AutoTLS(
-            key,
-            data_dir=workdir,
-            addresses=lambda: node.listen_addresses if node is not None else [],
-            **stack.client_options(),
-        )
+        auto = AutoTLS(key, data_dir=workdir, **stack.client_options())
         auto.on("transition", on_transition)
-        node = Libp2pNode(
-            key, listen=LISTEN, tls_context=auto.ssl_context, advertise=auto.advertised_addresses
-        )
+        node = Libp2pNode(key, listen=LISTEN, autotls=auto)
         async with node:
             say(f"libp2p node {result.peer_id} on {', '.join(node.listen_addresses)}")
             async with auto:

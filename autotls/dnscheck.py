@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import dns.asyncquery
 import dns.asyncresolver
@@ -28,6 +28,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
+from autotls.fsm.clock import Clock, SystemClock
 from autotls.fsm.errors import ConfigurationError, TransientError
 from autotls.fsm.ports import TxtCheck
 
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ZONE = "libp2p.direct"
 MIN_NS_CACHE_S = 60.0
+
+
+class NameserverError(ConfigurationError, ValueError):
+    """A DNS server given as text is malformed (the message names it and says why)."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,10 @@ def parse_nameserver(text: str) -> NameServer:
     if spec.startswith("["):
         host, sep, rest = spec[1:].partition("]")
         if not sep:
-            raise ConfigurationError(f"DNS server {text!r}: missing ']'")
+            raise NameserverError(f"DNS server {text!r}: missing ']'")
         if rest:
             if not rest.startswith(":"):
-                raise ConfigurationError(f"DNS server {text!r}: expected ':PORT' after ']'")
+                raise NameserverError(f"DNS server {text!r}: expected ':PORT' after ']'")
             port = _port(rest[1:], text)
     elif spec.count(":") == 1:
         host, _, port_text = spec.partition(":")
@@ -69,7 +74,7 @@ def parse_nameserver(text: str) -> NameServer:
     try:
         address = str(ipaddress.ip_address(host))
     except ValueError:
-        raise ConfigurationError(
+        raise NameserverError(
             f"DNS server {text!r}: {host!r} is not an IP address (give HOST:PORT with an IP)"
         ) from None
     return NameServer(address, port)
@@ -77,7 +82,7 @@ def parse_nameserver(text: str) -> NameServer:
 
 def _port(value: str, text: str) -> int:
     if not value.isdigit() or not 0 < int(value) < 65536:
-        raise ConfigurationError(f"DNS server {text!r}: bad port {value!r}")
+        raise NameserverError(f"DNS server {text!r}: bad port {value!r}")
     return int(value)
 
 
@@ -91,21 +96,24 @@ class AuthoritativeTxtChecker:
         nameservers: Sequence[NameServer] | None = None,
         resolver: dns.asyncresolver.Resolver | None = None,
         timeout: float = 3.0,
+        clock: Clock | None = None,
     ) -> None:
         self.zone = zone.rstrip(".")
         self.fixed = list(nameservers) if nameservers else None
         self.resolver = resolver
         self.timeout = timeout
+        self.clock = clock or SystemClock()  # how long the zone's NS set is cached
         self._cached: list[NameServer] | None = None
-        self._cached_until = 0.0
+        self._cached_until = datetime.min.replace(tzinfo=UTC)
 
     async def nameservers(self) -> list[NameServer]:
         if self.fixed is not None:
             return self.fixed
-        if self._cached is not None and time.monotonic() < self._cached_until:
+        if self._cached is not None and self.clock.now() < self._cached_until:
             return self._cached
         servers, ttl = await self._discover()
-        self._cached, self._cached_until = servers, time.monotonic() + max(ttl, MIN_NS_CACHE_S)
+        lasts = timedelta(seconds=max(ttl, MIN_NS_CACHE_S))
+        self._cached, self._cached_until = servers, self.clock.now() + lasts
         return servers
 
     async def _discover(self) -> tuple[list[NameServer], float]:

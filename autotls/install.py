@@ -210,6 +210,24 @@ def _verify_path(
         ) from None
 
 
+def builds_to_roots(chain_pem: str, roots: Sequence[x509.Certificate], now: datetime) -> bool:
+    """Whether ``chain_pem`` (leaf first) builds to one of ``roots`` under the Web PKI server
+    policy: the installer's trust check, asked ahead of time to choose among a CA's chains."""
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem.encode("ascii"))
+        san = certs[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, UnicodeEncodeError, x509.ExtensionNotFound):
+        return False
+    names = san.get_values_for_type(x509.DNSName)
+    if not names:
+        return False
+    try:
+        _verify_path(certs, names[0], roots, max(now, certs[0].not_valid_before_utc))
+    except ChainUntrusted:
+        return False
+    return True
+
+
 def _name(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
 
@@ -295,10 +313,11 @@ class LiveTlsContext:
         """Serve the chain and key in these files (read, then loaded as one pair)."""
         self.load_pem(certfile.read_text("ascii"), keyfile.read_bytes(), fingerprint)
 
-    def load_placeholder(self, identifier: str) -> None:
+    def load_placeholder(self, identifier: str, *, now: datetime | None = None) -> None:
         """Serve a self-signed certificate until the real one is installed (from memory:
-        nothing is written, so no other process's placeholder can be mixed with ours)."""
-        cert_pem, key_pem = placeholder_certificate(identifier)
+        nothing is written, so no other process's placeholder can be mixed with ours),
+        valid from ``now`` (the caller's clock)."""
+        cert_pem, key_pem = placeholder_certificate(identifier, now=now)
         self.load_pem(cert_pem, key_pem, None)
 
 

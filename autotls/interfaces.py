@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 __all__ = ["expand_unspecified", "interface_addresses"]
 
+_UNSPECIFIED = (("ip4", "0.0.0.0"), ("ip6", "::"))  # noqa: S104 - recognising, not binding
+
 
 def interface_addresses() -> tuple[list[str], list[str]]:
     """(IPv4, IPv6) addresses of this machine's interfaces, loopback included, each once."""
@@ -42,14 +44,25 @@ def interface_addresses() -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(v4)), list(dict.fromkeys(v6))
 
 
-def expand_unspecified(addresses: Sequence[str], v4: Sequence[str], v6: Sequence[str]) -> list[str]:
+def expand_unspecified(
+    addresses: Sequence[str],
+    v4: Sequence[str] | None = None,
+    v6: Sequence[str] | None = None,
+) -> list[str]:
     """``/ip4/0.0.0.0/...`` once per IPv4 address in ``v4`` (``/ip6/::/...`` per ``v6``);
-    other addresses unchanged. Order kept, duplicates dropped."""
+    other addresses unchanged. Order kept, duplicates dropped. Without ``v4`` and ``v6``,
+    this machine's interface addresses (:func:`interface_addresses`), read only when an
+    address needs them."""
     from autotls.multiaddrs import Multiaddr
 
+    parsed = [Multiaddr.parse(text) for text in addresses]
+    if v4 is None or v6 is None:
+        if not any(ma.components[0] in _UNSPECIFIED for ma in parsed):
+            return list(dict.fromkeys(str(ma) for ma in parsed))
+        v4, v6 = interface_addresses()
+
     out: list[str] = []
-    for text in addresses:
-        ma = Multiaddr.parse(text)
+    for ma in parsed:
         proto, ip = ma.components[0]
         rest = ma.components[1:]
         if proto == "ip4" and ip == "0.0.0.0":  # noqa: S104 - recognising, not binding

@@ -8,7 +8,7 @@ else, :class:`SecretFilter` on a handler rewrites each record it passes so that 
 key reaches the output, at any verbosity. The CLI installs it on its stderr handler; an
 embedding application that turns on debug logging for those libraries should do the same::
 
-    handler.addFilter(autotls.logs.SecretFilter())
+    handler.addFilter(autotls.SecretFilter())
 """
 
 from __future__ import annotations

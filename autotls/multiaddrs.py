@@ -58,8 +58,9 @@ DEFAULT_ZONE = "libp2p.direct"
 ForgeForm = Literal["long", "short"]
 
 
-class MultiaddrError(ConfigurationError):
-    """A multiaddr (or IP label, forge parameter) is malformed; the message says which and why."""
+class MultiaddrError(ConfigurationError, ValueError):
+    """A multiaddr (or IP label, forge parameter) is malformed; the message says which and why.
+    A ``ValueError``, as the standard library's ``ipaddress`` parse errors are."""
 
 
 # --------------------------------------------------------------------------------------------

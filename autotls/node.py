@@ -12,6 +12,10 @@ to authenticate the expected PeerId.
 
 Facts about py-libp2p 0.8.1 this module relies on (each is exercised in tests/test_node.py):
 
+Rooms: this module (the node and its listeners), :mod:`autotls.libp2p_host` (py-libp2p run
+from asyncio: the trio thread, lazy imports, key pair, security), :mod:`autotls.dialback` (the
+broker's dial-back, re-exported here).
+
 * **Threads.** py-libp2p runs on trio. Each node (and each dial-back) gets its own
   ``trio.run`` in a dedicated thread; asyncio and trio talk only through thread-safe
   hand-offs (``TrioToken.run_sync_soon`` one way, ``loop.call_soon_threadsafe`` the other).
@@ -66,300 +70,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
-import re
 import ssl
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from autotls.fsm.errors import AutoTLSError, ErrorClass
+from autotls.dialback import DialBackError, dial_back
+from autotls.fsm.errors import ErrorClass
+from autotls.libp2p_host import (
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    NodeError,
+    Outcome,
+    Portal,
+    TrioThread,
+    as_node_error,
+    check_key_type,
+    libp2p_key_pair,
+    muxer_options,
+    py_multiaddr,
+    require_libp2p,
+    running,
+    security_options,
+    unwrap,
+)
 from autotls.multiaddrs import Multiaddr, MultiaddrError
-from autotls.peerid import KeyType, PeerId, PeerIdError, PrivateKey
+from autotls.peerid import PeerId, PrivateKey
 
 if TYPE_CHECKING:
-    import trio
+    from autotls.service import AutoTLS
 
 __all__ = ["DialBackError", "Libp2pNode", "NodeError", "dial_back"]
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-_T_co = TypeVar("_T_co", covariant=True)
-
-# How long start() waits for the host to bind, and stop() for it to wind down, before giving
-# up. Both are local operations; these bound a wedged py-libp2p, not the network.
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
-
-_EXTRA_HINT = (
-    "py-libp2p is not installed: install the 'libp2p' extra (pip install 'autotls[libp2p]')"
-)
-
-
-class NodeError(AutoTLSError):
-    """The py-libp2p node could not be configured, started or stopped."""
-
-
-class DialBackError(Exception):
-    """The dial-back failed. ``reason`` is the human summary ("no address answered",
-    "peer id mismatch: expected X, got Y", "timeout after 15s", ...); ``failures`` maps each
-    address that was tried or skipped to why it did not prove the peer."""
-
-    def __init__(self, reason: str, failures: dict[str, str] | None = None) -> None:
-        self.reason = reason
-        self.failures: dict[str, str] = dict(failures or {})
-        detail = "; ".join(f"{addr}: {why}" for addr, why in self.failures.items())
-        super().__init__(f"{reason} ({detail})" if detail else reason)
-
-
-# --------------------------------------------------------------------------------------------
-# py-libp2p, imported lazily
-# --------------------------------------------------------------------------------------------
-
-
-def _require_libp2p() -> None:
-    """Fail fast, on the caller's side, when the extra is missing (the import itself, which
-    is slow, happens in the trio thread)."""
-    for module in ("libp2p", "trio"):
-        if importlib.util.find_spec(module) is None:
-            raise NodeError(_EXTRA_HINT, error_class=ErrorClass.PERMANENT)
-
-
-def _libp2p_key_pair(key: PrivateKey) -> Any:
-    """Our identity key as a py-libp2p ``KeyPair``, checked to give the same PeerId."""
-    from libp2p.crypto.keys import KeyPair
-    from libp2p.crypto.serialization import deserialize_private_key
-    from libp2p.peer.id import ID
-
-    private = deserialize_private_key(key.to_proto(ed25519_seed_only=True))
-    pair = KeyPair(private, private.get_public_key())
-    if ID.from_pubkey(pair.public_key).to_base58() != key.peer_id.to_base58():
-        raise NodeError(
-            f"py-libp2p derives another PeerId from this {key.key_type.name} key than "
-            f"{key.peer_id.to_base58()}",
-            error_class=ErrorClass.PERMANENT,
-        )
-    return pair
-
-
-def _check_key_type(key: PrivateKey) -> None:
-    if key.key_type is KeyType.ECDSA:
-        raise NodeError(
-            "py-libp2p 0.8.1 cannot load ECDSA identity keys; use Ed25519, secp256k1 or RSA",
-            error_class=ErrorClass.PERMANENT,
-        )
-
-
-def _security_options(pair: Any, *, with_tls: bool) -> dict[Any, Any]:
-    from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
-    from libp2p.custom_types import TProtocol
-    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
-    from libp2p.security.noise.transport import Transport as NoiseTransport
-
-    options: dict[Any, Any] = {
-        TProtocol(NOISE_ID): NoiseTransport(pair, noise_privkey=new_x25519().private_key)
-    }
-    if with_tls:
-        from libp2p.security.tls.transport import PROTOCOL_ID as TLS_ID
-        from libp2p.security.tls.transport import TLSTransport
-
-        options[TProtocol(TLS_ID)] = TLSTransport(pair)
-    return options
-
-
-def _muxer_options() -> dict[Any, Any]:
-    from libp2p.custom_types import TProtocol
-    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
-    from libp2p.stream_muxer.yamux.yamux import Yamux
-
-    return {TProtocol(YAMUX_ID): Yamux}
-
-
-def _py_multiaddr(ma: Multiaddr, *, for_dialing: bool = False) -> Any:
-    """The ``multiaddr`` package's object for ``ma``, without the ``/sni/`` component that
-    package cannot parse with a wildcard (and py-libp2p does not use).
-
-    For dialing, ``/tls/ws`` becomes ``/wss``: the swarm appends ``/p2p/<id>`` to what it
-    dials, and py-libp2p's WebSocket transport accepts that suffix after ``/wss`` only."""
-    from multiaddr import Multiaddr as PyMultiaddr
-
-    comps = [c for c in ma.components if c[0] != "sni"]
-    if for_dialing and [name for name, _ in comps[-2:]] == ["tls", "ws"]:
-        comps[-2:] = [("wss", None)]
-    return PyMultiaddr(str(Multiaddr(tuple(comps))))
-
-
-# --------------------------------------------------------------------------------------------
-# One trio.run in its own thread, reporting to the asyncio loop that launched it
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Outcome(Generic[_T_co]):
-    """How a trio run (or its start-up) ended, carried to asyncio as a value so that an
-    exception nobody awaits is never left inside a future."""
-
-    ok: bool
-    value: Any
-
-    def unwrap(self) -> _T_co:
-        if not self.ok:
-            raise self.value
-        result: _T_co = self.value
-        return result
-
-
-class _Portal:
-    """What the trio side of a :class:`_TrioThread` sees: a way to report readiness and an
-    event set when the asyncio side asks it to finish."""
-
-    def __init__(self, runner: _TrioThread[Any], stop: trio.Event) -> None:
-        self._runner = runner
-        self.stop = stop
-
-    def ready(self, value: object) -> None:
-        self._runner._post(self._runner._set_ready, value)
-
-
-class _TrioThread(Generic[_T]):
-    """One ``trio.run(main)`` in a dedicated thread. ``ready`` resolves when ``main`` reports
-    readiness through its portal (or ends first), ``done`` when the run is over and the thread
-    has exited; both carry :class:`_Outcome` values."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._lock = threading.Lock()
-        self._token: Any = None  # trio.lowlevel.TrioToken once the run has started
-        self._stop: trio.Event | None = None
-        self._scope: trio.CancelScope | None = None
-        self._stop_requested = False
-        self._cancel_requested = False
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.ready: asyncio.Future[_Outcome[object]]
-        self.done: asyncio.Future[_Outcome[_T]]
-
-    def launch(self, main: Callable[[_Portal], Awaitable[_T]]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.ready = self._loop.create_future()
-        self.done = self._loop.create_future()
-        self._thread = threading.Thread(target=self._run, args=(main,), name=self._name)
-        # daemon: a py-libp2p that refuses to stop must not also keep the interpreter alive
-        self._thread.daemon = True
-        self._thread.start()
-
-    # -- trio thread ---------------------------------------------------------------------
-
-    def _run(self, main: Callable[[_Portal], Awaitable[_T]]) -> None:
-        outcome: _Outcome[_T]
-        try:
-            import trio
-
-            outcome = _Outcome(True, trio.run(self._entry, main))
-        except BaseException as exc:  # handed to the asyncio side, which re-raises it
-            outcome = _Outcome(False, exc)
-        self._post(self._finish, outcome)
-
-    async def _entry(self, main: Callable[[_Portal], Awaitable[_T]]) -> _T:
-        import trio
-
-        stop = trio.Event()
-        with trio.CancelScope() as scope:
-            with self._lock:
-                self._token = trio.lowlevel.current_trio_token()
-                self._stop, self._scope = stop, scope
-                if self._stop_requested:
-                    stop.set()
-                if self._cancel_requested:
-                    scope.cancel()
-            return await main(_Portal(self, stop))
-        raise NodeError("py-libp2p was cancelled after it did not stop in time")
-
-    def _post(self, callback: Callable[[Any], None], value: object) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-            self._loop.call_soon_threadsafe(callback, value)
-
-    # -- asyncio thread ------------------------------------------------------------------
-
-    def _set_ready(self, value: object) -> None:
-        if not self.ready.done():
-            self.ready.set_result(_Outcome(True, value))
-
-    def _finish(self, outcome: _Outcome[_T]) -> None:
-        if not self.ready.done():
-            early = NodeError("py-libp2p finished before it was ready")
-            self.ready.set_result(outcome if not outcome.ok else _Outcome(False, early))
-        if not self.done.done():
-            self.done.set_result(outcome)
-        if self._thread is not None:
-            self._thread.join()  # it has returned from _run already: this does not block
-
-    def _call_in_trio(self, action: Callable[[], None]) -> None:
-        import trio
-
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(action)
-
-    def request_stop(self) -> None:
-        with self._lock:
-            self._stop_requested = True
-            if self._token is not None and self._stop is not None:
-                self._call_in_trio(self._stop.set)
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._cancel_requested = True
-            if self._token is not None and self._scope is not None:
-                self._call_in_trio(self._scope.cancel)
-
-    async def finish(self, grace: float) -> _T:
-        """Ask the trio side to finish, wait for it (cancelling it after ``grace`` seconds),
-        and return its result or raise its exception."""
-        self.request_stop()
-        try:
-            outcome = await asyncio.wait_for(asyncio.shield(self.done), grace)
-        except TimeoutError:
-            log.warning("py-libp2p did not stop within %ss; cancelling it", grace)
-            self.cancel()
-            try:
-                outcome = await asyncio.wait_for(asyncio.shield(self.done), grace)
-            except TimeoutError:
-                raise NodeError(f"py-libp2p thread {self._name} did not stop") from None
-        return outcome.unwrap()
-
-    def is_running(self) -> bool:
-        return self._thread is not None and not self.done.done()
-
-
-@contextlib.asynccontextmanager
-async def _running(host: Any, listen: list[Any]) -> AsyncIterator[None]:
-    """``host.run(listen)`` ending with an explicit ``host.close()``: leaving ``run`` alone
-    cancels py-libp2p's tasks but leaves dialed sockets open for the garbage collector."""
-    import trio
-
-    async with host.run(listen):
-        try:
-            yield
-        finally:
-            with trio.move_on_after(STOP_TIMEOUT) as closing:
-                closing.shield = True
-                await host.close()
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The single meaningful exception inside trio's exception groups."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
-# --------------------------------------------------------------------------------------------
-# The node
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -462,12 +206,17 @@ class Libp2pNode:
     for each ``/tls/ws`` (or ``/tls/sni/*.libp2p.direct/ws``, ``/wss``) listen address. Use
     ``async with`` or :meth:`start`/:meth:`stop`; a stopped node can be started again.
 
+    ``autotls`` wires the node and an :class:`autotls.AutoTLS` together in one step: the
+    node serves its ``ssl_context`` and advertises its ``advertised_addresses`` (unless
+    ``tls_context`` / ``advertise`` are given), and the facade registers the node's listen
+    addresses with the broker (:meth:`autotls.AutoTLS.attach`).
+
     ``advertise`` returns addresses to advertise next to the host's own, in identify's
-    ``listenAddrs`` and in its signed peer record; pass ``AutoTLS.advertised_addresses`` and
-    the forge addresses appear while a valid certificate is held. It is called from the
-    node's own thread on every identify request, so it must be quick and only read shared
-    state; an exception or a malformed address it returns is logged and left out, never
-    breaking identify.
+    ``listenAddrs`` and in its signed peer record; with ``AutoTLS.advertised_addresses`` the
+    forge addresses appear while a valid certificate is held. It is called from the node's
+    own thread on every identify request, so it must be quick and only read shared state; an
+    exception or a malformed address it returns is logged and left out, never breaking
+    identify.
     """
 
     def __init__(
@@ -477,8 +226,12 @@ class Libp2pNode:
         listen: Sequence[str] = ("/ip4/0.0.0.0/tcp/4001",),
         tls_context: ssl.SSLContext | None = None,
         advertise: Callable[[], Sequence[str]] | None = None,
+        autotls: AutoTLS | None = None,
     ) -> None:
-        _check_key_type(key)
+        if autotls is not None:
+            tls_context = tls_context or autotls.ssl_context
+            advertise = advertise or autotls.advertised_addresses
+        check_key_type(key)
         self._key = key
         self._plans = _plan_listeners(listen, tls_context)
         self._tls_context = tls_context
@@ -487,7 +240,9 @@ class Libp2pNode:
         self.peer_id: PeerId = key.peer_id
         self.listen_addresses: list[str] = []
         self.announce_addresses: list[str] = []
-        self._runner: _TrioThread[None] | None = None
+        self._runner: TrioThread[None] | None = None
+        if autotls is not None:
+            autotls.attach(self)
 
     @property
     def running(self) -> bool:
@@ -549,8 +304,8 @@ class Libp2pNode:
         the addresses) when one cannot be bound, or the key/extra is unusable."""
         if self._runner is not None:
             raise NodeError(f"node {self.peer_id} is already started")
-        _require_libp2p()
-        runner: _TrioThread[None] = _TrioThread(f"autotls-libp2p-node-{self.peer_id}")
+        require_libp2p()
+        runner: TrioThread[None] = TrioThread(f"autotls-libp2p-node-{self.peer_id}")
         self._runner = runner
         runner.launch(self._serve)
         try:
@@ -564,7 +319,7 @@ class Libp2pNode:
                 raise NodeError(f"node did not start within {START_TIMEOUT}s") from None
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise _as_node_error(exc, "node failed to start") from exc
+            raise as_node_error(exc, "node failed to start") from exc
         assert isinstance(bound, _Bound)
         self.listen_addresses = bound.listen
         self.announce_addresses = bound.announce
@@ -582,7 +337,7 @@ class Libp2pNode:
         except NodeError:
             raise
         except Exception as exc:
-            raise _as_node_error(exc, "node stopped with an error") from exc
+            raise as_node_error(exc, "node stopped with an error") from exc
         finally:
             self.listen_addresses = []
             self.announce_addresses = []
@@ -595,29 +350,29 @@ class Libp2pNode:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def _report_crash(self, done: asyncio.Future[_Outcome[None]]) -> None:
+    def _report_crash(self, done: asyncio.Future[Outcome[None]]) -> None:
         outcome = done.result()
         if not outcome.ok and self._runner is not None:
-            log.error("libp2p node %s crashed: %s", self.peer_id, _unwrap(outcome.value))
+            log.error("libp2p node %s crashed: %s", self.peer_id, unwrap(outcome.value))
 
-    async def _serve(self, portal: _Portal) -> None:
+    async def _serve(self, portal: Portal) -> None:
         """Runs in the node's trio thread."""
         from libp2p import new_host
 
-        pair = _libp2p_key_pair(self._key)
+        pair = libp2p_key_pair(self._key)
         websocket = any(plan.websocket for plan in self._plans)
         host = new_host(
             key_pair=pair,
-            sec_opt=_security_options(pair, with_tls=False),
-            muxer_opt=_muxer_options(),
+            sec_opt=security_options(pair, with_tls=False),
+            muxer_opt=muxer_options(),
             enable_tcp=True,
             enable_websocket=websocket,
             tls_server_config=self._tls_context,
             addrs_factory=self._addrs_factory if self._advertise is not None else None,
         )
-        targets = [(plan, _py_multiaddr(plan.requested)) for plan in self._plans]
+        targets = [(plan, py_multiaddr(plan.requested)) for plan in self._plans]
         failure: NodeError | None = None
-        async with _running(host, [target for _, target in targets]):
+        async with running(host, [target for _, target in targets]):
             listeners = host.get_network().listeners
             bound: list[str] = []
             missing: list[str] = []
@@ -642,203 +397,3 @@ class Libp2pNode:
                 await portal.stop.wait()
         if failure is not None:
             raise failure
-
-
-def _as_node_error(exc: BaseException, what: str) -> AutoTLSError:
-    inner = _unwrap(exc)
-    if isinstance(inner, AutoTLSError):
-        return inner
-    if isinstance(inner, ImportError):
-        return NodeError(f"{_EXTRA_HINT} ({inner})", error_class=ErrorClass.PERMANENT)
-    return NodeError(f"{what}: {type(inner).__name__}: {inner}")
-
-
-# --------------------------------------------------------------------------------------------
-# The broker's dial-back
-# --------------------------------------------------------------------------------------------
-
-_DIALABLE_TAILS = frozenset({(), ("ws",), ("tls", "ws"), ("tls", "sni", "ws"), ("wss",)})
-_MISMATCH_GOT = re.compile(r"(?:remote_peer_id_from_pubkey=|got )([1-9A-HJ-NP-Za-km-z]+)")
-
-
-def _plan_dial(peer_id: PeerId, text: str) -> tuple[Multiaddr | None, str | None]:
-    """(the address to dial, or None with the reason it is skipped)."""
-    try:
-        ma = Multiaddr.parse(text)
-    except MultiaddrError as exc:
-        raise DialBackError(f"malformed address: {exc}") from None
-    base, named = ma.without_peer()
-    if named is not None:
-        try:
-            if PeerId.from_string(named) != peer_id:
-                return None, f"names another peer ({named})"
-        except PeerIdError:  # pragma: no cover - Multiaddr.parse validated it
-            return None, f"bad peer id {named}"
-    if base.has("p2p-circuit"):
-        return None, "relay addresses are not dialed"
-    comps = base.components
-    if len(comps) < 2 or comps[0][0] not in ("ip4", "ip6", "dns", "dns4", "dns6"):
-        return None, "unsupported address (this dialer speaks TCP and WebSockets)"
-    tail = tuple(name for name, _ in comps[2:])
-    if comps[1][0] != "tcp" or tail not in _DIALABLE_TAILS:
-        return None, "unsupported transport (this dialer speaks TCP and WebSockets)"
-    if comps[1][1] == "0":
-        return None, "port 0"
-    return base, None
-
-
-def _explain(exc: BaseException) -> tuple[str, str | None]:
-    """(why one dial failed, the PeerId that answered instead if it was someone else)."""
-    seen: set[int] = set()
-    pending: list[BaseException] = [exc]
-    messages: list[str] = []
-    while pending:
-        current = pending.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        text = str(current)
-        if type(current).__name__ == "PeerIDMismatchesPubkey" or "Peer ID mismatch" in text:
-            match = _MISMATCH_GOT.search(text)
-            return "peer id mismatch", match.group(1) if match else "another peer"
-        if text:
-            messages.append(text)
-        if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None:
-                pending.append(linked)
-    for current_text in messages:
-        if "Connection refused" in current_text or "Errno 111" in current_text:
-            return "connection refused", None
-    return (messages[-1] if messages else type(exc).__name__)[:200], None
-
-
-async def _dial_main(
-    portal: _Portal,
-    peer_id: PeerId,
-    plan: list[tuple[str, Multiaddr]],
-    dial_seconds: float,
-    tls_client_context: ssl.SSLContext | None,
-) -> tuple[str | None, dict[str, str], dict[str, str], bool]:
-    """Runs in the dial-back's trio thread: (winner, failures, mismatches, timed out)."""
-    import trio
-    from libp2p import new_swarm
-    from libp2p.crypto.ed25519 import create_new_key_pair
-    from libp2p.host.basic_host import BasicHost
-    from libp2p.network.config import RetryConfig
-    from libp2p.peer.id import ID
-
-    pair = create_new_key_pair()
-    swarm = new_swarm(
-        key_pair=pair,
-        sec_opt=_security_options(pair, with_tls=True),
-        muxer_opt=_muxer_options(),
-        enable_tcp=True,
-        enable_websocket=True,
-        tls_client_config=tls_client_context,
-        # One attempt per address, like the broker: retries would only stretch a refusal
-        # into the whole timeout, and a wrong peer does not become right on the second try.
-        retry_config=RetryConfig(max_retries=0),
-    )
-    host = BasicHost(network=swarm)
-    expected = ID(peer_id.multihash)
-    winner: str | None = None
-    failures: dict[str, str] = {}
-    mismatches: dict[str, str] = {}
-
-    async with _running(host, []), trio.open_nursery() as watch:
-        dials = trio.CancelScope(deadline=trio.current_time() + dial_seconds)
-
-        async def stop_on_request() -> None:
-            await portal.stop.wait()
-            dials.cancel()
-
-        watch.start_soon(stop_on_request)
-        with dials:
-            async with trio.open_nursery() as nursery:
-                for original, target in plan:
-
-                    async def attempt(original: str = original, target: Multiaddr = target) -> None:
-                        nonlocal winner
-                        try:
-                            await swarm.dial_addr(_py_multiaddr(target, for_dialing=True), expected)
-                        except Exception as exc:
-                            why, other = _explain(exc)
-                            failures[original] = why if other is None else f"{why}: {other}"
-                            if other is not None:
-                                mismatches[original] = other
-                            return
-                        if winner is None:
-                            winner = original
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(attempt)
-        timed_out = dials.cancelled_caught and winner is None and not portal.stop.is_set()
-        watch.cancel_scope.cancel()
-    return winner, failures, mismatches, timed_out
-
-
-async def dial_back(
-    peer_id: PeerId,
-    addresses: Sequence[str],
-    *,
-    timeout: float = 15.0,  # noqa: ASYNC109 - the broker's dial timeout is part of the contract
-    tls_client_context: ssl.SSLContext | None = None,
-) -> str:
-    """Prove that ``peer_id`` is reachable at one of ``addresses``, as the broker does.
-
-    A throw-away py-libp2p host with a fresh Ed25519 key dials every supported address at
-    once (TCP, ``/ws``, ``/tls/ws``, ``/wss``; security Noise or libp2p-TLS; Yamux) and
-    requires the secure channel to authenticate ``peer_id``. The first address that does is
-    returned and the host is torn down. ``timeout`` bounds the dialing (15 s, the broker's
-    dial timeout); starting and closing the throw-away host adds a few milliseconds. Secure
-    WebSocket certificates are verified with ``tls_client_context`` (default: the system
-    trust store) against the dialed host.
-
-    Raises :class:`DialBackError` with the reason: malformed address, no dialable address,
-    peer id mismatch, timeout, or no address answered. Raises :class:`NodeError` when
-    py-libp2p is not installed.
-    """
-    if isinstance(addresses, str):
-        raise DialBackError("addresses must be a sequence of multiaddr strings, not one string")
-    if timeout <= 0:
-        raise DialBackError(f"timeout must be positive, got {timeout}")
-    plan: list[tuple[str, Multiaddr]] = []
-    skipped: dict[str, str] = {}
-    for text in dict.fromkeys(addresses):
-        target, why = _plan_dial(peer_id, text)
-        if target is None:
-            skipped[text] = why or "skipped"
-        else:
-            plan.append((text, target))
-    if not plan:
-        raise DialBackError("no dialable address", skipped)
-    _require_libp2p()
-
-    async def main(portal: _Portal) -> tuple[str | None, dict[str, str], dict[str, str], bool]:
-        return await _dial_main(portal, peer_id, plan, timeout, tls_client_context)
-
-    runner: _TrioThread[tuple[str | None, dict[str, str], dict[str, str], bool]]
-    runner = _TrioThread(f"autotls-dial-back-{peer_id}")
-    runner.launch(main)
-    try:
-        winner, failures, mismatches, timed_out = (await asyncio.shield(runner.done)).unwrap()
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await runner.finish(STOP_TIMEOUT)
-        raise
-    except Exception as exc:
-        raise _as_node_error(exc, "dial-back host failed") from exc
-    failures = {**skipped, **failures}
-    if winner is not None:
-        log.info("dial-back to %s succeeded at %s", peer_id, winner)
-        return winner
-    if mismatches:
-        other = next(iter(mismatches.values()))
-        raise DialBackError(
-            f"peer id mismatch: expected {peer_id.to_base58()}, got {other}", failures
-        )
-    if timed_out:
-        raise DialBackError(f"timeout after {timeout:g}s", failures)
-    raise DialBackError("no address answered", failures)

@@ -7,9 +7,10 @@ This module owns the scheme end to end, in three layers:
   (:func:`data_to_sign`), padded base64url (:func:`b64encode`, :func:`b64decode`), challenges,
   the client handshake state machine (:class:`ClientHandshake`) and the server's decisions
   (:meth:`PeerIdAuthServer.decide`).
-* **Client transport** (:class:`PeerIdAuthClient`, aiohttp): the client-initiated flow the Go
-  client uses, the fallback when the server answers server-initiated, a re-handshake from any
-  later 401 (bounded), and the JSON body sent only on the leg that completes the handshake.
+* **Client transport** (:class:`PeerIdAuthClient`, over :mod:`autotls.http`): the
+  client-initiated flow the Go client uses, the fallback when the server answers
+  server-initiated, a re-handshake from any later 401 (bounded), and the JSON body sent only
+  on the leg that completes the handshake.
 * **Server transport** (:meth:`PeerIdAuthServer.authenticate`, :meth:`PeerIdAuthServer.protect`)
   for the local broker.
 
@@ -40,12 +41,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
 from autotls.fsm.errors import AutoTLSError, ErrorClass
+from autotls.http import AnswerTooLarge, AnswerTruncated, HttpResponse, HttpTransport
 from autotls.peerid import PeerId, PeerIdError, PrivateKey, PublicKey, uvarint_encode
 
 __all__ = [
@@ -81,6 +82,8 @@ CHALLENGE_BYTES = 32
 # A challenge is signed as its text; peers refuse ones shorter than this many characters.
 MIN_CHALLENGE_CHARS = 32
 DEFAULT_MAX_BODY = 1 << 20
+# The transport's name for the first leg of a handshake (no body; answered 401).
+CHALLENGE_LEG = "challenge_leg"
 
 RandomBytes = Callable[[int], bytes]
 
@@ -433,39 +436,28 @@ class AuthenticatedResponse:
     bearer: str | None = field(repr=False)
 
 
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    data = await resp.content.read(limit + 1)
-    if len(data) > limit:
-        raise ResponseTooLarge(f"response body from {resp.url.host} exceeds {limit} bytes")
-    return data
-
-
 class PeerIdAuthClient:
-    """Makes PeerID-authenticated requests over an aiohttp session.
+    """Makes PeerID-authenticated requests over an :class:`autotls.http.HttpTransport`.
 
-    The session should have a cookie jar that keeps cookies on IP hosts
-    (``aiohttp.CookieJar(unsafe=True)``): load balancers pin the handshake legs to one backend
-    with a cookie, and the opaque state only verifies on the backend that minted it.
+    The transport should keep cookies on IP hosts (``keep_ip_cookies=True``): load balancers
+    pin the handshake legs to one backend with a cookie, and the opaque state only verifies
+    on the backend that minted it.
     """
 
     def __init__(
         self,
         identity: PrivateKey,
-        session: aiohttp.ClientSession,
+        http: HttpTransport,
         *,
-        timeout: float = 30.0,
         max_handshakes: int = 3,
         max_body: int = DEFAULT_MAX_BODY,
-        ssl: Any = True,
         random: RandomBytes = os.urandom,
         expected_server: PeerId | None = None,
     ) -> None:
         self.identity = identity
-        self.session = session
-        self.timeout = timeout
+        self.http = http
         self.max_handshakes = max_handshakes
         self.max_body = max_body
-        self.ssl = ssl
         self._random = random
         self.expected_server = expected_server
 
@@ -477,23 +469,33 @@ class PeerIdAuthClient:
         authorization: str,
         headers: Mapping[str, str] | None,
         body: bytes | None,
-    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        request_class: str,
+    ) -> HttpResponse:
         sent = dict(headers or {})
         sent["Host"] = hostname
         sent["Authorization"] = authorization
         if body is not None:
             sent["Content-Type"] = "application/json"
-        async with self.session.request(
-            method,
-            url,
-            headers=sent,
-            data=body,
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ssl=self.ssl,
-            allow_redirects=False,
-        ) as resp:
-            data = await _read_limited(resp, self.max_body)
-            return resp, data
+        try:
+            return await self.http.request(
+                method,
+                url,
+                request_class=request_class,
+                headers=sent,
+                body=body,
+                limit=self.max_body,
+            )
+        except AnswerTooLarge:
+            raise ResponseTooLarge(
+                f"response body from {url.host} exceeds {self.max_body} bytes"
+            ) from None
+        except AnswerTruncated as exc:
+            # Status and headers arrived whole. The challenge leg's body and a 401's are
+            # never read (a refusal's is detail for the error); the answer we hand back as
+            # the response must be whole.
+            if body is None or exc.answer.status == 401:
+                return exc.answer
+            raise
 
     async def request(
         self,
@@ -502,20 +504,24 @@ class PeerIdAuthClient:
         *,
         json_body: object | None = None,
         headers: Mapping[str, str] | None = None,
+        request_class: str = "authenticated_leg",
     ) -> AuthenticatedResponse:
+        """One authenticated request: the challenge leg (no body; the server must answer
+        401), then the leg that carries ``json_body`` (``request_class`` names it for the
+        transport's observer), again after any later 401, at most ``max_handshakes`` times."""
         url = URL(url)
         hostname = request_hostname(url)
         body = json.dumps(json_body).encode() if json_body is not None else None
         hs = ClientHandshake(
             self.identity, hostname, random=self._random, expected_server=self.expected_server
         )
-        resp, data = await self._send(method, url, hostname, hs.start(), headers, None)
+        resp = await self._send(method, url, hostname, hs.start(), headers, None, CHALLENGE_LEG)
         if resp.status != 401:
             raise HandshakeRefused(
                 f"{method} {url} answered {resp.status} to the PeerID-auth challenge",
                 status=resp.status,
                 headers=resp.headers,
-                body=data,
+                body=resp.body,
             )
         for attempt in range(1, self.max_handshakes + 1):
             authorization = hs.on_challenge(resp.headers.get("WWW-Authenticate"))
@@ -523,7 +529,9 @@ class PeerIdAuthClient:
                 "peerid-auth %s %s: %s handshake with %s (attempt %d)",
                 method, url, hs.flow, hs.server_peer_id, attempt,
             )  # fmt: skip
-            resp, data = await self._send(method, url, hostname, authorization, headers, body)
+            resp = await self._send(
+                method, url, hostname, authorization, headers, body, request_class
+            )
             if resp.status != 401:
                 bearer = hs.on_final(resp.headers.get("Authentication-Info"))
                 server = hs.server_peer_id
@@ -531,7 +539,7 @@ class PeerIdAuthClient:
                 return AuthenticatedResponse(
                     status=resp.status,
                     headers=resp.headers,
-                    body=data,
+                    body=resp.body,
                     server_peer_id=server,
                     bearer=bearer,
                 )
@@ -546,7 +554,7 @@ class PeerIdAuthClient:
             f"{method} {url}: still 401 after {self.max_handshakes} PeerID-auth handshakes",
             status=resp.status,
             headers=resp.headers,
-            body=data,
+            body=resp.body,
         )
 
 

@@ -2,18 +2,23 @@
 
 ::
 
-    async with AutoTLS(identity, data_dir="/var/lib/mynode",
-                       addresses=lambda: node.listen_addresses) as autotls:
-        server_ctx = autotls.ssl_context          # always serves the newest certificate
-        autotls.on("renewed", lambda cert: ...)   # "loaded" | "renewed" | "failed" | "transition"
-        announce(autotls.forge_addresses())       # empty until a valid certificate is held
-        Libp2pNode(key, ..., advertise=autotls.advertised_addresses)  # identify follows it
+    auto = AutoTLS(identity, data_dir="/var/lib/mynode")
+    node = Libp2pNode(identity, listen=[...], autotls=auto)  # serves auto's certificate,
+                                                             # advertises its forge addresses,
+                                                             # and gives it its addresses
+    auto.on("renewed", lambda cert: ...)  # "loaded" | "renewed" | "failed" | "transition"
+    async with node, auto:
+        announce(auto.forge_addresses())  # empty until a valid certificate is held
+
+Without py-libp2p, give ``addresses`` (a list or a callable) and serve :attr:`ssl_context`
+from any TLS server; any object with ``listen_addresses`` can be :meth:`attach`-ed instead.
 
 It owns a store (SQLite in ``data_dir`` unless ``database_url`` says otherwise), the engine's
 adapters, and a worker that serves only this peer's order. On start it restores the newest
 certificate from the store (rewriting its files if they went missing) before anything else,
 so a restarted node serves TLS at once; a missing order is created; an order left mid-flight
-by a crash resumes exactly where it stopped.
+by a crash resumes exactly where it stopped. The injected ``clock`` is the one every part
+reads: the worker, the installer's date checks, the placeholder certificate, the ACME client.
 
 Several processes may serve one identity (one data directory, or one PostgreSQL database):
 only one holds the order's lease at a time, and the others notice what it installed through
@@ -26,36 +31,50 @@ Start refuses, before any order is touched: a data directory others may write, a
 ``directory_url`` that is not an ACME directory (:meth:`AcmeAdapter.check_directory`).
 :meth:`AutoTLS.wait_for_certificate` takes a ``deadline`` and raises :class:`DeadlineExceeded`
 when the next attempt would come after it (the order stays persisted for the next run).
+
+Every error the facade raises is an :class:`~autotls.fsm.errors.AutoTLSError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, overload
 
 from cryptography import x509
 
-from autotls._files import directory_problem, make_private_dirs, write_atomic, write_secret
 from autotls.acme import ExternalAccountBinding
 from autotls.adapters import LETS_ENCRYPT, AcmeAdapter, BrokerAdapter
 from autotls.broker import DEFAULT_BROKER_URL
+from autotls.datadir import prepare_data_dir, restore_files, system_trust_roots
 from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
+from autotls.events import (
+    CertificateInfo,
+    DeadlineExceeded,
+    EventName,
+    Failure,
+    IssuanceFailed,
+    NotStartedError,
+    Signal,
+    Subscribers,
+)
 from autotls.fsm import operator
 from autotls.fsm.clock import Clock, SystemClock
-from autotls.fsm.errors import ConfigurationError, LocalIOError
-from autotls.fsm.machine import State
+from autotls.fsm.machine import State, Trigger
 from autotls.fsm.ports import EngineSettings, InstalledCertificate, Ports
 from autotls.fsm.worker import OrderEvent, Worker, order_fields
+from autotls.http import Exchange
 from autotls.install import Installer, LiveTlsContext, load_trust_roots
+from autotls.interfaces import expand_unspecified
 from autotls.multiaddrs import (
     DEFAULT_ZONE,
     advertised_forge_addresses,
@@ -65,51 +84,44 @@ from autotls.multiaddrs import (
 from autotls.peerid import PrivateKey
 from autotls.persistence.changes import Change
 from autotls.persistence.errors import (
-    ActiveOrderExistsError,
     OrderBusyError,
+    OrderStateError,
     describe_database_error,
 )
 from autotls.persistence.records import CertificateRecord, OrderSnapshot
 from autotls.persistence.store import Store
 from autotls.persistence.urls import DATABASE_FILE
 
+__all__ = [
+    "AutoTLS",
+    "CertificateInfo",
+    "DeadlineExceeded",
+    "Failure",
+    "IssuanceFailed",
+    "ListeningNode",
+    "NotStartedError",
+]
+
 log = logging.getLogger(__name__)
 
-EventName = Literal["loaded", "renewed", "failed", "transition"]
-RENEW_RETRY_S = 0.05
 # How long start() waits for the ACME directory before going on without the check.
 DIRECTORY_CHECK_TIMEOUT_S = 10.0
 
-
-@dataclass(frozen=True)
-class CertificateInfo:
-    peer_id: str
-    domain: str  # *.<peer>.libp2p.direct
-    serial: str
-    not_before: datetime
-    not_after: datetime
-    chain_path: Path
-    key_path: Path
+CertificateCallback = Callable[[CertificateInfo], Awaitable[None] | None]
+FailureCallback = Callable[[Failure], Awaitable[None] | None]
+TransitionCallback = Callable[[OrderEvent], Awaitable[None] | None]
 
 
-@dataclass(frozen=True)
-class Failure:
-    order_id: int
-    error_class: str | None
-    message: str | None
+class ListeningNode(Protocol):
+    """What :meth:`AutoTLS.attach` reads: the addresses a node is bound to (a
+    :class:`autotls.node.Libp2pNode` is one)."""
+
+    @property
+    def listen_addresses(self) -> Sequence[str]: ...
 
 
-Callback = Callable[..., Awaitable[None] | None]
-
-
-def system_trust_roots() -> list[x509.Certificate]:
-    """The system CA bundle, read from its explicit path (never from SSL_CERT_FILE)."""
-    paths = ssl.get_default_verify_paths()
-    for candidate in (paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
-        if candidate and os.path.exists(candidate):
-            return load_trust_roots(candidate)
-    log.warning("no system CA bundle found: issued chains are checked only for consistency")
-    return []
+# ``observer(service, exchange)``: service is "acme" or "broker" (see AutoTLS.observe_http).
+HttpObserver = Callable[[str, Exchange], None]
 
 
 class AutoTLS:
@@ -118,7 +130,7 @@ class AutoTLS:
         identity: PrivateKey,
         *,
         data_dir: str | Path,
-        addresses: Sequence[str] | Callable[[], Sequence[str]] = (),
+        addresses: Sequence[str] | Callable[[], Sequence[str]] | None = None,
         database_url: str | None = None,
         directory_url: str = LETS_ENCRYPT,
         ca_file: str | None = None,
@@ -139,6 +151,8 @@ class AutoTLS:
         check_directory: bool = True,
         store_poll: timedelta = timedelta(seconds=30),
     ) -> None:
+        """``addresses``: what the broker dials back (a list, or a callable read at each
+        registration); by default the listen addresses of the node :meth:`attach` gave."""
         self.identity = identity
         self.peer_id = identity.peer_id.to_base36()
         self.domain = wildcard_name(self.peer_id, zone)
@@ -146,6 +160,7 @@ class AutoTLS:
         self.data_dir = Path(data_dir)
         self.database_url = database_url or f"sqlite:///{self.data_dir / DATABASE_FILE}"
         self._addresses = addresses
+        self._node: ListeningNode | None = None
         self.allow_private_addresses = allow_private_addresses
         self.clock = clock or SystemClock()
         self.settings = settings or EngineSettings()
@@ -157,12 +172,16 @@ class AutoTLS:
             roots = system_trust_roots()
         else:
             roots = list(trust_roots)
+        self._http_observers: list[HttpObserver] = []
         self.acme = AcmeAdapter(
             directory_url,
             ca_file=ca_file,
             eab=eab,
             contact=contact,
             preferred_chain=preferred_chain,
+            trust_roots=roots,
+            clock=self.clock,
+            observer=functools.partial(self._observe_http, "acme"),
         )
         self.broker = BrokerAdapter(
             identity=lambda peer: self.identity if peer == self.peer_id else None,
@@ -171,18 +190,20 @@ class AutoTLS:
             ca_file=broker_ca_file,
             forge_auth=forge_auth,
             allow_private_addresses=allow_private_addresses,
+            observer=functools.partial(self._observe_http, "broker"),
         )
         self.dns = AuthoritativeTxtChecker(
             zone=zone,
             nameservers=[parse_nameserver(s) for s in dns_servers] if dns_servers else None,
+            clock=self.clock,
         )
-        self.installer = Installer(self.data_dir, trust_roots=roots)
+        self.installer = Installer(self.data_dir, trust_roots=roots, clock=self.clock)
         self.tls = LiveTlsContext()
         self._profile = profile
         self._run_worker = run_worker
         self._check_directory = check_directory
         self.store_poll = store_poll
-        self._callbacks: dict[str, list[Callback]] = {}
+        self._subscribers = Subscribers()
         self._store: Store | None = None
         self._worker: Worker | None = None
         self._task: asyncio.Task[None] | None = None
@@ -190,11 +211,12 @@ class AutoTLS:
         self._stop = asyncio.Event()
         self._certificate: CertificateInfo | None = None
         self._served: CertificateInfo | None = None  # installed, not yet committed
-        self._changed = asyncio.Event()  # set on every commit, refresh and worker end
+        self._changes = Signal()  # every commit, refresh and worker end
         self._failed: Failure | None = None
         self._worker_error: BaseException | None = None
-        # Serials an operator revoked (``autotls revoke`` records them on the order): a revoked
-        # certificate is still served until its replacement arrives, but no longer advertised.
+        # Serials an operator revoked (``autotls revoke`` records them on the certificate's
+        # row): a revoked certificate is still served until its replacement arrives, but no
+        # longer advertised.
         self._revoked: frozenset[str] = frozenset()
         self.order_id: int | None = None
 
@@ -216,18 +238,50 @@ class AutoTLS:
         return cert
 
     @property
+    def served_certificate(self) -> CertificateInfo | None:
+        """The certificate new handshakes get, also once it expired or was revoked (until its
+        replacement arrives): what monitoring watches. :attr:`certificate` is the one to
+        announce."""
+        return self._certificate
+
+    @property
+    def worker_running(self) -> bool:
+        """Whether this object's worker is at work: False before :meth:`start`, after
+        :meth:`stop`, once it stopped by itself (:attr:`worker_error` says why), and with
+        ``run_worker=False``."""
+        return self._task is not None and not self._task.done()
+
+    def observe_http(self, observer: HttpObserver) -> None:
+        """Call ``observer(service, exchange)`` for every HTTP exchange with the ACME server
+        (``service`` ``"acme"``) and the broker (``"broker"``), answered or failed; request
+        metrics hook in here (:mod:`autotls.metrics`). It runs inside the request path: keep
+        it quick, and never write down the exchange's secrets (:class:`autotls.http.Exchange`)."""
+        self._http_observers.append(observer)
+
+    @property
     def store(self) -> Store:
         if self._store is None:
-            raise RuntimeError("AutoTLS is not started")
+            raise NotStartedError("AutoTLS is not started")
         return self._store
 
     @property
     def acme_requests(self) -> int:
         return self.acme.request_count
 
+    def attach(self, node: ListeningNode) -> None:
+        """Register ``node``'s listen addresses with the broker (read at each registration,
+        ``0.0.0.0`` / ``::`` expanded to this machine's interface addresses), unless
+        ``addresses`` was given. ``Libp2pNode(..., autotls=auto)`` calls it."""
+        self._node = node
+
     def addresses(self) -> list[str]:
+        """What the broker is told to dial back."""
         source = self._addresses
-        return list(source() if callable(source) else source)
+        if source is not None:
+            return list(source() if callable(source) else source)
+        if self._node is None:
+            return []
+        return expand_unspecified(list(self._node.listen_addresses))
 
     def forge_addresses(self, addresses: Sequence[str] | None = None) -> list[str]:
         """The ``*.libp2p.direct`` addresses to announce: only while a valid cert is held."""
@@ -242,7 +296,7 @@ class AutoTLS:
         signed peer records): ``/dns4|dns6/<ip-label>.<peer>.<zone>/tcp/<P>/tls/ws``, the form
         browsers dial, for every secure WebSocket address that is public (private ones too with
         ``allow_private_addresses``), while a valid certificate that was not revoked is held;
-        empty otherwise. ``Libp2pNode(advertise=autotls.advertised_addresses)`` wires it up.
+        empty otherwise. ``Libp2pNode(..., autotls=auto)`` wires it up.
 
         It reads the clock and the current certificate on every call, so expiry, renewal and
         revocation show at the next identify without a restart; it only reads, so the node may
@@ -256,17 +310,24 @@ class AutoTLS:
             zone=self.zone,
         )
 
-    def on(self, event: EventName, callback: Callback) -> None:
+    @overload
+    def on(self, event: Literal["loaded", "renewed"], callback: CertificateCallback) -> None: ...
+
+    @overload
+    def on(self, event: Literal["failed"], callback: FailureCallback) -> None: ...
+
+    @overload
+    def on(self, event: Literal["transition"], callback: TransitionCallback) -> None: ...
+
+    def on(self, event: EventName, callback: Callable[[Any], Awaitable[None] | None]) -> None:
         """``loaded``/``renewed`` get a :class:`CertificateInfo`, ``failed`` a :class:`Failure`,
-        ``transition`` an :class:`autotls.fsm.worker.OrderEvent`. ``loaded``/``renewed`` fire
-        once the certificate is recorded as Installed; new handshakes already get it by then."""
-        if event not in ("loaded", "renewed", "failed", "transition"):
-            raise ValueError(f"unknown event {event!r}")
-        self._callbacks.setdefault(event, []).append(callback)
+        ``transition`` an :class:`autotls.OrderEvent`. ``loaded``/``renewed`` fire once the
+        certificate is recorded as Installed; new handshakes already get it by then."""
+        self._subscribers.add(event, callback)
 
     async def order(self) -> OrderSnapshot:
         if self.order_id is None:
-            raise RuntimeError("AutoTLS is not started")
+            raise NotStartedError("AutoTLS is not started")
         return await self.store.get_order(self.order_id)
 
     @property
@@ -292,29 +353,25 @@ class AutoTLS:
             sleeper = asyncio.ensure_future(self.clock.sleep_until(deadline))
         try:
             while True:
-                self._changed.clear()
-                cert = self.certificate
-                if cert is not None and not settled:
-                    return cert
-                if self._worker_error is not None:
-                    raise self._worker_error
-                snap = await self.order()
-                if cert is not None and snap.state == State.INSTALLED.value:
-                    return cert
-                if snap.state == State.FAILED.value:
-                    raise IssuanceFailed(
-                        self._failed
-                        or Failure(snap.id, snap.last_error_class, snap.last_error_message)
-                    )
-                if deadline is not None and (
-                    self.clock.now() >= deadline or snap.next_run_at > deadline
-                ):
-                    raise DeadlineExceeded(snap, deadline)
-                changed = asyncio.ensure_future(self._changed.wait())
-                waiting: set[asyncio.Future[Any]] = {changed}
-                if sleeper is not None:
-                    waiting.add(sleeper)
+                changed = self._changes.next()
                 try:
+                    cert = self.certificate
+                    if cert is not None and not settled:
+                        return cert
+                    if self._worker_error is not None:
+                        raise self._worker_error
+                    snap = await self.order()
+                    if cert is not None and snap.state == State.INSTALLED.value:
+                        return cert
+                    if snap.state == State.FAILED.value:
+                        raise IssuanceFailed(self._failed or _failure(snap))
+                    if deadline is not None and (
+                        self.clock.now() >= deadline or snap.next_run_at > deadline
+                    ):
+                        raise DeadlineExceeded(snap, deadline)
+                    waiting: set[asyncio.Future[Any]] = {changed}
+                    if sleeper is not None:
+                        waiting.add(sleeper)
                     await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     changed.cancel()
@@ -326,34 +383,51 @@ class AutoTLS:
         """Until the worker stops by itself: it gives up when the database stays unusable,
         and this raises that error. (``stop()`` never raises it.)"""
         while self._worker_error is None:
-            self._changed.clear()
-            await self._changed.wait()
+            await self._changes.next()
         raise self._worker_error
 
     async def renew_now(self) -> None:
         """Renew the installed certificate now (``replaces`` it when the CA offers ARI).
         The served certificate changes once the new one is installed. Raises
-        :class:`autotls.persistence.errors.OrderBusyError` when the order is not Installed."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.worker.lease.total_seconds()
+        :class:`~autotls.persistence.errors.OrderStateError` when the order is not Installed,
+        :class:`~autotls.persistence.errors.OrderBusyError` when another process kept it
+        longer than a lease."""
+        give_up = self.clock.now() + self.worker.lease
         while True:
-            snap = await self.order()
+            # Taken before the attempt: a commit between the refusal and the wait still wakes us.
+            changed = self._changes.next()
             try:
-                await operator.force_renewal(
-                    self.store, snap.id, now=self.clock.now(), actor=f"autotls:{os.getpid()}"
-                )
-                break
-            except OrderBusyError:
-                # A worker may hold the order for a moment (ours serves the certificate, and
-                # wait_for_certificate returns, just before its Installed commit), or claim it
-                # between our read and our write: try again while that can be the reason.
-                current = await self.order()
-                held = current.lease_until is not None and current.lease_until > self.clock.now()
-                settling = held or current.state in (State.FINALIZED.value, State.INSTALLED.value)
-                if not settling or loop.time() > give_up:
-                    raise
-                await asyncio.sleep(RENEW_RETRY_S)
+                snap = await self.order()
+                try:
+                    await operator.force_renewal(
+                        self.store, snap.id, now=self.clock.now(), actor=f"autotls:{os.getpid()}"
+                    )
+                    break
+                except (OrderBusyError, OrderStateError):
+                    # A worker may hold the order for a moment (ours serves the certificate,
+                    # and wait_for_certificate returns, just before its Installed commit), or
+                    # claim it between our read and our write: wait for its next commit, or
+                    # the end of its lease, while that can be the reason.
+                    current = await self.order()
+                    now = self.clock.now()
+                    until = current.lease_until
+                    held = until is not None and until > now
+                    settling = held or current.state in (State.FINALIZED, State.INSTALLED)
+                    if not settling or now >= give_up:
+                        raise
+                    await self._next_change(changed, min(until, give_up) if until else give_up)
+            finally:
+                changed.cancel()
         self.worker.wake()
+
+    async def _next_change(self, changed: asyncio.Future[None], until: datetime) -> None:
+        """Until ``changed`` (a commit, a refresh) or ``until`` on this object's clock (the
+        end of a lease, or the moment to give up)."""
+        sleeper = asyncio.ensure_future(self.clock.sleep_until(until))
+        try:
+            await asyncio.wait({changed, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -365,12 +439,17 @@ class AutoTLS:
             await self.refresh(announce=True)
             self.installer.serve(self.peer_id, self.tls, load_existing=not self.tls.loaded)
             if not self.tls.loaded:
-                self.tls.load_placeholder(self.domain)
+                self.tls.load_placeholder(self.domain, now=self.clock.now())
             if self._check_directory:
                 await self._check_acme_directory()
-            snapshot = await self._ensure_order()
+            snapshot = await operator.resume_or_create(
+                self._store,
+                self.peer_id,
+                self.domain,
+                now=self.clock.now(),
+                actor=f"autotls:{os.getpid()}",
+            )
             self.order_id = snapshot.id
-            self._note_revocation(snapshot)
             ports = Ports(
                 acme=self.acme,
                 broker=self.broker,
@@ -420,8 +499,18 @@ class AutoTLS:
         the one served already: after a restart, and when another process (the one holding
         the order's lease) installed it. Rewrites missing or different files from the store
         (a failure to write them is a warning: the certificate is served from memory).
-        Returns the newly served certificate, if any. Runs every ``store_poll`` by itself."""
+        Notes revocations recorded on the certificates' rows, and wakes everything waiting
+        on the order (:meth:`wait_for_certificate`, :meth:`renew_now`: another process may
+        have moved it or let go of its lease). Returns the newly served certificate, if any.
+        Runs every ``store_poll`` by itself."""
+        try:
+            return await self._refresh(announce)
+        finally:
+            self._changes.notify()
+
+    async def _refresh(self, announce: bool) -> CertificateInfo | None:
         certs = await self.store.certificates(peer_id=self.peer_id)
+        self._note_revoked(c for c in certs if c.revoked_at is not None)
         now = self.clock.now()
         valid = [c for c in certs if c.not_after > now]
         if not valid:
@@ -431,16 +520,7 @@ class AutoTLS:
         if current is not None and current.serial == newest.serial:
             return None
         chain_path, key_path = self.installer.paths(self.peer_id)
-        if not _files_hold(chain_path, key_path, newest):
-            try:
-                make_private_dirs(chain_path.parent)
-                write_secret(key_path, newest.key_pem)
-                write_atomic(chain_path, newest.chain_pem.encode())
-                log.info(
-                    "restored certificate %s for %s from the store", newest.serial, self.peer_id
-                )
-            except OSError as exc:
-                log.warning("%s", LocalIOError.from_os_error(exc, "write", chain_path.parent))
+        restore_files(chain_path, key_path, newest)
         self.tls.load_pem(newest.chain_pem, newest.key_pem, None)
         info = CertificateInfo(
             self.peer_id,
@@ -452,9 +532,8 @@ class AutoTLS:
             key_path,
         )
         self._certificate = info
-        self._changed.set()
         if announce:
-            await self._emit("loaded" if current is None else "renewed", info)
+            await self._subscribers.emit("loaded" if current is None else "renewed", info)
         return info
 
     async def __aenter__(self) -> AutoTLS:
@@ -471,10 +550,17 @@ class AutoTLS:
     @property
     def worker(self) -> Worker:
         if self._worker is None:
-            raise RuntimeError("AutoTLS is not started")
+            raise NotStartedError("AutoTLS is not started")
         return self._worker
 
     # -- internals --------------------------------------------------------------------------
+
+    def _observe_http(self, service: str, exchange: Exchange) -> None:
+        for observer in self._http_observers:
+            try:
+                observer(service, exchange)
+            except Exception:  # an observer's bug must not cost an exchange its answer
+                log.exception("HTTP observer failed on %s %s", exchange.method, exchange.url)
 
     def _settings_with_profile(self) -> EngineSettings:
         if self._profile is None:
@@ -487,35 +573,6 @@ class AutoTLS:
         store, self._store = self._store, None
         if store is not None:
             await store.close()
-
-    async def _ensure_order(self) -> OrderSnapshot:
-        store = self.store
-        active = await store.active_order(self.peer_id)
-        if active is not None:
-            return active
-        latest = await store.latest_order(self.peer_id)
-        if latest is not None and operator.holds_issued_certificate(latest):
-            # A failed order holding what the CA issued: install that, never order again.
-            try:
-                return await operator.retry(
-                    store, latest.id, now=self.clock.now(), actor=f"autotls:{os.getpid()}"
-                )
-            except (OrderBusyError, ActiveOrderExistsError):
-                active = await store.active_order(self.peer_id)
-                if active is not None:
-                    return active
-        try:
-            return await store.create_order(
-                self.peer_id,
-                self.domain,
-                initial_state=State.NEW.value,
-                now=self.clock.now(),
-                actor=f"autotls:{os.getpid()}",
-            )
-        except ActiveOrderExistsError:  # another process of this peer just made it
-            active = await store.active_order(self.peer_id)
-            assert active is not None
-            return active
 
     async def _check_acme_directory(self) -> None:
         try:
@@ -542,16 +599,14 @@ class AutoTLS:
             while True:
                 await self.clock.sleep_until(self.clock.now() + self.store_poll, told)
                 told.clear()
-                await self._reread_store()
+                try:
+                    await self.refresh()  # waiters re-read the order: another process moved it
+                except Exception as exc:
+                    log.warning(
+                        "reading certificates from the store: %s", describe_database_error(exc)
+                    )
         finally:
             unsubscribe()
-
-    async def _reread_store(self) -> None:
-        try:
-            await self.refresh()
-        except Exception as exc:
-            log.warning("reading certificates from the store: %s", describe_database_error(exc))
-        self._changed.set()  # waiters re-read the order (another process may move it)
 
     def _worker_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
@@ -563,7 +618,7 @@ class AutoTLS:
             self._worker_error,
             extra=order_fields(self.order_id, self.peer_id, None),
         )
-        self._changed.set()
+        self._changes.notify()
 
     async def _on_install(self, peer_id: str, installed: InstalledCertificate) -> None:
         """The installer already serves the new certificate; it becomes ours (events,
@@ -579,84 +634,38 @@ class AutoTLS:
             key_path,
         )
 
-    def _note_revocation(self, snapshot: OrderSnapshot) -> None:
-        serial = snapshot.data.get("revoked_serial")
-        if isinstance(serial, str) and serial not in self._revoked:
-            self._revoked = self._revoked | {serial}
-            log.info(
-                "certificate %s of %s was revoked: no longer advertised",
-                serial,
-                self.domain,
-                extra=order_fields(snapshot.id, self.peer_id, snapshot.state),
-            )
+    def _note_revoked(self, certificates: Iterable[CertificateRecord]) -> None:
+        for cert in certificates:
+            if cert.serial not in self._revoked:
+                self._revoked = self._revoked | {cert.serial}
+                log.info(
+                    "certificate %s of %s was revoked: no longer advertised",
+                    cert.serial,
+                    self.domain,
+                    extra=order_fields(cert.order_id, self.peer_id, None),
+                )
 
     async def _on_event(self, event: OrderEvent) -> None:
         if event.from_state == State.RENEW_DUE.value:
-            # A renewal begins: an operator's revoke records itself on the order this way.
-            self._note_revocation(await self.order())
-        await self._emit("transition", event)
-        if event.trigger == "certificate_installed" and self._served is not None:
+            # A renewal begins: an operator's revoke (recorded on the certificate's row with
+            # the forced renewal) takes effect here at the latest.
+            cert = (await self.order()).certificate
+            if cert is not None and cert.revoked_at is not None:
+                self._note_revoked([cert])
+        await self._subscribers.emit("transition", event)
+        if event.trigger is Trigger.CERTIFICATE_INSTALLED and self._served is not None:
             previous, self._certificate, self._served = self._certificate, self._served, None
             if previous is None:
-                await self._emit("loaded", self._certificate)
+                await self._subscribers.emit("loaded", self._certificate)
             elif previous.serial != self._certificate.serial:
-                await self._emit("renewed", self._certificate)
+                await self._subscribers.emit("renewed", self._certificate)
         if event.to_state != State.FAILED.value:
             self._failed = None
         elif event.from_state != State.FAILED.value:
-            self._failed = Failure(event.order_id, event.error_class, event.message)
-            await self._emit("failed", self._failed)
-        self._changed.set()
-
-    async def _emit(self, event: str, payload: object) -> None:
-        for callback in self._callbacks.get(event, []):
-            try:
-                result = callback(payload)
-                if result is not None:
-                    await result
-            except Exception:
-                log.exception("AutoTLS %s callback failed", event)
+            self._failed = Failure(event.order_id, event.error_class, event.message, event.problem)
+            await self._subscribers.emit("failed", self._failed)
+        self._changes.notify()
 
 
-class DeadlineExceeded(Exception):
-    """The order's next attempt would come after the caller's deadline (or the deadline
-    passed). The order is persisted as it stands: the next run resumes it."""
-
-    def __init__(self, order: OrderSnapshot, deadline: datetime) -> None:
-        last = (
-            f"; last error ({order.last_error_class}): {order.last_error_message}"
-            if order.last_error_class
-            else ""
-        )
-        super().__init__(
-            f"order {order.id} is {order.state}; its next attempt at "
-            f"{order.next_run_at.isoformat(timespec='seconds')} is after the deadline "
-            f"{deadline.isoformat(timespec='seconds')}{last}"
-        )
-        self.order = order
-        self.deadline = deadline
-
-
-def prepare_data_dir(path: Path) -> None:
-    """Create the data directory 0700, or refuse an existing one (or its ``certs``) that
-    others may write, with a line that says how to fix it."""
-    make_private_dirs(path)
-    for directory in (path, path / "certs"):
-        problem = directory_problem(directory)
-        if problem is not None:
-            raise ConfigurationError(f"refusing the data directory: {problem}")
-
-
-class IssuanceFailed(Exception):
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(
-            f"order {failure.order_id} failed ({failure.error_class}): {failure.message}"
-        )
-        self.failure = failure
-
-
-def _files_hold(chain_path: Path, key_path: Path, cert: CertificateRecord) -> bool:
-    try:
-        return chain_path.read_text() == cert.chain_pem and key_path.read_bytes() == cert.key_pem
-    except OSError:
-        return False
+def _failure(snap: OrderSnapshot) -> Failure:
+    return Failure(snap.id, snap.last_error_class, snap.last_error_message, snap.last_problem)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from autotls.fsm import operator
 from autotls.fsm.clock import ManualClock
 from autotls.fsm.machine import State
 from autotls.fsm.ports import EngineSettings, Ports
@@ -115,9 +116,7 @@ async def _issue_all(
         clock = ManualClock()
         peers = [PrivateKey.generate().peer_id.to_base36() for _ in range(orders)]
         for peer in peers:
-            await store.create_order(
-                peer, f"*.{peer}.libp2p.direct", initial_state=State.NEW.value, now=clock.now()
-            )
+            await operator.create_order(store, peer, f"*.{peer}.libp2p.direct", now=clock.now())
         gc.collect()
         if trace_memory:
             tracemalloc.start()

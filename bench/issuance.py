@@ -81,14 +81,7 @@ async def issue_one(
     stack: LocalStack, peer: tuple[PrivateKey, Path], settings: EngineSettings
 ) -> Issuance:
     key, data_dir = peer
-    node: Libp2pNode | None = None
-    auto = AutoTLS(
-        key,
-        data_dir=data_dir,
-        addresses=lambda: node.listen_addresses if node is not None else [],
-        settings=settings,
-        **stack.client_options(),
-    )
+    auto = AutoTLS(key, data_dir=data_dir, settings=settings, **stack.client_options())
     entered: dict[str, float] = {}
     in_state: dict[str, float] = defaultdict(float)
 
@@ -100,7 +93,7 @@ async def issue_one(
         entered[event.to_state] = now
 
     auto.on("transition", on_transition)
-    node = Libp2pNode(key, listen=LISTEN, tls_context=auto.ssl_context)
+    node = Libp2pNode(key, listen=LISTEN, autotls=auto)
     async with node:
         started = time.perf_counter()
         entered[State.NEW.value] = started

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from autotls.fsm.operator import create_order
 from autotls.localstack.pebble import pebble_available
 from autotls.localstack.stack import LocalStack
 from autotls.persistence.changes import SQLITE_POLL_S, Change
@@ -207,14 +208,14 @@ async def sqlite_feed(commits: int) -> dict[str, object]:
 
         try:
             listening.on_change(on_change)
-            await asyncio.sleep(2 * SQLITE_POLL_S)  # the watcher is up
+            await listening.changes_told()
             latencies = []
             for n in range(commits):
                 # Commits land at every phase of the poll: spread them over one interval.
                 await asyncio.sleep(SQLITE_POLL_S * ((n * 0.37) % 1.0))
                 peer = f"peer{n}"
-                await writing.create_order(
-                    peer, f"*.{peer}.libp2p.direct", initial_state="New", now=datetime.now(UTC)
+                await create_order(
+                    writing, peer, f"*.{peer}.libp2p.direct", now=datetime.now(UTC)
                 )
                 committed = loop.time()
                 latencies.append((await asyncio.wait_for(heard.get(), 10) - committed) * 1000)

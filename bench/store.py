@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from autotls.fsm import operator
 from autotls.peerid import PrivateKey
 from autotls.persistence.records import CommitPlan, JournalNote
 from autotls.persistence.store import CorruptOrder, Store
@@ -60,8 +61,8 @@ def _plan(order_id: int) -> CommitPlan:
 async def _fill(store: Store, peers: Sequence[str]) -> float:
     started = time.perf_counter()
     for peer in peers:
-        await store.create_order(
-            peer, f"*.{peer}.libp2p.direct", initial_state="New", now=_now(), actor="bench"
+        await operator.create_order(
+            store, peer, f"*.{peer}.libp2p.direct", now=_now(), actor="bench"
         )
     return len(peers) / (time.perf_counter() - started)
 

@@ -40,11 +40,20 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from autotls import AutoTLS, CertificateInfo, Failure, PrivateKey
-from autotls.adapters import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
-from autotls.multiaddrs import Multiaddr, ip_label
-from autotls.node import Libp2pNode
-from autotls.peerid import load_private_key, save_private_key
+from autotls import (
+    LETS_ENCRYPT,
+    LETS_ENCRYPT_STAGING,
+    AutoTLS,
+    CertificateInfo,
+    Failure,
+    Libp2pNode,
+    LocalStack,
+    Multiaddr,
+    PrivateKey,
+    ip_label,
+    load_private_key,
+    save_private_key,
+)
 
 log = logging.getLogger("aiohttp_wss")
 
@@ -124,8 +133,6 @@ async def serve(
         client: dict[str, Any]
         roots: list[str] = []
         if options.local_stack:
-            from autotls.localstack.stack import LocalStack
-
             stack = await resources.enter_async_context(LocalStack(data_dir / "stack"))
             client = stack.client_options()
             roots = stack.pebble.issuer_roots_pem()

@@ -35,12 +35,14 @@ class SystemClock:
 
 
 class ManualClock:
-    """A clock that only moves when told to. Sleepers wake as :meth:`advance` passes them."""
+    """A clock that only moves when told to. Sleepers wake as :meth:`advance` passes them; a
+    test awaits :meth:`sleeping` to know that a task now waits on the clock."""
 
     def __init__(self, start: datetime | None = None) -> None:
         self._now = start or datetime(2026, 1, 1, tzinfo=UTC)
         self._sleepers: list[tuple[datetime, int, asyncio.Future[None]]] = []
         self._counter = itertools.count()
+        self._watchers: list[asyncio.Future[None]] = []
 
     def now(self) -> datetime:
         return self._now
@@ -60,6 +62,10 @@ class ManualClock:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (deadline, next(self._counter), fut))
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
         if wake is None:
             await fut
             return
@@ -75,6 +81,13 @@ class ManualClock:
     @property
     def sleepers(self) -> int:
         return sum(1 for _, _, f in self._sleepers if not f.done())
+
+    async def sleeping(self, count: int = 1) -> None:
+        """Return once at least ``count`` tasks sleep on this clock."""
+        while self.sleepers < count:
+            watcher: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._watchers.append(watcher)
+            await watcher
 
     def _wake_due(self) -> None:
         while self._sleepers and self._sleepers[0][0] <= self._now:

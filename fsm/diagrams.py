@@ -6,6 +6,10 @@
 * ``path=`` -- one order's walk, read from its journal: visited states and taken edges are
   highlighted and numbered, the current state is marked.
 
+Every declared transition is drawn: one edge per source state, ``[*]`` for the creating move,
+recoveries (``Transition.recovery``) dashed in the SVG. A move that stays in *every* active
+state (``retry_later``) is drawn once, as a note, rather than as a loop on each state.
+
 A test regenerates the committed files and fails when they drift from the code:
 ``python -m autotls.fsm.diagrams`` rewrites them.
 """
@@ -18,33 +22,38 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from autotls.fsm.machine import TRANSITIONS, State
+from autotls.fsm.machine import ACTIVE_STATES, TRANSITIONS, State, Transition
 
 DIAGRAM_DIR = Path(__file__).resolve().parent.parent / "diagrams"
 MERMAID_FILE = "order-machine.mmd"
 SVG_FILE = "order-machine.svg"
 
 Move = tuple[str | None, str, str]  # (from, to, trigger) as in autotls.fsm.journal.moves
-# Edges that recover from trouble, drawn dashed so the issuance line reads at a glance.
-RECOVERY_TRIGGERS = frozenset(
-    {"fail", "account_lost", "reorder", "txt_timeout", "retry", "retry_install"}
-)
+Edge = tuple[str | None, str, str, bool]  # (from or None for [*], to, trigger, recovery)
 
 
-def _edges() -> list[tuple[str, str, str]]:
-    edges: list[tuple[str, str, str]] = []
-    for t in TRANSITIONS:
-        for src in t.sources:
-            edges.append((src.value, t.dest.value, t.trigger))
-    return edges
+def _everywhere(t: Transition) -> bool:
+    """A move that stays in whichever active state the order is in."""
+    return t.dest is None and set(t.sources) == set(ACTIVE_STATES)
 
 
-def _taken(path: Sequence[Move]) -> dict[tuple[str, str, str], list[int]]:
-    taken: dict[tuple[str, str, str], list[int]] = {}
-    for number, (src, dst, trigger) in enumerate(path, start=1):
-        if src is None:
-            continue
-        taken.setdefault((src, dst, trigger), []).append(number - 1)
+def _edges() -> list[Edge]:
+    return [
+        (None if src is None else src.value, dst.value, t.trigger.value, t.recovery)
+        for t in TRANSITIONS
+        if not _everywhere(t)
+        for src, dst in t.edges()
+    ]
+
+
+def _notes() -> list[Transition]:
+    return [t for t in TRANSITIONS if _everywhere(t)]
+
+
+def _taken(path: Sequence[Move]) -> dict[tuple[str | None, str, str], list[int]]:
+    taken: dict[tuple[str | None, str, str], list[int]] = {}
+    for number, (src, dst, trigger) in enumerate(path):
+        taken.setdefault((src, dst, trigger), []).append(number)
     return taken
 
 
@@ -52,14 +61,16 @@ def mermaid(path: Sequence[Move] | None = None, *, title: str | None = None) -> 
     lines = []
     if title:
         lines += ["---", f"title: {title}", "---"]
-    lines += ["stateDiagram-v2", f"    [*] --> {State.NEW.value}"]
+    lines += ["stateDiagram-v2"]
     taken = _taken(path or [])
-    for src, dst, trigger in _edges():
+    for src, dst, trigger, _recovery in _edges():
         label = trigger
         steps = taken.get((src, dst, trigger))
         if steps:
             label = f"{trigger} #" + ",#".join(str(n) for n in steps)
-        lines.append(f"    {src} --> {dst}: {label}")
+        lines.append(f"    {src or '[*]'} --> {dst}: {label}")
+    for t in _notes():
+        lines.append(f"    note right of {State.NEW.value}: {t.trigger.value} ({_note(t)})")
     if path:
         visited = {dst for _, dst, _ in path}
         current = path[-1][1]
@@ -85,7 +96,11 @@ def dot(path: Sequence[Move] | None = None, *, title: str | None = None) -> str:
     if title:
         out.append(f'  label="{title}"; labelloc=t;')
     out.append('  start [shape=point, label=""];')
-    out.append(f"  start -> {State.NEW.value};")
+    for t in _notes():
+        out.append(
+            f'  note_{t.trigger.value} [shape=note, style=filled, fillcolor="#f4f4f4", '
+            f"label=<{t.trigger.value}<br/>{_note(t)}>];"
+        )
     for state in State:
         fill = "white"
         if state.value == current:
@@ -93,21 +108,26 @@ def dot(path: Sequence[Move] | None = None, *, title: str | None = None) -> str:
         elif state.value in visited:
             fill = "#d8f0d8"
         out.append(f'  {state.value} [fillcolor="{fill}"];')
-    for src, dst, trigger in _edges():
+    for src, dst, trigger, recovery in _edges():
         steps = taken.get((src, dst, trigger))
+        tail = src or "start"
         if steps:
             numbers = ",".join(f"#{n}" for n in steps)
             out.append(
-                f'  {src} -> {dst} [label="{trigger} {numbers}", color="#2a7a2a", penwidth=2.5];'
+                f'  {tail} -> {dst} [label="{trigger} {numbers}", color="#2a7a2a", penwidth=2.5];'
             )
-        elif trigger in RECOVERY_TRIGGERS:
+        elif recovery:
             out.append(
-                f'  {src} -> {dst} [label="{trigger}", color="#999999", style=dashed, weight=0];'
+                f'  {tail} -> {dst} [label="{trigger}", color="#999999", style=dashed, weight=0];'
             )
         else:
-            out.append(f'  {src} -> {dst} [label="{trigger}", penwidth=1.5, weight=4];')
+            out.append(f'  {tail} -> {dst} [label="{trigger}", penwidth=1.5, weight=4];')
     out.append("}")
     return "\n".join(out) + "\n"
+
+
+def _note(t: Transition) -> str:
+    return f"any active state, {t.doc}"
 
 
 def graphviz_available() -> bool:

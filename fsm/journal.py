@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from autotls.fsm.machine import is_valid_path
+from autotls.fsm.machine import Trigger, is_valid_path
 from autotls.persistence.records import JournalRecord
 
 SECRET_HINTS = ("key", "pem", "secret", "bearer", "token", "authorization", "password", "sig")
@@ -40,15 +40,19 @@ def sanitize(value: Any, depth: int = 0) -> Any:
     return sanitize(str(value), depth + 1)
 
 
-def moves(entries: Iterable[JournalRecord]) -> list[tuple[str | None, str, str]]:
-    """The state changes among journal entries (retries that stayed put are left out)."""
-    out: list[tuple[str | None, str, str]] = []
-    for entry in entries:
-        if entry.kind == "error" and entry.from_state == entry.to_state:
-            continue
-        out.append((entry.from_state, entry.to_state, entry.trigger))
-    return out
+def moves(
+    entries: Iterable[JournalRecord], *, retries: bool = False
+) -> list[tuple[str | None, str, str]]:
+    """The journal's moves as ``(from, to, trigger)``; without ``retries``, the classified
+    errors after which the order stayed (``retry_later``) are left out, as a diagram of the
+    order's walk wants them."""
+    return [
+        (entry.from_state, entry.to_state, entry.trigger)
+        for entry in entries
+        if retries or entry.trigger != Trigger.RETRY_LATER
+    ]
 
 
 def is_valid_journal(entries: Sequence[JournalRecord]) -> bool:
-    return is_valid_path(moves(entries))
+    """Every entry is a declared move, and together they walk the machine from creation."""
+    return is_valid_path(moves(entries, retries=True))

@@ -5,7 +5,7 @@
 * Errors by class (design.md rule 8; the classes are defined in :mod:`autotls.fsm.errors`):
 
   ============== ===============================================================
-  transient      stay; retry after jittered exponential backoff, or Retry-After
+  transient      ``retry_later``: stay; jittered exponential backoff, or Retry-After
   rate_limited   stay; wait for Retry-After (default one hour)
   order_invalid  count against the validation budget; ``reorder`` after Let's
                  Encrypt's 1 min / 10 min / 100 min / daily schedule, and not
@@ -19,6 +19,8 @@
                  Failed by itself: the operator sees class ``internal``
   ============== ===============================================================
 
+  Every error is journaled as a declared move: ``retry_later`` (the order stays, with the
+  error class in the entry), ``reorder``, ``fail`` or ``account_lost``.
   Typed port errors pick a move of their own: :class:`~autotls.fsm.errors.AccountUnknownError`
   (the CA forgot our account) fires ``account_lost``;
   :class:`~autotls.fsm.errors.CertificateUnusableError` (the issued certificate itself fails
@@ -28,15 +30,36 @@
 
 Retry-After always wins over our own backoff. Every wait is written into the row, so a
 restarted worker resumes the same schedule (rule 7).
+
+No wait outlives the order it waits for (:func:`plan_lapsed`, applied to every plan that keeps
+an order where it is, and by the worker before a step runs): while an order needs its pending
+authorization (Challenged, BrokerNotified, DNSPropagated), a next try that would come after
+that authorization -- or the order -- expires re-orders instead, not before the old one is
+gone (Boulder hands back a pending order for the same names) and without counting a failed
+validation. Let's Encrypt's ``shortlived`` profile gives an authorization one hour, less than
+a backoff, a rate-limit wait or the 100-minute step of the slow schedule; and Boulder answers
+404 for an expired authorization, which would otherwise fail the order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from autotls.fsm.data import (
+    ORDER_KEYS,
+    WAIT_KEYS,
+    CertificateIssued,
+    ChainDownloaded,
+    Keys,
+    OrderData,
+    keys,
+    order_data,
+    without,
+)
 from autotls.fsm.errors import (
     AccountUnknownError,
     AutoTLSError,
@@ -45,25 +68,19 @@ from autotls.fsm.errors import (
     InternalError,
 )
 from autotls.fsm.journal import sanitize
-from autotls.fsm.machine import (
-    OPERATOR_TRIGGERS,
-    ORDERING_STATES,
-    InvalidTransitionError,
-    State,
-    fire,
-)
-from autotls.fsm.outcomes import Advance, Effects, Outcome, Wait
+from autotls.fsm.machine import ORDERING_STATES, Mover, State, Trigger, fire
+from autotls.fsm.outcomes import Effects, Outcome, Wait
 from autotls.fsm.ports import EngineSettings
-from autotls.fsm.steps import ORDER_KEYS, iso
+from autotls.fsm.steps import AUTHZ_EXPIRY_MARGIN, iso
 from autotls.persistence.records import AccountUpdate, CommitPlan, JournalNote, OrderSnapshot
 
 MAX_RETRY_AFTER = timedelta(days=1)
+# States that still need the order's pending authorization (see plan_lapsed).
+PENDING_AUTHZ_STATES = frozenset({State.CHALLENGED, State.BROKER_NOTIFIED, State.DNS_PROPAGATED})
 
 
-def merge(
-    data: Mapping[str, Any], updates: Mapping[str, Any], clear: tuple[str, ...]
-) -> dict[str, Any]:
-    merged = {k: v for k, v in data.items() if k not in clear}
+def merge(data: Mapping[str, Any], updates: OrderData, clear: Keys) -> OrderData:
+    merged = without(data, clear)
     merged.update(updates)
     return merged
 
@@ -96,23 +113,23 @@ def _plan(
 
 
 def plan_outcome(snap: OrderSnapshot, outcome: Outcome, now: datetime) -> CommitPlan:
-    data = merge(snap.data, outcome.updates, outcome.clear)
     if isinstance(outcome, Wait):
-        return _plan(
+        data = merge(snap.data, outcome.updates, frozenset())
+        data["waiting_for"] = outcome.reason
+        plan = _plan(
             snap,
             to_state=snap.state,
-            data={**data, "waiting_for": outcome.reason},
+            data=data,
             next_run_at=max(outcome.until, now),
             attempts=0,
             error=None,
             journal=None,
             effects=outcome.effects,
         )
-    assert isinstance(outcome, Advance)
-    if outcome.trigger in OPERATOR_TRIGGERS:
-        raise InvalidTransitionError(f"{outcome.trigger!r} is an operator's move, not a step's")
-    data.pop("waiting_for", None)
-    to_state = fire(snap.state, outcome.trigger, data)
+        return plan_lapsed(snap, plan.next_run_at, plan) or plan
+    # A move makes what the step said about its wait untrue.
+    data = merge(snap.data, outcome.updates, outcome.clear | WAIT_KEYS)
+    to_state = fire(snap.state, outcome.trigger, data, by=Mover.STEP)
     return _plan(
         snap,
         to_state=to_state.value,
@@ -120,7 +137,7 @@ def plan_outcome(snap: OrderSnapshot, outcome: Outcome, now: datetime) -> Commit
         next_run_at=outcome.run_at or now,
         attempts=0,
         error=None,
-        journal=JournalNote("transition", outcome.trigger, sanitize(outcome.note)),
+        journal=JournalNote("transition", outcome.trigger.value, sanitize(outcome.note)),
         effects=outcome.effects,
     )
 
@@ -149,43 +166,99 @@ def _retry_after(error: AutoTLSError, default: timedelta) -> timedelta:
     return min(timedelta(seconds=error.retry_after), MAX_RETRY_AFTER)
 
 
-def _stay(
-    snap: OrderSnapshot,
-    error: AutoTLSError,
-    until: datetime,
-    *,
-    data: Mapping[str, Any] | None = None,
-) -> CommitPlan:
-    return _plan(
+def _stay(snap: OrderSnapshot, error: AutoTLSError, until: datetime) -> CommitPlan:
+    """``retry_later``: the order keeps its state and data and is tried again at ``until``
+    (unless that comes too late for its pending authorization: :func:`plan_lapsed`)."""
+    to_state = fire(snap.state, Trigger.RETRY_LATER, snap.data, by=Mover.POLICY)
+    plan = _plan(
         snap,
-        to_state=snap.state,
-        data=dict(snap.data if data is None else data),
+        to_state=to_state.value,
+        data=dict(snap.data),
         next_run_at=until,
         attempts=snap.attempts + 1,
         error=error,
-        journal=JournalNote("error", f"retry:{error.error_class.value}", _error_detail(error)),
+        journal=JournalNote("error", Trigger.RETRY_LATER.value, _error_detail(error)),
         effects=Effects(),
+    )
+    return plan_lapsed(snap, until, plan) or plan
+
+
+def order_lapses_at(snap: OrderSnapshot) -> datetime | None:
+    """When the order in flight stops being usable for the step it is in: the earlier of its
+    pending authorization's and its own expiry, in the states that need the authorization;
+    None elsewhere (in Validated the order may be finalized already, and a finalized order
+    outlives its expiry: there the CA's answer decides)."""
+    if snap.state not in PENDING_AUTHZ_STATES:
+        return None
+    data = order_data(snap.data)
+    moments = [_parse(data["authz_expires"]), _parse(data["order_expires"])]
+    known = [moment for moment in moments if moment is not None]
+    if not known:
+        return None
+    lapses = min(known)
+    intent = data["new_order_intent"]
+    ordered = _parse(intent.get("at")) if isinstance(intent, Mapping) else None
+    if ordered is not None and lapses <= ordered + AUTHZ_EXPIRY_MARGIN:
+        # Expired, by our clock, before we even asked for it: the CA's clock and ours
+        # disagree by about the authorization's lifetime. No deadline can be trusted, and
+        # re-ordering on one would only loop; the CA's answers decide, as they did before.
+        return None
+    return lapses
+
+
+def plan_lapsed(
+    snap: OrderSnapshot, next_try: datetime, plan: CommitPlan | None = None
+) -> CommitPlan | None:
+    """A re-order, when the order's next try (``next_try``; the worker asks with the current
+    time before running a step) comes too late for its pending authorization; else None.
+
+    ``plan`` is what would have been committed otherwise (its error and attempts stay, for
+    the operator). The new order is placed at the planned time, but not before the old
+    authorization has expired: until then Boulder would hand the same order back."""
+    lapses = order_lapses_at(snap)
+    if lapses is None or next_try <= lapses - AUTHZ_EXPIRY_MARGIN:
+        return None
+    if plan is not None and plan.to_state != snap.state:
+        return None
+    data = without(snap.data if plan is None else plan.data, ORDER_KEYS | WAIT_KEYS)
+    detail = dict(plan.journal.detail) if plan is not None and plan.journal is not None else {}
+    detail.update(
+        reason="the order's authorization expires before its next try",
+        expires=iso(lapses),
+        next_try=iso(next_try),
+    )
+    fields: dict[str, Any] = {
+        "to_state": fire(snap.state, Trigger.REORDER, data, by=Mover.POLICY).value,
+        "data": data,
+        "next_run_at": max(next_try, lapses + timedelta(seconds=1)),
+        "journal": JournalNote("transition", Trigger.REORDER.value, sanitize(detail)),
+        "cert_key_pem": None,
+    }
+    if plan is not None:
+        return dataclasses.replace(plan, **fields)
+    return CommitPlan(
+        attempts=0, last_error_class=None, last_error_message=None, last_problem=None, **fields
     )
 
 
 def _advance_on_error(
     snap: OrderSnapshot,
     error: AutoTLSError,
-    trigger: str,
+    trigger: Trigger,
     *,
     data: Mapping[str, Any],
     run_at: datetime,
     effects: Effects,
 ) -> CommitPlan:
-    to_state = fire(snap.state, trigger, data)
+    to_state = fire(snap.state, trigger, data, by=Mover.POLICY)
     return _plan(
         snap,
         to_state=to_state.value,
         data=data,
         next_run_at=run_at,
-        attempts=0 if trigger != "fail" else snap.attempts + 1,
+        attempts=0 if trigger is not Trigger.FAIL else snap.attempts + 1,
         error=error,
-        journal=JournalNote("transition", trigger, _error_detail(error)),
+        journal=JournalNote("transition", trigger.value, _error_detail(error)),
         effects=effects,
     )
 
@@ -202,8 +275,8 @@ def plan_error(
         return _advance_on_error(
             snap,
             error,
-            "account_lost",
-            data=merge(snap.data, {}, ORDER_KEYS),
+            Trigger.ACCOUNT_LOST,
+            data=without(snap.data, ORDER_KEYS | WAIT_KEYS),
             run_at=now,
             effects=Effects(account_update=AccountUpdate(None, "unregistered"), cert_key_pem=None),
         )
@@ -211,14 +284,21 @@ def plan_error(
         # Kept for the operator, but no longer what `retry` would install: it never can be.
         data = merge(
             snap.data,
-            {"rejected_chain": snap.data.get("chain_pem")},
-            ("certificate_url", "chain_pem"),
+            {"rejected_chain": order_data(snap.data)["chain_pem"]},
+            keys(CertificateIssued, ChainDownloaded) | WAIT_KEYS,
         )
-        return _advance_on_error(snap, error, "fail", data=data, run_at=now, effects=Effects())
+        return _advance_on_error(
+            snap, error, Trigger.FAIL, data=data, run_at=now, effects=Effects()
+        )
     kind = error.error_class
     if kind is ErrorClass.PERMANENT:
         return _advance_on_error(
-            snap, error, "fail", data=dict(snap.data), run_at=now, effects=Effects()
+            snap,
+            error,
+            Trigger.FAIL,
+            data=without(snap.data, WAIT_KEYS),
+            run_at=now,
+            effects=Effects(),
         )
     if kind is ErrorClass.ORDER_INVALID and state in ORDERING_STATES:
         return _plan_reorder(snap, error, now, settings)
@@ -244,7 +324,7 @@ def _plan_reorder(
     window_start = now - settings.validation_window
     recent = [
         moment
-        for moment in (_parse(t) for t in snap.data.get("validation_failures") or [])
+        for moment in (_parse(t) for t in order_data(snap.data)["validation_failures"] or [])
         if moment is not None and moment > window_start
     ]
     recent.append(now)
@@ -255,9 +335,9 @@ def _plan_reorder(
         # failed authorizations per identifier per hour; we stay well below).
         run_at = max(run_at, min(recent) + settings.validation_window)
     failures = [iso(moment) for moment in recent]
-    data = merge(snap.data, {"validation_failures": failures}, ORDER_KEYS)
+    data = merge(snap.data, {"validation_failures": failures}, ORDER_KEYS | WAIT_KEYS)
     return _advance_on_error(
-        snap, error, "reorder", data=data, run_at=run_at, effects=Effects(cert_key_pem=None)
+        snap, error, Trigger.REORDER, data=data, run_at=run_at, effects=Effects(cert_key_pem=None)
     )
 
 

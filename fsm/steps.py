@@ -21,8 +21,19 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
+from autotls.fsm.data import (
+    ORDER_KEYS,
+    BrokerSent,
+    ChainDownloaded,
+    NewOrderIntent,
+    OrderData,
+    RenewalPlan,
+    keys,
+    order_data,
+    renewal_plan,
+)
 from autotls.fsm.errors import (
     OrderInvalidError,
     PermanentError,
@@ -30,7 +41,7 @@ from autotls.fsm.errors import (
     ReplacesRefusedError,
     TransientError,
 )
-from autotls.fsm.machine import State
+from autotls.fsm.machine import State, Trigger
 from autotls.fsm.outcomes import Advance, Effects, Outcome, Wait
 from autotls.fsm.ports import AcmeAccount, AcmeOrderView, Ports
 from autotls.fsm.renewal import pick_in_window, plan_renewal
@@ -38,33 +49,6 @@ from autotls.persistence.records import AccountUpdate, NewAccount, NewCertificat
 
 Step = Callable[[OrderSnapshot, Ports], Awaitable[Outcome]]
 
-# Data that belongs to one ACME order; cleared whenever a new order is placed.
-ORDER_KEYS: tuple[str, ...] = (
-    "new_order_intent",
-    "order_url",
-    "order_expires",
-    "finalize_url",
-    "authz_url",
-    "authz_expires",
-    "authz_status",
-    "challenge_url",
-    "token",
-    "dns_value",
-    "broker_sent_at",
-    "broker_addresses",
-    "txt_deadline",
-    "txt_resends",
-    "txt_last_check",
-    "txt_seen_at",
-    "txt_servers",
-    "answered_at",
-    "authz_valid_at",
-    "csr_der",
-    "csr_sha256",
-    "certificate_url",
-    "chain_pem",
-    "rejected_chain",
-)
 AUTHZ_EXPIRY_MARGIN = timedelta(minutes=2)
 
 
@@ -73,6 +57,8 @@ def iso(moment: datetime) -> str:
 
 
 def parse_time(value: Any, key: str) -> datetime:
+    if value is None or value == "":
+        raise PermanentError(f"order data lacks {key!r} (was the row edited by hand?)")
     if not isinstance(value, str):
         raise PermanentError(f"order data {key!r} is not a timestamp: {value!r}")
     try:
@@ -84,9 +70,12 @@ def parse_time(value: Any, key: str) -> datetime:
     return parsed
 
 
-def _need(data: Mapping[str, Any], key: str) -> Any:
-    value = data.get(key)
-    if value in (None, ""):
+_V = TypeVar("_V")
+
+
+def _need(value: _V | None, key: str) -> _V:
+    """``value`` (read from the order's data under ``key``), which the state implies."""
+    if value is None or value == "":
         raise PermanentError(f"order data lacks {key!r} (was the row edited by hand?)")
     return value
 
@@ -125,12 +114,12 @@ async def step_new(snap: OrderSnapshot, ports: Ports) -> Outcome:
             f"talks to {ports.acme.directory_url}"
         )
     if snap.account.url and snap.account.status == "valid":
-        return Advance("account_ready", note={"account": snap.account.url, "reused": True})
+        return Advance(Trigger.ACCOUNT_READY, note={"account": snap.account.url, "reused": True})
     registered = await ports.acme.register_account(AcmeAccount(snap.account.key_pem, None))
     if registered.status != "valid":
         raise PermanentError(f"ACME account {registered.url} is {registered.status}")
     return Advance(
-        "account_ready",
+        Trigger.ACCOUNT_READY,
         note={"account": registered.url},
         effects=Effects(account_update=AccountUpdate(registered.url, registered.status)),
     )
@@ -139,52 +128,44 @@ async def step_new(snap: OrderSnapshot, ports: Ports) -> Outcome:
 # -- Registered: place the ACME order -------------------------------------------------------
 
 
-def _order_request(snap: OrderSnapshot, ports: Ports) -> dict[str, Any]:
-    return {
-        "identifier": snap.identifier,
-        "profile": ports.settings.profile,
-        "replaces": snap.data.get("replaces"),
-    }
-
-
 async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
     now = ports.clock.now()
     account = _account(snap)
-    data = snap.data
-    if not data.get("order_url"):
-        request = _order_request(snap, ports)
+    data = order_data(snap.data)
+    order_url = data["order_url"]
+    if not order_url:
+        profile, replaces = ports.settings.profile, data["replaces"]
+        request = {"identifier": snap.identifier, "profile": profile, "replaces": replaces}
         digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
-        intent = data.get("new_order_intent")
+        intent = data["new_order_intent"]
         if not isinstance(intent, Mapping) or intent.get("request") != digest:
-            return Wait(
-                now,
-                "newOrder intent recorded",
-                updates={"new_order_intent": {"request": digest, "at": iso(now), **request}},
-            )
+            recorded: NewOrderIntent = {
+                "request": digest,
+                "at": iso(now),
+                "identifier": snap.identifier,
+                "profile": profile,
+                "replaces": replaces,
+            }
+            return Wait(now, "newOrder intent recorded", updates={"new_order_intent": recorded})
         try:
             order = await ports.acme.new_order(
-                account,
-                snap.identifier,
-                profile=request["profile"],
-                replaces=request["replaces"],
+                account, snap.identifier, profile=profile, replaces=replaces
             )
         except ReplacesRefusedError as exc:
             # Order again without `replaces` rather than looping on it; the renewal loses
             # only its ARI rate-limit exemption.
-            return Wait(
-                now,
-                "replaces refused; ordering without it",
-                updates={"replaces": None, "replaces_dropped": str(exc)},
+            return Advance(
+                Trigger.DROP_REPLACES,
+                updates={"replaces": None},
+                note={"replaces": replaces, "refused": str(exc)},
             )
-        return Wait(now, "order placed", updates=_order_fields(order))
-    order = await ports.acme.get_order(account, str(data["order_url"]))
+        return Wait(now, "order placed", updates=_placed(order))
+    order = await ports.acme.get_order(account, order_url)
     # Dropping a dead order waits like a re-order does: a CA that kept handing back dead
     # orders must not turn this into a tight loop.
     retry_at = now + ports.settings.reorder_backoff[0]
     if order.status in ("invalid", "expired") or _expired(order, now):
-        return Wait(
-            retry_at, f"stored order is {order.status}; placing a new one", clear=ORDER_KEYS
-        )
+        return _abandon(order.url, f"stored order is {order.status}", retry_at)
     if len(order.authorizations) != 1:
         raise PermanentError(
             f"order {order.url} has {len(order.authorizations)} authorizations, expected 1"
@@ -194,33 +175,40 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
     if challenge is None:
         raise PermanentError(f"authorization {authz.url} offers no dns-01 challenge")
     if authz.status not in ("pending", "valid"):
-        return Wait(
-            retry_at, f"authorization is {authz.status}; placing a new order", clear=ORDER_KEYS
-        )
+        return _abandon(order.url, f"its authorization is {authz.status}", retry_at)
     expires = authz.expires or order.expires
     if expires is None:
         raise TransientError(f"authorization {authz.url} has no expiry")
     return Advance(
-        "order_placed",
+        Trigger.ORDER_PLACED,
         updates={
-            **_order_fields(order),
+            **_placed(order),
             "authz_url": authz.url,
             "authz_expires": iso(expires),
             "authz_status": authz.status,
             "challenge_url": challenge.url,
-            "token": challenge.token,
             "dns_value": ports.acme.dns01_value(account, challenge.token),
         },
         note={"order_url": order.url, "authz_status": authz.status},
     )
 
 
-def _order_fields(order: AcmeOrderView) -> dict[str, Any]:
+def _placed(order: AcmeOrderView) -> OrderData:
     return {
         "order_url": order.url,
         "order_expires": iso(order.expires) if order.expires else None,
-        "finalize_url": order.finalize,
     }
+
+
+def _abandon(order_url: str, why: str, retry_at: datetime) -> Advance:
+    """Drop a stored ACME order the CA made unusable; a new one is placed at ``retry_at``.
+    Nothing failed at the CA, so the validation budget is not touched."""
+    return Advance(
+        Trigger.ABANDON_ORDER,
+        clear=ORDER_KEYS,
+        note={"order_url": order_url, "reason": why},
+        run_at=retry_at,
+    )
 
 
 def _expired(order: AcmeOrderView, now: datetime) -> bool:
@@ -232,14 +220,14 @@ def _expired(order: AcmeOrderView, now: datetime) -> bool:
 
 async def step_challenged(snap: OrderSnapshot, ports: Ports) -> Outcome:
     now = ports.clock.now()
-    data = snap.data
-    if data.get("authz_status") == "valid":
+    data = order_data(snap.data)
+    if data["authz_status"] == "valid":
         # The CA reused a still-valid authorization for this account: there is nothing to
         # publish, so neither the broker nor DNS is bothered.
         return Advance(
-            "authorization_reused",
+            Trigger.AUTHORIZATION_REUSED,
             updates={"authz_valid_at": iso(now)},
-            note={"authz_url": data.get("authz_url")},
+            note={"authz_url": data["authz_url"]},
         )
     health = await ports.broker.health()
     if not health.healthy:
@@ -249,16 +237,12 @@ async def step_challenged(snap: OrderSnapshot, ports: Ports) -> Outcome:
             f"broker unhealthy: {health.detail or 'health check failed'}",
             retry_after=health.wait_s,
         )
-    addresses = await ports.broker.register(snap.peer_id, str(_need(data, "dns_value")))
-    authz_expires = parse_time(_need(data, "authz_expires"), "authz_expires")
+    addresses = await ports.broker.register(snap.peer_id, _need(data["dns_value"], "dns_value"))
+    authz_expires = parse_time(data["authz_expires"], "authz_expires")
     deadline = min(authz_expires - AUTHZ_EXPIRY_MARGIN, now + ports.settings.dns_deadline_cap)
     return Advance(
-        "broker_accepted",
-        updates={
-            "broker_sent_at": iso(now),
-            "broker_addresses": list(addresses),
-            "txt_deadline": iso(deadline),
-        },
+        Trigger.BROKER_ACCEPTED,
+        updates={"broker_sent_at": iso(now), "txt_deadline": iso(deadline)},
         note={"addresses": list(addresses)},
     )
 
@@ -272,36 +256,35 @@ def txt_name(peer_id: str, zone: str) -> str:
 
 async def step_broker_notified(snap: OrderSnapshot, ports: Ports) -> Outcome:
     now = ports.clock.now()
-    data = snap.data
+    data = order_data(snap.data)
     check = await ports.dns.check_txt(
-        txt_name(snap.peer_id, ports.settings.zone), str(_need(data, "dns_value"))
+        txt_name(snap.peer_id, ports.settings.zone), _need(data["dns_value"], "dns_value")
     )
     if check.visible:
         return Advance(
-            "txt_visible",
-            updates={"txt_seen_at": iso(now), "txt_servers": dict(check.servers)},
+            Trigger.TXT_VISIBLE,
+            updates={"txt_seen_at": iso(now)},
             note={"servers": dict(check.servers)},
         )
-    deadline = parse_time(_need(data, "txt_deadline"), "txt_deadline")
+    deadline = parse_time(data["txt_deadline"], "txt_deadline")
     if now < deadline:
         return Wait(
             min(now + ports.settings.dns_poll_interval, deadline),
             "waiting for the TXT record on the authoritative servers",
-            updates={"txt_last_check": dict(check.servers)},
         )
-    resends = int(data.get("txt_resends") or 0)
-    authz_expires = parse_time(_need(data, "authz_expires"), "authz_expires")
+    resends = int(data["txt_resends"] or 0)
+    authz_expires = parse_time(data["authz_expires"], "authz_expires")
     if resends < ports.settings.txt_resend_limit and authz_expires - now > AUTHZ_EXPIRY_MARGIN:
         return Advance(
-            "txt_timeout",
-            updates={"txt_resends": resends + 1, "txt_last_check": dict(check.servers)},
-            clear=("broker_sent_at", "txt_deadline"),
+            Trigger.TXT_TIMEOUT,
+            updates={"txt_resends": resends + 1},
+            clear=keys(BrokerSent),
             note={"servers": dict(check.servers), "resend": resends + 1},
         )
     # Never answer a challenge whose TXT nobody can see: the CA would fail it, and failed
     # validations are rate-limited. Abandon this order (nothing failed at the CA).
     return Advance(
-        "reorder",
+        Trigger.REORDER,
         clear=ORDER_KEYS,
         note={"reason": "TXT record never became visible", "servers": dict(check.servers)},
         run_at=now + ports.settings.reorder_backoff[0],
@@ -313,20 +296,23 @@ async def step_broker_notified(snap: OrderSnapshot, ports: Ports) -> Outcome:
 
 async def step_dns_propagated(snap: OrderSnapshot, ports: Ports) -> Outcome:
     now = ports.clock.now()
-    data = snap.data
+    data = order_data(snap.data)
     account = _account(snap)
-    authz = await ports.acme.get_authorization(account, str(_need(data, "authz_url")))
-    answered: dict[str, Any] = {}
-    if not data.get("answered_at"):
+    authz = await ports.acme.get_authorization(account, _need(data["authz_url"], "authz_url"))
+    answered: OrderData = {}
+    if not data["answered_at"]:
         challenge = authz.challenge("dns-01")
         if authz.status == "pending" and challenge is not None and challenge.status == "pending":
-            await ports.acme.answer_challenge(account, str(_need(data, "challenge_url")))
+            challenge_url = _need(data["challenge_url"], "challenge_url")
+            await ports.acme.answer_challenge(account, challenge_url)
             return Wait(now, "challenge answered", updates={"answered_at": iso(now)})
         # Answered by a run that crashed before its commit: the CA's view decides from here
         # (Pebble refuses a second answer once the challenge has left "pending").
         answered = {"answered_at": iso(now)}
     if authz.status == "valid":
-        return Advance("authorization_valid", updates={**answered, "authz_valid_at": iso(now)})
+        return Advance(
+            Trigger.AUTHORIZATION_VALID, updates={**answered, "authz_valid_at": iso(now)}
+        )
     if authz.status == "pending":
         return Wait(
             _later(
@@ -352,23 +338,21 @@ async def step_dns_propagated(snap: OrderSnapshot, ports: Ports) -> Outcome:
 
 async def step_validated(snap: OrderSnapshot, ports: Ports) -> Outcome:
     now = ports.clock.now()
-    data = snap.data
+    data = order_data(snap.data)
     account = _account(snap)
-    if snap.cert_key_pem is None or not data.get("csr_der"):
+    csr_b64 = data["csr_der"]
+    if snap.cert_key_pem is None or not csr_b64:
         key = ports.acme.generate_certificate_key()
         csr = ports.acme.make_csr(key, [snap.identifier])
         return Wait(
             now,
             "certificate key and CSR recorded",
-            updates={
-                "csr_der": base64.b64encode(csr).decode("ascii"),
-                "csr_sha256": hashlib.sha256(csr).hexdigest(),
-            },
+            updates={"csr_der": base64.b64encode(csr).decode("ascii")},
             effects=Effects(cert_key_pem=key),
         )
-    order = await ports.acme.get_order(account, str(_need(data, "order_url")))
+    order = await ports.acme.get_order(account, _need(data["order_url"], "order_url"))
     if order.status == "ready":
-        csr = base64.b64decode(str(data["csr_der"]))
+        csr = base64.b64decode(csr_b64)
         order = await ports.acme.finalize(account, order.url, order.finalize, csr)
     return _after_finalize(order, now, ports)
 
@@ -378,7 +362,7 @@ def _after_finalize(order: AcmeOrderView, now: datetime, ports: Ports) -> Outcom
         if not order.certificate:
             raise TransientError(f"order {order.url} is valid but has no certificate URL yet")
         return Advance(
-            "certificate_issued",
+            Trigger.CERTIFICATE_ISSUED,
             updates={"certificate_url": order.certificate},
             note={"certificate_url": order.certificate},
         )
@@ -391,6 +375,15 @@ def _after_finalize(order: AcmeOrderView, now: datetime, ports: Ports) -> Outcom
                 ports.settings.max_poll_interval,
             ),
             f"order {order.status}",
+        )
+    if order.status == "invalid" and order.error is None and _expired(order, now):
+        # It expired before it was finalized (e.g. a Retry-After longer than the order's
+        # life): nothing failed at the CA, so no failed validation is counted; order again.
+        return Advance(
+            Trigger.REORDER,
+            clear=ORDER_KEYS,
+            note={"reason": "the order expired before it was finalized", "order_url": order.url},
+            effects=Effects(cert_key_pem=None),
         )
     if order.status == "invalid" or _expired(order, now):
         detail = order.error.get("detail") if order.error else None
@@ -408,27 +401,24 @@ async def step_finalized(snap: OrderSnapshot, ports: Ports) -> Outcome:
     anything can reject it: a certificate the CA issued is never thrown away (Let's Encrypt
     allows 5 duplicates a week), and installing it again after a fix needs no new order."""
     now = ports.clock.now()
-    data = snap.data
+    data = order_data(snap.data)
     if snap.cert_key_pem is None:
         raise PermanentError("the certificate key of this order is missing from the store")
-    chain_pem = data.get("chain_pem")
+    chain_pem = data["chain_pem"]
     if not chain_pem:
         account = _account(snap)
-        chain = await ports.acme.download_certificate(account, str(_need(data, "certificate_url")))
+        url = _need(data["certificate_url"], "certificate_url")
+        chain = await ports.acme.download_certificate(account, url)
         return Wait(now, "certificate chain downloaded", updates={"chain_pem": chain.pem})
-    csr = base64.b64decode(str(data["csr_der"])) if data.get("csr_der") else None
+    csr_b64 = data["csr_der"]
+    csr = base64.b64decode(csr_b64) if csr_b64 else None
     installed = await ports.installer.install(
-        snap.peer_id, snap.identifier, str(chain_pem), snap.cert_key_pem, csr
+        snap.peer_id, snap.identifier, chain_pem, snap.cert_key_pem, csr
     )
     return Advance(
-        "certificate_installed",
-        updates={
-            "installed_at": iso(now),
-            "serial": installed.serial,
-            "not_after": iso(installed.not_after),
-            "renewal": None,
-        },
-        clear=("chain_pem",),  # it lives in the certificate's row from now on
+        Trigger.CERTIFICATE_INSTALLED,
+        updates={"installed_at": iso(now), "renewal": None},
+        clear=keys(ChainDownloaded),  # it lives in the certificate's row from now on
         note={"serial": installed.serial, "not_after": iso(installed.not_after)},
         effects=Effects(
             cert_key_pem=None,
@@ -439,8 +429,8 @@ async def step_finalized(snap: OrderSnapshot, ports: Ports) -> Outcome:
                 cert_id=ports.acme.cert_id(installed.chain_pem),
                 not_before=installed.not_before,
                 not_after=installed.not_after,
-                acme_order_url=str(data.get("order_url") or "") or None,
-                replaces_cert_id=data.get("replaces"),
+                acme_order_url=data["order_url"] or None,
+                replaces_cert_id=data["replaces"],
             ),
         ),
     )
@@ -455,19 +445,20 @@ async def step_installed(snap: OrderSnapshot, ports: Ports) -> Outcome:
     if cert is None:
         raise PermanentError("order is Installed but has no certificate record")
     settings = ports.settings
-    renewal: dict[str, Any] = dict(snap.data.get("renewal") or {})
+    renewal = renewal_plan(order_data(snap.data)["renewal"])
     if now >= cert.not_after:
         return Advance(
-            "renewal_due",
-            updates={"replaces": None, "renewal_reason": "expired"},
+            Trigger.RENEWAL_DUE,
+            updates={"replaces": None},
             note={"reason": "expired", "not_after": iso(cert.not_after)},
         )
-    ari = await ports.acme.supports_ari()
-    if ari and cert.cert_id:
-        due_check = renewal.get("next_ari_check")
+    supports_ari = await ports.acme.supports_ari()
+    if supports_ari and cert.cert_id:
+        due_check = renewal["next_ari_check"]
         if due_check is None or parse_time(due_check, "next_ari_check") <= now:
             renewal = await _refresh_ari(renewal, cert.chain_pem, now, ports)
-    ari_time = parse_time(renewal["ari_time"], "ari_time") if renewal.get("ari_time") else None
+    ari = renewal["ari_time"]
+    ari_time = parse_time(ari, "ari_time") if ari else None
     plan = plan_renewal(
         now=now,
         not_before=cert.not_before,
@@ -476,24 +467,32 @@ async def step_installed(snap: OrderSnapshot, ports: Ports) -> Outcome:
         emergency_fraction=settings.emergency_fraction,
     )
     if now >= plan.renew_at:
-        replaces = cert.cert_id if ari and cert.cert_id else None
+        replaces = cert.cert_id if supports_ari and cert.cert_id else None
         return Advance(
-            "renewal_due",
-            updates={"replaces": replaces, "renewal_reason": plan.reason, "renewal": renewal},
+            Trigger.RENEWAL_DUE,
+            updates={"replaces": replaces, "renewal": _stored(renewal)},
             note={"reason": plan.reason, "replaces": replaces},
         )
     until = plan.renew_at
-    if renewal.get("next_ari_check"):
-        until = min(until, parse_time(renewal["next_ari_check"], "next_ari_check"))
-    renewal.update(renew_at=iso(plan.renew_at), reason=plan.reason)
+    next_check = renewal["next_ari_check"]
+    if next_check:
+        until = min(until, parse_time(next_check, "next_ari_check"))
+    renewal["renew_at"], renewal["reason"] = iso(plan.renew_at), plan.reason
     return Wait(
-        until, f"renewal at {iso(plan.renew_at)} ({plan.reason})", updates={"renewal": renewal}
+        until,
+        f"renewal at {iso(plan.renew_at)} ({plan.reason})",
+        updates={"renewal": _stored(renewal)},
     )
 
 
+def _stored(plan: RenewalPlan) -> RenewalPlan:
+    """The plan as the row keeps it: only the keys that hold something."""
+    return cast(RenewalPlan, {k: v for k, v in plan.items() if v is not None})
+
+
 async def _refresh_ari(
-    renewal: dict[str, Any], chain_pem: str, now: datetime, ports: Ports
-) -> dict[str, Any]:
+    renewal: RenewalPlan, chain_pem: str, now: datetime, ports: Ports
+) -> RenewalPlan:
     settings = ports.settings
     try:
         window = await ports.acme.renewal_info(chain_pem)
@@ -508,9 +507,9 @@ async def _refresh_ari(
         }
     if window is None:
         return {**renewal, "next_ari_check": iso(now + settings.ari_max_recheck)}
-    previous = renewal.get("window")
+    previous = renewal["window"]
     current = [iso(window.start), iso(window.end)]
-    ari_time = renewal.get("ari_time")
+    ari_time = renewal["ari_time"]
     if previous != current or not ari_time:
         ari_time = iso(pick_in_window(window, now, ports.rng))
     return {
@@ -532,7 +531,7 @@ def _clamped_recheck(now: datetime, retry_after: float | None, ports: Ports) -> 
 
 async def step_renew_due(snap: OrderSnapshot, ports: Ports) -> Outcome:
     now = ports.clock.now()
-    replaces = snap.data.get("replaces")
+    replaces = order_data(snap.data)["replaces"]
     cert = snap.certificate
     if cert is not None and now >= cert.not_after:
         # Never `replaces` an expired certificate: Let's Encrypt answers 404 and the Go
@@ -541,8 +540,8 @@ async def step_renew_due(snap: OrderSnapshot, ports: Ports) -> Outcome:
     if replaces and not await ports.acme.supports_ari():
         replaces = None  # RFC 9773: only to a CA that advertises renewalInfo
     return Advance(
-        "start_renewal",
-        updates={"replaces": replaces, "txt_resends": 0},
+        Trigger.START_RENEWAL,
+        updates={"replaces": replaces},
         clear=ORDER_KEYS,
         note={"replaces": replaces},
     )

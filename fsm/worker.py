@@ -30,16 +30,17 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from autotls.fsm.errors import AutoTLSError, ErrorClass
 from autotls.fsm.faults import FaultPlan, FaultPoint
-from autotls.fsm.machine import State
-from autotls.fsm.policy import plan_error, plan_outcome, plan_unexpected
+from autotls.fsm.machine import State, Trigger
+from autotls.fsm.policy import plan_error, plan_lapsed, plan_outcome, plan_unexpected
 from autotls.fsm.ports import Ports
 from autotls.fsm.steps import STEPS, Step
 from autotls.persistence.changes import Change
@@ -52,16 +53,25 @@ log = logging.getLogger("autotls.worker")
 
 @dataclass(frozen=True)
 class OrderEvent:
-    """What happened to an order in one commit (for callbacks, metrics, progress)."""
+    """What happened to an order in one commit (for callbacks, metrics, progress): the
+    ``"transition"`` event of :meth:`autotls.AutoTLS.on`.
+
+    ``trigger`` is the move the journal recorded, ``None`` when the order stayed where it was
+    (a wait, or a classified error it will retry: then ``error_class`` and ``message`` say
+    which). ``problem`` is the server's problem document behind the error, if any."""
 
     order_id: int
     peer_id: str
     from_state: str
     to_state: str
-    trigger: str | None  # None for a wait
+    trigger: Trigger | None
     error_class: str | None
     message: str | None
     next_run_at: datetime | None
+    problem: Mapping[str, Any] | None = None
+    # How long the step took (monotonic seconds, the commit excluded); None when no step ran
+    # (a corrupt row set aside). Step-latency metrics read it.
+    step_seconds: float | None = None
 
 
 EventListener = Callable[[OrderEvent], Awaitable[None] | None]
@@ -349,6 +359,7 @@ class Worker:
             return
         self.faults.hit(FaultPoint.BEFORE_EFFECT, snap.state)
         keeper = asyncio.ensure_future(self._keep_lease(snap))
+        started = time.monotonic()
         try:
             plan = await self._run_step(step, snap)
         except asyncio.CancelledError:
@@ -357,6 +368,7 @@ class Worker:
             raise
         finally:
             keeper.cancel()
+        step_seconds = time.monotonic() - started
         self.steps_run += 1
         self.faults.hit(FaultPoint.AFTER_EFFECT, snap.state)
         now = self.ports.clock.now()
@@ -389,10 +401,13 @@ class Worker:
             )
             return
         self.faults.hit(FaultPoint.AFTER_COMMIT, snap.state)
-        await self._announce(snap, plan)
+        await self._announce(snap, plan, step_seconds)
 
     async def _run_step(self, step: Step, snap: OrderSnapshot) -> CommitPlan:
         clock, settings, rng = self.ports.clock, self.ports.settings, self.ports.rng
+        lapsed = plan_lapsed(snap, clock.now())
+        if lapsed is not None:  # e.g. back after downtime: the authorization is gone
+            return lapsed
         try:
             outcome = await step(snap, self.ports)
             return plan_outcome(snap, outcome, clock.now())
@@ -444,7 +459,11 @@ class Worker:
         )
         now = self.ports.clock.now()
         if await self.store.fail_corrupt(
-            order, failed_state=State.FAILED.value, now=now, worker=self.id
+            order,
+            failed_state=State.FAILED.value,
+            trigger=Trigger.CORRUPT.value,
+            now=now,
+            worker=self.id,
         ):
             await self._emit(
                 OrderEvent(
@@ -452,20 +471,21 @@ class Worker:
                     order.peer_id or "?",
                     order.state or "?",
                     State.FAILED.value,
-                    "fail",
+                    Trigger.CORRUPT,
                     "permanent",
                     f"corrupt order row: {order.error}",
                     None,
                 )
             )
 
-    async def _announce(self, snap: OrderSnapshot, plan: CommitPlan) -> None:
-        trigger = plan.journal.trigger if plan.journal and plan.journal.kind != "error" else None
+    async def _announce(self, snap: OrderSnapshot, plan: CommitPlan, step_seconds: float) -> None:
+        moved = plan.journal is not None and plan.journal.trigger != Trigger.RETRY_LATER
+        trigger = Trigger(plan.journal.trigger) if plan.journal and moved else None
         extra = order_fields(
             snap.id,
             snap.peer_id,
             plan.to_state,
-            trigger=trigger,
+            trigger=trigger.value if trigger is not None else None,
             error_class=plan.last_error_class,
         )
         if trigger:
@@ -500,6 +520,8 @@ class Worker:
                 plan.last_error_class,
                 plan.last_error_message,
                 plan.next_run_at,
+                problem=plan.last_problem,
+                step_seconds=step_seconds,
             )
         )
 

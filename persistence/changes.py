@@ -3,10 +3,12 @@ running worker takes an operator's ``renew --force``, ``retry`` or ``revoke`` wi
 second, and a process without the order's lease serves the certificate another one just
 installed -- instead of both noticing at their next poll (30 s by default).
 
-A change is a journal entry: every move an operator or a worker commits writes one, in the
-same transaction as the move. :class:`Change` says which order and peer it concerns and who
-made it (a worker id, or the operator's ``cli:user@host``), so a listener can ignore its
-own commits. The poll stays as the fallback; a notification only cuts a sleep short.
+A change is a journal entry -- every move an operator or a worker commits writes one, in the
+same transaction as the move -- or a revocation an operator recorded on a certificate's row
+without moving the order (``revoke --no-renew``). :class:`Change` says which order and peer it
+concerns and who made it (a worker id, the operator's ``cli:user@host``; None for a
+revocation), so a listener can ignore its own commits. The poll stays as the fallback; a
+notification only cuts a sleep short.
 
 * **PostgreSQL**: the store sends ``NOTIFY autotls_changes`` with the change as JSON inside
   the committing transaction (PostgreSQL delivers it only if that commits); the feed
@@ -16,7 +18,8 @@ own commits. The poll stays as the fallback; a notification only cuts a sleep sh
 * **SQLite** has no server to notify through. The feed keeps one connection in a thread and
   reads ``PRAGMA data_version`` every :data:`SQLITE_POLL_S` seconds: the value moves when
   another connection commits to the file (any writer, even one that knows nothing of this
-  feed), and then the journal entries added since are read and reported. Measured
+  feed), and then the journal entries (and revocations) added since are read and reported.
+  Measured
   (``bench.operator``, bench/README.md): a check costs ~4 us, the watcher under 2 s of CPU
   per hour; a commit is seen 0-250 ms later (p50 127 ms). A socket in the data directory
   would be faster (0.06 ms) but only for writers that know of it, and needs a socket per
@@ -88,6 +91,7 @@ class ChangeFeed:
         self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
         self._stopping = threading.Event()
+        self.listening = asyncio.Event()  # commits from now on are told (tests, benchmarks)
         self.delivered = 0  # batches handed to listeners (tests, benchmarks)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -137,6 +141,7 @@ class ChangeFeed:
                     conninfo, autocommit=True
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening.set()
                     if failures:
                         log.info("change notifications from %s resumed", shown)
                         self._deliver([ANYTHING])  # what was committed while we were away
@@ -182,6 +187,7 @@ class ChangeFeed:
         conn: sqlite3.Connection | None = None
         version: int | None = None
         last_id = 0
+        last_revoked: str | None = None
         trouble: str | None = None
         while not self._stopping.wait(0 if conn is None else SQLITE_POLL_S):
             try:
@@ -189,6 +195,9 @@ class ChangeFeed:
                     conn = _open_sqlite(path)
                     version = _data_version(conn)
                     last_id = _last_journal_id(conn)
+                    last_revoked = _last_revocation(conn)
+                    with contextlib.suppress(RuntimeError):  # the loop is closed
+                        loop.call_soon_threadsafe(self.listening.set)
                     if trouble is not None:
                         loop.call_soon_threadsafe(self._deliver, [ANYTHING])
                 current = _data_version(conn)
@@ -197,6 +206,8 @@ class ChangeFeed:
                     continue
                 version = current
                 changes, last_id = _journal_since(conn, last_id)
+                revoked, last_revoked = _revocations_since(conn, last_revoked)
+                changes += revoked
                 trouble = None
             except sqlite3.Error as exc:
                 if str(exc) != trouble:
@@ -229,6 +240,25 @@ def _data_version(conn: sqlite3.Connection) -> int:
 def _last_journal_id(conn: sqlite3.Connection) -> int:
     row: Any = conn.execute("SELECT coalesce(max(id), 0) FROM journal").fetchone()
     return int(row[0])
+
+
+def _last_revocation(conn: sqlite3.Connection) -> str | None:
+    row: Any = conn.execute("SELECT max(revoked_at) FROM certificates").fetchone()
+    return None if row[0] is None else str(row[0])
+
+
+def _revocations_since(
+    conn: sqlite3.Connection, last: str | None
+) -> tuple[list[Change], str | None]:
+    """Revocations recorded after ``last`` (SQLite keeps the moments as ISO text, which
+    sorts as the moments do)."""
+    rows = conn.execute(
+        "SELECT order_id, peer_id, revoked_at FROM certificates "
+        "WHERE revoked_at IS NOT NULL AND (? IS NULL OR revoked_at > ?) ORDER BY revoked_at",
+        (last, last),
+    ).fetchall()
+    changes = [Change(int(r[0]), str(r[1]), None) for r in rows]
+    return changes, (str(rows[-1][2]) if rows else last)
 
 
 def _journal_since(conn: sqlite3.Connection, last_id: int) -> tuple[list[Change], int]:

@@ -8,7 +8,9 @@ Four tables:
 * ``orders``       one row per peer identity that cycles New -> ... -> Installed -> RenewDue ->
                    Registered ... Its ``state`` is a name from ``autotls.fsm.machine.State``;
                    ``fence`` is bumped by every claim and checked by every commit (design rule 5).
-* ``certificates`` every certificate ever installed for an order (the history of renewals).
+* ``certificates`` every certificate ever installed for an order (the history of renewals),
+                   and whether an operator revoked it. What a certificate *is* (serial,
+                   validity, revocation) lives here, never in the order's ``data``.
 * ``journal``      every transition and every classified error, in order (design rule 10).
 
 Secret columns (``accounts.key_pem``, ``orders.cert_key_pem``, ``certificates.key_pem``) are
@@ -18,13 +20,14 @@ never copied into ``data``, ``journal.detail`` or logs.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -34,7 +37,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from autotls.persistence.types import JSONObject, UTCDateTime
 
 # States in which an order no longer counts as the peer's active order. Kept here as plain
-# strings because persistence must not import fsm; tests check it matches autotls.fsm.machine.
+# strings because persistence must not import the machine; tests check it matches it.
 INACTIVE_STATES: tuple[str, ...] = ("Failed",)
 _INACTIVE_SQL = "state NOT IN ('Failed')"
 
@@ -115,6 +118,8 @@ class Certificate(Base):
     not_after: Mapped[datetime]
     issued_at: Mapped[datetime]
     replaces_cert_id: Mapped[str | None] = mapped_column(String(255))
+    revoked_at: Mapped[datetime | None]  # recorded by the operator who revoked it
+    revocation_reason: Mapped[str | None] = mapped_column(String(32))  # RFC 5280 name
 
 
 class JournalEntry(Base):
@@ -138,3 +143,10 @@ class JournalEntry(Base):
         # result applied twice would violate this index, not slip through.
         UniqueConstraint("order_id", "fence", name="uq_journal_order_fence"),
     )
+
+
+# The tables, for the store's Core statements.
+orders = cast(Table, Order.__table__)
+accounts = cast(Table, Account.__table__)
+certificates = cast(Table, Certificate.__table__)
+journal = cast(Table, JournalEntry.__table__)

@@ -37,6 +37,10 @@ class CertificateRecord:
     issued_at: datetime
     acme_order_url: str | None = None
     replaces_cert_id: str | None = None
+    # An operator revoked it (``autotls revoke``): it is served until its replacement is
+    # installed, but no longer advertised. ``revocation_reason`` is the RFC 5280 name.
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class OrderSnapshot:
     lease_until: datetime | None
     created_at: datetime
     updated_at: datetime
+    last_problem: Mapping[str, Any] | None = None  # the server's problem document, if any
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,14 @@ class NewCertificate:
     replaces_cert_id: str | None
 
 
+@dataclass(frozen=True)
+class Revocation:
+    """Record that a certificate was revoked (the commit's time is the moment)."""
+
+    certificate_id: int
+    reason: str | None
+
+
 class Keep(enum.Enum):
     """Marker for "leave this column as it is" in a :class:`CommitPlan`."""
 
@@ -136,3 +149,4 @@ class CommitPlan:
     account_update: AccountUpdate | None = None
     cert_key_pem: bytes | Keep | None = KEEP
     new_certificate: NewCertificate | None = None
+    revocation: Revocation | None = None

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # what the database's alembic_version table holds (migrations/env.py keeps Alembic's default
 # table name). tests/test_migrations.py fails when this differs from Alembic's own head, so a
 # new revision cannot forget it.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 # The Alembic scripts travel with the package (autotls/migrations in the wheel; in a source
 # checkout the top-level migrations/ folder, which autotls/migrations links to). Located by

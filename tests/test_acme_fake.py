@@ -1,7 +1,6 @@
 """AcmeClient against FakeAcmeServer, for the Let's Encrypt behaviours Pebble 2.4.0 lacks: ARI,
-profiles, Retry-After while polling, order reuse, ``replaces``, 429/503 with Retry-After and
-injected badNonce. Time is a fake clock shared by server and client; the client sleeps through
-the clock, so every wait is asserted, none is spent."""
+profiles, Retry-After on pending and processing resources, order reuse, ``replaces``, 429/503
+with Retry-After and injected badNonce. Time is a fake clock shared by server and client."""
 
 from __future__ import annotations
 
@@ -17,16 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from autotls.acme import (
     AccountDoesNotExist,
     AcmeClient,
+    AcmeInputError,
     AcmeNetworkError,
     AlreadyReplaced,
-    AuthorizationFailed,
     BadNonce,
     CertificateChain,
     InvalidProfile,
     Malformed,
     Order,
-    OrderFailed,
-    PollTimeout,
     RateLimited,
     Unauthorized,
     cert_id,
@@ -38,7 +35,9 @@ from autotls.acme import (
 from autotls.acme.client import DEFAULT_BAD_NONCE_RETRIES
 from autotls.acme.jws import AccountKey
 from autotls.fsm.errors import ErrorClass
+from autotls.http import Exchange
 from tests.fakes.acme_server import FakeAcmeServer
+from tests.fixtures.acme import settled_authorization, settled_order
 
 B36 = "k51qzi5uqu5dgy8qsq67hbz73jqkw87l3fgf4a91qb0d9b5173tir7n4vxk1oe"
 WILDCARD = f"*.{B36}.libp2p.direct"
@@ -46,18 +45,13 @@ START = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
 class FakeClock:
-    """One clock for server and client; sleeping advances it and is recorded."""
+    """One clock for server and client."""
 
     def __init__(self) -> None:
         self.now = START
-        self.sleeps: list[float] = []
 
     def __call__(self) -> datetime:
         return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -73,9 +67,7 @@ async def ca(clock: FakeClock) -> AsyncIterator[FakeAcmeServer]:
 
 @pytest.fixture
 async def client(ca: FakeAcmeServer, clock: FakeClock) -> AsyncIterator[AcmeClient]:
-    async with AcmeClient(
-        ca.directory_url, generate_account_key(), now=clock, sleep=clock.sleep
-    ) as acme:
+    async with AcmeClient(ca.directory_url, generate_account_key(), now=clock) as acme:
         await acme.new_account()
         yield acme
 
@@ -85,14 +77,15 @@ async def validate(client: AcmeClient, order: Order) -> None:
         authz = await client.get_authorization(url)
         if authz.status == "pending":
             await client.answer_challenge(authz.challenge("dns-01").url)
-            await client.poll_authorization(url, timeout=60)
+            assert (await settled_authorization(client, url)).status == "valid"
 
 
 async def issue(client: AcmeClient, order: Order) -> CertificateChain:
     await validate(client, order)
     key = generate_certificate_key()
-    order = await client.finalize(order, make_csr(key, [i.value for i in order.identifiers]))
-    order = await client.poll_order(order.url, timeout=60)
+    csr = make_csr(key, [i.value for i in order.identifiers])
+    await client.finalize(order.url, order.finalize, csr)
+    order = await settled_order(client, order.url)
     assert order.status == "valid" and order.certificate is not None
     chain = await client.download_certificate(order.certificate)
     assert chain.leaf.public_key() == key.public_key()
@@ -120,6 +113,77 @@ async def test_full_issuance_with_a_profile(ca: FakeAcmeServer, client: AcmeClie
     assert all(p is None for e, p in ca.payloads if e in ("order", "authz", "certificate"))
 
 
+async def test_the_default_profile_lifetime_follows_the_issuance_date(
+    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+) -> None:
+    """Let's Encrypt's schedule for the default profile: 90 days, 64 from 2027-02-10, 45 from
+    2028-02-16 (by the moment of issuance, not of the order)."""
+    lifetimes = []
+    for moment in ("2027-02-09T23:59:59", "2027-02-10T00:00:00", "2028-02-16T00:00:00"):
+        clock.now = datetime.fromisoformat(moment).replace(tzinfo=UTC)
+        leaf = (await issue(client, await client.new_order([WILDCARD]))).leaf
+        lifetimes.append(leaf.not_valid_after_utc - leaf.not_valid_before_utc)
+    assert lifetimes == [timedelta(days=d, minutes=1) for d in (90, 64, 45)]
+
+
+async def test_a_shortlived_authorization_expires_after_an_hour_as_in_boulder(
+    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+) -> None:
+    order = await client.new_order([WILDCARD], profile="shortlived")
+    assert order.expires == START + timedelta(hours=8)
+    authz = await client.get_authorization(order.authorizations[0])
+    assert authz.expires == START + timedelta(hours=1)
+    clock.now = START + timedelta(hours=1)
+    # Boulder: an expired authorization is inaccessible (404), and its order invalid.
+    with pytest.raises(Malformed) as caught:
+        await client.get_authorization(authz.url)
+    assert caught.value.status == 404
+    with pytest.raises(Malformed):
+        await client.answer_challenge(authz.challenge("dns-01").url)
+    assert (await client.get_order(order.url)).status == "invalid"
+
+
+async def test_gen_y_chains_are_linked_as_alternates(clock: FakeClock) -> None:
+    async with (
+        FakeAcmeServer(now=clock, chains="cross-signed") as ca,
+        AcmeClient(ca.directory_url, generate_account_key(), now=clock) as acme,
+    ):
+        await acme.new_account()
+        chain = await issue(acme, await acme.new_order([WILDCARD]))
+    [alternate] = chain.alternates
+    verify_chain(chain, ca.root_pem)  # leaf, issuer, the cross-sign -> the old root
+    verify_chain(CertificateChain(url="", pem=alternate), ca.gen_y_root_pem)
+    assert len(chain.certificates()) == 3
+    assert len(CertificateChain(url="", pem=alternate).certificates()) == 2
+
+
+async def test_every_request_reaches_the_observer_named_by_its_class(
+    ca: FakeAcmeServer, clock: FakeClock
+) -> None:
+    seen: list[Exchange] = []
+    async with AcmeClient(
+        ca.directory_url, generate_account_key(), now=clock, observer=seen.append
+    ) as acme:
+        await acme.new_account()
+        chain = await issue(acme, await acme.new_order([WILDCARD]))
+        await acme.renewal_info(chain.leaf)
+    # The fake CA's directory carries a Replay-Nonce, like Boulder's: no newNonce request.
+    assert [e.request_class for e in seen] == [
+        "directory",
+        "newAccount",
+        "newOrder",
+        "authz",
+        "challenge",
+        "authz",
+        "finalize",
+        "order",
+        "certificate",
+        "renewalInfo",
+    ]
+    assert all(e.status is not None and 200 <= e.status < 300 for e in seen)
+    assert acme.request_count == len(seen)
+
+
 async def test_unknown_profile_is_invalid_profile(client: AcmeClient) -> None:
     with pytest.raises(InvalidProfile) as caught:
         await client.new_order([WILDCARD], profile="eternal")
@@ -127,60 +191,48 @@ async def test_unknown_profile_is_invalid_profile(client: AcmeClient) -> None:
     assert caught.value.status == 400
 
 
-async def test_pending_authorization_retry_after_is_honoured_and_capped(
-    ca: FakeAcmeServer, clock: FakeClock
+async def test_a_pending_authorization_carries_the_retry_after(
+    ca: FakeAcmeServer, client: AcmeClient
 ) -> None:
     ca.authz_pending_polls = 2
     ca.authz_retry_after = "7"
-    async with AcmeClient(
-        ca.directory_url, generate_account_key(), now=clock, sleep=clock.sleep, max_poll_interval=5
-    ) as acme:
-        await acme.new_account()
-        order = await acme.new_order([WILDCARD])
-        authz = await acme.get_authorization(order.authorizations[0])
-        await acme.answer_challenge(authz.challenge("dns-01").url)
-        valid = await acme.poll_authorization(authz.url, timeout=60)
-    assert valid.status == "valid"
-    assert clock.sleeps == [5, 5]  # Retry-After 7 capped at max_poll_interval
+    order = await client.new_order([WILDCARD])
+    authz = await client.get_authorization(order.authorizations[0])
+    await client.answer_challenge(authz.challenge("dns-01").url)
+    pending = await client.get_authorization(authz.url)
+    assert (pending.status, pending.retry_after) == ("pending", 7.0)
+    valid = await settled_authorization(client, authz.url)
+    assert (valid.status, valid.retry_after) == ("valid", None)
+    assert ca.count("authz") == 4  # before the answer, two pending, then valid
 
 
-async def test_http_date_retry_after_while_polling(
-    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+async def test_an_http_date_retry_after_is_read_against_the_clock(
+    ca: FakeAcmeServer, client: AcmeClient
 ) -> None:
     ca.authz_pending_polls = 1
     ca.authz_retry_after = "Sun, 01 Mar 2026 12:00:09 GMT"  # START + 9 s
     order = await client.new_order([WILDCARD])
     authz = await client.get_authorization(order.authorizations[0])
     await client.answer_challenge(authz.challenge("dns-01").url)
-    await client.poll_authorization(authz.url, timeout=60)
-    assert clock.sleeps == [9.0]
+    assert (await client.get_authorization(authz.url)).retry_after == 9.0
 
 
-async def test_processing_order_honours_retry_after(
-    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+async def test_a_processing_order_carries_the_retry_after(
+    ca: FakeAcmeServer, client: AcmeClient
 ) -> None:
     ca.order_processing_polls = 3
     order = await client.new_order([WILDCARD])
     await validate(client, order)
-    finalized = await client.finalize(order, make_csr(generate_certificate_key(), [WILDCARD]))
-    assert (finalized.status, finalized.retry_after) == ("processing", 3.0)
-    valid = await client.poll_order(order.url, timeout=60)
-    assert valid.status == "valid"
-    assert clock.sleeps == [3.0, 3.0, 3.0]
-
-
-async def test_polling_gives_up_at_the_deadline(
-    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
-) -> None:
-    ca.authz_pending_polls = 1000
-    ca.authz_retry_after = "4"
-    order = await client.new_order([WILDCARD])
-    authz = await client.get_authorization(order.authorizations[0])
-    await client.answer_challenge(authz.challenge("dns-01").url)
-    with pytest.raises(PollTimeout) as caught:
-        await client.poll_authorization(authz.url, timeout=10)
-    assert caught.value.error_class is ErrorClass.TRANSIENT
-    assert clock.sleeps == [4.0, 4.0, 2.0]  # the last sleep stops at the deadline
+    csr = make_csr(generate_certificate_key(), [WILDCARD])
+    finalized = await client.finalize(order.url, order.finalize, csr)
+    assert (finalized.url, finalized.status, finalized.retry_after) == (
+        order.url,
+        "processing",
+        3.0,
+    )
+    processing = await client.get_order(order.url)
+    assert (processing.status, processing.retry_after) == ("processing", 3.0)
+    assert (await settled_order(client, order.url)).status == "valid"
 
 
 async def test_failed_validation_makes_authorization_and_order_invalid(
@@ -196,15 +248,12 @@ async def test_failed_validation_makes_authorization_and_order_invalid(
     order = await client.new_order([WILDCARD])
     authz = await client.get_authorization(order.authorizations[0])
     await client.answer_challenge(authz.challenge("dns-01").url)
-    with pytest.raises(AuthorizationFailed) as caught:
-        await client.poll_authorization(authz.url, timeout=60)
-    assert caught.value.error_class is ErrorClass.ORDER_INVALID
-    assert caught.value.challenge_problem is not None
-    assert caught.value.challenge_problem.kind == "unauthorized"
-    assert caught.value.authorization.status == "invalid"
-    with pytest.raises(OrderFailed) as order_failed:
-        await client.poll_order(order.url, timeout=60)
-    assert order_failed.value.error_class is ErrorClass.ORDER_INVALID
+    invalid = await settled_authorization(client, authz.url)
+    assert invalid.status == "invalid"
+    problem = invalid.challenge("dns-01").problem()
+    assert problem is not None and problem.kind == "unauthorized"
+    failed = await client.get_order(order.url)
+    assert failed.status == "invalid"
     assert checked == [
         (
             f"{B36}.libp2p.direct",
@@ -225,7 +274,8 @@ async def test_finalize_before_ready_refetches_the_order(
     ca: FakeAcmeServer, client: AcmeClient
 ) -> None:
     order = await client.new_order([WILDCARD])
-    result = await client.finalize(order, make_csr(generate_certificate_key(), [WILDCARD]))
+    csr = make_csr(generate_certificate_key(), [WILDCARD])
+    result = await client.finalize(order.url, order.finalize, csr)
     assert (result.url, result.status) == (order.url, "pending")
     assert ca.count("finalize") == 1 and ca.count("order") == 1
 
@@ -260,9 +310,7 @@ async def test_replaces_for_another_accounts_certificate(
     ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
 ) -> None:
     chain = await issue(client, await client.new_order([WILDCARD]))
-    async with AcmeClient(
-        ca.directory_url, generate_account_key(), now=clock, sleep=clock.sleep
-    ) as other:
+    async with AcmeClient(ca.directory_url, generate_account_key(), now=clock) as other:
         await other.new_account()
         with pytest.raises(Unauthorized):
             await other.new_order([WILDCARD], replaces=cert_id(chain.leaf))
@@ -290,6 +338,21 @@ async def test_renewal_info(ca: FakeAcmeServer, client: AcmeClient) -> None:
         "https://ca.test/why",
     )
     assert ca.count("renewalInfo") == 2
+
+
+async def test_directory_and_ari_need_no_account_key(
+    ca: FakeAcmeServer, client: AcmeClient, clock: FakeClock
+) -> None:
+    chain = await issue(client, await client.new_order([WILDCARD]))
+    async with AcmeClient(ca.directory_url, now=clock) as keyless:
+        assert (await keyless.directory()).renewal_info is not None
+        info = await keyless.renewal_info(chain.leaf)
+        assert info is not None and info.retry_after == 21600.0
+        with pytest.raises(AcmeInputError, match="no account key"):
+            await keyless.new_order([WILDCARD])
+        with pytest.raises(AcmeInputError, match="no account key"):
+            _ = keyless.account_key
+        assert keyless.request_count == 2  # the directory and renewalInfo: no nonce, no JWS
 
 
 async def test_revoked_certificate_window_is_in_the_past(
@@ -405,7 +468,7 @@ async def test_ed25519_rsa_and_p384_accounts_issue(
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     else:
         key = ec.generate_private_key(ec.SECP384R1())
-    async with AcmeClient(ca.directory_url, key, now=clock, sleep=clock.sleep) as acme:
+    async with AcmeClient(ca.directory_url, key, now=clock) as acme:
         await acme.new_account()
         chain = await issue(acme, await acme.new_order([WILDCARD]))
     verify_chain(chain, ca.root_pem)

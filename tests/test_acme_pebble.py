@@ -34,8 +34,10 @@ from autotls.acme import (
     make_csr,
 )
 from autotls.acme.jws import AccountKey
+from autotls.adapters import AcmeAdapter
 from autotls.fsm.errors import ErrorClass
 from autotls.localstack.pebble import PebbleOptions, PebbleStack
+from tests.fixtures.acme import settled_authorization, settled_order
 from tests.fixtures.pebble import PebbleFactory
 
 pytestmark = pytest.mark.pebble
@@ -57,7 +59,6 @@ def acme_client(stack: PebbleStack, key: AccountKey | None = None, **kwargs: obj
         stack.directory_url,
         key if key is not None else generate_account_key(),
         ca_file=stack.ca_file,
-        poll_interval=0.1,
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -80,7 +81,7 @@ async def validate(stack: PebbleStack, client: AcmeClient, order: Order) -> None
         await stack.set_txt(fqdn, dns01_value(challenge.token, client.account_key))
         try:
             await client.answer_challenge(challenge.url)
-            await client.poll_authorization(url, timeout=30)
+            assert (await settled_authorization(client, url)).status == "valid"
         finally:
             await stack.clear_txt(fqdn)
 
@@ -91,8 +92,8 @@ async def issue(
     order = await client.new_order([name])
     await validate(stack, client, order)
     key = generate_certificate_key()
-    order = await client.finalize(order, make_csr(key, [name]))
-    order = await client.poll_order(order.url, timeout=30)
+    await client.finalize(order.url, order.finalize, make_csr(key, [name]))
+    order = await settled_order(client, order.url)
     assert order.status == "valid" and order.certificate is not None
     return await client.download_certificate(order.certificate), key
 
@@ -161,11 +162,15 @@ async def test_finalize_before_ready_refetches_the_order(
 ) -> None:
     name = wildcard()
     order = await client.new_order([name])
-    result = await client.finalize(order, make_csr(generate_certificate_key(), [name]))
+    result = await client.finalize(
+        order.url, order.finalize, make_csr(generate_certificate_key(), [name])
+    )
     assert (result.url, result.status) == (order.url, "pending")
     # The order is still usable: validate and finalize for real.
     await validate(pebble, client, result)
-    finalized = await client.finalize(result, make_csr(generate_certificate_key(), [name]))
+    finalized = await client.finalize(
+        order.url, order.finalize, make_csr(generate_certificate_key(), [name])
+    )
     assert finalized.status in ("processing", "valid")
 
 
@@ -232,6 +237,35 @@ async def test_alternate_chains(pebble_factory: PebbleFactory) -> None:
     assert chains_to(chain.alternates[0], roots[1:]) and not chains_to(
         chain.alternates[0], roots[:1]
     )
+
+
+async def test_a_preferred_chain_that_does_not_build_to_the_trust_roots_is_passed_over(
+    pebble_factory: PebbleFactory,
+) -> None:
+    """--preferred-chain names the alternate's root; a store without that root (Let's
+    Encrypt's Gen Y roots are not everywhere yet) gets the default chain, one with it gets the
+    preferred chain, and no store at all leaves the preference alone."""
+    stack = pebble_factory(PebbleOptions(nonce_reject_percent=20, alternate_roots=1))
+    async with acme_client(stack) as acme:
+        await acme.new_account()
+        chain, _ = await issue(stack, acme, wildcard())
+    roots = [x509.load_pem_x509_certificate(pem.encode()) for pem in stack.issuer_roots_pem()]
+    [alternate] = chain.alternates
+    top = CertificateChain(url="", pem=alternate).certificates()[-1]
+    preferred = str(top.issuer.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
+
+    def choice(trusted: list[x509.Certificate]) -> str:
+        adapter = AcmeAdapter(
+            stack.directory_url,
+            ca_file=stack.ca_file,
+            preferred_chain=preferred,
+            trust_roots=trusted,
+        )
+        return adapter.choose_chain(chain.pem, chain.alternates)
+
+    assert choice(roots[:1]) == chain.pem
+    assert choice(roots) == alternate
+    assert choice([]) == alternate
 
 
 async def test_external_account_binding(pebble_factory: PebbleFactory) -> None:

@@ -4,11 +4,13 @@ Link headers, problem classification and defensive parsing of server data."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import hmac
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -718,3 +720,30 @@ def test_certificate_chain_rejects_non_certificates() -> None:
         CertificateChain(url="u", pem="hello").certificates()
     good = CertificateChain(url="u", pem=RFC9773_CERT.decode())
     assert good.leaf.serial_number == 0x87654321
+
+
+def test_the_acme_modules_import_one_another_without_a_cycle() -> None:
+    """Type-only imports included: a cycle there is still two modules that cannot be read
+    (or split) one without the other. ``problems`` is the bottom: it knows no resource."""
+    package = Path(__file__).resolve().parent.parent / "autotls" / "acme"
+    graph: dict[str, set[str]] = {}
+    for source in package.glob("*.py"):
+        module = f"autotls.acme.{source.stem}".removesuffix(".__init__")
+        graph[module] = set()
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                graph[module].add(node.module)
+    ours = {m: {t for t in targets if t in graph and t != m} for m, targets in graph.items()}
+    assert ours["autotls.acme.problems"] == set()
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module not in done:
+            for target in ours[module]:
+                visit(target, (*path, module))
+            done.add(module)
+
+    for module in ours:
+        if module != "autotls.acme":  # the package re-exports everything by design
+            visit(module, ())

@@ -174,11 +174,9 @@ async def test_forge_addresses_come_with_the_certificate_and_go_with_expiry_and_
     peer_b36 = key.peer_id.to_base36()
     clock = ManualClock(datetime.now(UTC) - timedelta(seconds=1))
     roots_pem = stack.pebble.issuer_roots_pem()
-    box: list[Libp2pNode] = []
     auto = AutoTLS(
         key,
         data_dir=stack.tmp / "data",
-        addresses=lambda: box[0].listen_addresses if box else [],
         directory_url=stack.pebble.directory_url,
         ca_file=str(stack.pebble.ca_file),
         broker_url=stack.broker.url,
@@ -188,10 +186,7 @@ async def test_forge_addresses_come_with_the_certificate_and_go_with_expiry_and_
         clock=clock,
         run_worker=False,
     )
-    node = Libp2pNode(
-        key, listen=LISTEN, tls_context=auto.ssl_context, advertise=auto.advertised_addresses
-    )
-    box.append(node)
+    node = Libp2pNode(key, listen=LISTEN, autotls=auto)  # serves, advertises, gives addresses
 
     async def drive_until(state: State) -> None:
         async def reached() -> bool:
@@ -229,16 +224,18 @@ async def test_forge_addresses_come_with_the_certificate_and_go_with_expiry_and_
         assert await _served_serial(wss, server_name, roots_pem) == second.serial
         assert _same((await advertised()).listen_addrs, own, forge)
 
-        # Revocation (`autotls revoke`: revoke at the CA, then record it with the renewal):
-        # withdrawn as soon as the worker takes the renewal, while the revoked certificate
-        # is still what the listener serves.
+        # Revocation (`autotls revoke`: revoke at the CA, then record it on the certificate's
+        # row with the renewal): withdrawn as soon as the worker takes the renewal, while the
+        # revoked certificate is still what the listener serves.
         revoked = await _revoke_at_the_ca(auto, str(stack.pebble.ca_file))
         assert revoked == second.serial
         snap = await auto.order()
         await operator.force_renewal(
-            auto.store, snap.id, now=clock.now(), actor="test", revoked=True
+            auto.store, snap.id, now=clock.now(), actor="test", revoked=True, reason="superseded"
         )
-        assert (await auto.order()).data["revoked_serial"] == revoked
+        recorded = (await auto.order()).certificate
+        assert recorded is not None and recorded.serial == revoked
+        assert (recorded.revoked_at, recorded.revocation_reason) == (clock.now(), "superseded")
         assert await auto.worker.run_once() == 1  # RenewDue -> Registered
         assert auto.certificate is None
         assert _same((await advertised()).listen_addrs, own)

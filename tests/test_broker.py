@@ -17,7 +17,6 @@ import pytest
 from aiohttp import web
 
 from autotls.broker import (
-    DEFAULT_USER_AGENT,
     BrokerClient,
     BrokerDialError,
     BrokerForbidden,
@@ -31,6 +30,7 @@ from autotls.broker import (
     validate_challenge_value,
 )
 from autotls.fsm.errors import ConfigurationError, ErrorClass
+from autotls.http import DEFAULT_USER_AGENT, Exchange
 from autotls.peerid import PrivateKey
 from autotls.peeridauth import AuthDecision, AuthResult, PeerIdAuthServer, parse_header
 
@@ -293,14 +293,19 @@ async def test_connection_refused() -> None:
 
 
 async def test_timeout(broker: FakeBroker) -> None:
-    async def slow(request: web.Request, auth: AuthResult) -> web.StreamResponse:
-        await asyncio.sleep(5)
+    released = asyncio.Event()
+
+    async def hang(request: web.Request, auth: AuthResult) -> web.StreamResponse:
+        await released.wait()  # until the client has given up
         return web.Response()
 
-    broker.handler = slow
-    async with client_for(broker, timeout=0.3) as client:
-        with pytest.raises(BrokerNetworkError, match="timed out"):
-            await client.register(VALUE, PUBLIC)
+    broker.handler = hang
+    try:
+        async with client_for(broker, timeout=0.3) as client:
+            with pytest.raises(BrokerNetworkError, match="timed out"):
+                await client.register(VALUE, PUBLIC)
+    finally:
+        released.set()
 
 
 async def test_bearer_is_never_logged(broker: FakeBroker, caplog: pytest.LogCaptureFixture) -> None:
@@ -321,6 +326,27 @@ async def test_bearer_is_never_logged(broker: FakeBroker, caplog: pytest.LogCapt
 
 
 # --- Health ------------------------------------------------------------------------------------
+
+
+async def test_the_observer_sees_the_health_check_and_both_legs(broker: FakeBroker) -> None:
+    seen: list[Exchange] = []
+    async with client_for(broker, observer=seen.append) as client:
+        await client.health()
+        await client.register(VALUE, PUBLIC)
+    assert [(e.method, e.request_class, e.status) for e in seen] == [
+        ("GET", "health", 204),
+        ("POST", "challenge_leg", 401),
+        ("POST", "registration_leg", 200),
+    ]
+    assert (seen[1].request_size, seen[2].request_size) == (0, len(broker.requests[0]["body"]))
+
+
+async def test_a_client_without_identity_checks_health_only(broker: FakeBroker) -> None:
+    async with BrokerClient(base_url=broker.url) as client:
+        assert (await client.health()).healthy
+        with pytest.raises(ConfigurationError, match="no identity key"):
+            await client.register(VALUE, PUBLIC)
+    assert broker.requests == []
 
 
 async def test_health_ok(broker: FakeBroker) -> None:

@@ -17,9 +17,10 @@ from aiohttp import web
 
 from autotls.adapters import BrokerAdapter
 from autotls.broker import BrokerError, BrokerProtocolError
+from autotls.fsm import operator
 from autotls.fsm.clock import ManualClock
 from autotls.fsm.errors import ErrorClass
-from autotls.fsm.machine import State
+from autotls.fsm.machine import State, Trigger
 from autotls.fsm.ports import EngineSettings, Ports
 from autotls.fsm.worker import Worker
 from autotls.peerid import PrivateKey
@@ -144,8 +145,8 @@ async def test_a_broker_that_is_not_a_broker_is_retried_with_one_warning(
 ) -> None:
     probe = PROBES[name]
     rig.answer.append(probe.answer)
-    order = await rig.store.create_order(
-        rig.peer, f"*.{rig.peer}.libp2p.direct", initial_state="New", now=rig.clock.now()
+    order = await operator.create_order(
+        rig.store, rig.peer, f"*.{rig.peer}.libp2p.direct", now=rig.clock.now()
     )
     worker = Worker(rig.store, rig.ports, worker_id="w")
     for _ in range(4):  # account key, account, newOrder intent, newOrder
@@ -169,7 +170,9 @@ async def test_a_broker_that_is_not_a_broker_is_retried_with_one_warning(
     assert "internal" not in warnings[0].getMessage()
     # The journal names the broker's exception class for the operator.
     errors = [j for j in await rig.store.journal(order.id) if j.kind == "error"]
-    assert [e.trigger for e in errors] == ["retry:transient"]
+    assert [(e.trigger, e.detail["error_class"]) for e in errors] == [
+        (Trigger.RETRY_LATER, "transient")
+    ]
     # Backoff grows while the broker keeps answering like that; the order never fails.
     rig.clock.set(snap.next_run_at)
     await worker.run_once()

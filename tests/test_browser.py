@@ -80,11 +80,9 @@ async def test_a_browser_dials_the_advertised_forge_address_before_and_after_ren
     key = PrivateKey.generate()
     peer_b36, peer_b58 = key.peer_id.to_base36(), key.peer_id.to_base58()
     roots_pem = pebble.issuer_roots_pem()
-    box: list[Libp2pNode] = []
     auto = AutoTLS(
         key,
         data_dir=tmp_path / "data",
-        addresses=lambda: box[0].listen_addresses if box else [],
         directory_url=pebble.directory_url,
         ca_file=str(pebble.ca_file),
         broker_url=broker.url,
@@ -93,10 +91,7 @@ async def test_a_browser_dials_the_advertised_forge_address_before_and_after_ren
         trust_roots=[c for pem in roots_pem for c in x509.load_pem_x509_certificates(pem.encode())],
         settings=FAST,
     )
-    node = Libp2pNode(
-        key, listen=LISTEN, tls_context=auto.ssl_context, advertise=auto.advertised_addresses
-    )
-    box.append(node)
+    node = Libp2pNode(key, listen=LISTEN, autotls=auto)
     browser = Browser(browser_tools, tmp_path / "browser", roots_pem)
     renewed = asyncio.Event()
     auto.on("renewed", lambda _cert: renewed.set())

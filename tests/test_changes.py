@@ -104,12 +104,13 @@ async def test_commits_through_another_store_are_told(
 ) -> None:
     heard = Heard()
     unsubscribe = engine_on.store.on_change(heard)
+    await engine_on.store.changes_told()
     other = await Store.open(database_url, upgrade=False)
     try:
         peer = new_peer()
-        created = await other.create_order(
-            peer, identifier_for(peer), initial_state=State.NEW.value,
-            now=engine_on.clock.now(), actor="cli:someone@elsewhere",
+        created = await operator.create_order(
+            other, peer, identifier_for(peer), now=engine_on.clock.now(),
+            actor="cli:someone@elsewhere",
         )  # fmt: skip
         await eventually(
             lambda: Change(created.id, peer, "cli:someone@elsewhere") in heard.changes,
@@ -119,14 +120,12 @@ async def test_commits_through_another_store_are_told(
         unsubscribe()
         await engine_on.order()  # nobody listens any more: nothing is delivered
         peer2 = new_peer()
-        await other.create_order(
-            peer2, identifier_for(peer2), initial_state="New", now=engine_on.clock.now()
-        )
+        await operator.create_order(other, peer2, identifier_for(peer2), now=engine_on.clock.now())
         resubscribed = Heard()
         engine_on.store.on_change(resubscribed)
         peer3 = new_peer()
-        third = await other.create_order(
-            peer3, identifier_for(peer3), initial_state="New", now=engine_on.clock.now()
+        third = await operator.create_order(
+            other, peer3, identifier_for(peer3), now=engine_on.clock.now()
         )
         await eventually(
             lambda: any(c.order_id == third.id for c in resubscribed.changes), "told again"
@@ -149,6 +148,7 @@ async def test_an_operator_move_wakes_a_sleeping_worker(
     try:
         # Asleep until the renewal is due (weeks away on a clock that never moves).
         await eventually(lambda: engine_on.clock.sleepers > 0, "the worker sleeps")
+        await engine_on.store.changes_told()
         operator_store = await Store.open(database_url, upgrade=False)
         try:
             await operator.force_renewal(
@@ -170,6 +170,7 @@ async def test_a_worker_is_not_woken_by_its_own_commits(
     worker = Worker(engine_on.store, engine_on.ports, worker_id="busy")
     feed_heard = Heard()
     engine_on.store.on_change(feed_heard)
+    await engine_on.store.changes_told()
     stop = asyncio.Event()
     running = asyncio.ensure_future(worker.run(stop, grace=1.0))
     try:
@@ -192,6 +193,7 @@ async def test_a_dropped_listen_connection_reports_anything_and_resumes(
 ) -> None:
     heard = Heard()
     engine_on.store.on_change(heard)
+    await engine_on.store.changes_told()
     first = await engine_on.order()
     other = await Store.open(database_url, upgrade=False)
     try:
@@ -208,10 +210,10 @@ async def test_a_dropped_listen_connection_reports_anything_and_resumes(
         await eventually(lambda: ANYTHING in heard.changes, "a lost connection says so")
         # Reconnected, it says so again: what was committed meanwhile was not told.
         await eventually(lambda: heard.changes.count(ANYTHING) >= 2, "listening again")
-        second = await other.create_order(
-            (peer := new_peer()), identifier_for(peer), initial_state="New",
-            now=engine_on.clock.now(),
-        )  # fmt: skip
+        peer = new_peer()
+        second = await operator.create_order(
+            other, peer, identifier_for(peer), now=engine_on.clock.now()
+        )
         await eventually(lambda: any(c.order_id == second.id for c in heard.changes), "resumed")
     finally:
         await other.close()
@@ -275,3 +277,24 @@ async def test_a_wake_up_during_a_claim_is_not_lost(engine: Engine) -> None:
     finally:
         stop.set()
         await asyncio.wait_for(running, 10)
+
+
+async def test_a_revocation_without_a_move_is_told_too(
+    database_url: str, engine_on: Engine
+) -> None:
+    """``revoke --no-renew`` records the revocation on the certificate's row and moves no
+    order: no journal entry, and still a running node must stop advertising at once."""
+    order = await engine_on.order()
+    installed = await engine_on.drive_to(order.id, State.INSTALLED)
+    assert installed.certificate is not None
+    heard = Heard()
+    engine_on.store.on_change(heard)
+    other = await Store.open(database_url, upgrade=False)
+    try:
+        await engine_on.store.changes_told()
+        await other.record_revocation(
+            installed.certificate.id, now=engine_on.clock.now(), reason="keyCompromise"
+        )
+    finally:
+        await other.close()
+    await eventually(lambda: Change(order.id, order.peer_id, None) in heard.changes, "told")

@@ -810,9 +810,10 @@ async def test_renew_force(
     assert done.code == 0, done.err
     assert f"order {populated.installed}: Installed -> RenewDue" in done.out
     snap = await engine.store.get_order(populated.installed)
-    assert snap.state == State.RENEW_DUE.value and snap.data["renewal_reason"] == "forced"
+    assert snap.state == State.RENEW_DUE.value
     last = (await engine.store.journal(populated.installed))[-1]
     assert last.trigger == "force_renewal" and (last.worker or "").startswith("cli:")
+    assert last.detail["reason"] == "forced"
 
 
 async def test_renew_defaults_to_the_only_active_order(
@@ -962,6 +963,7 @@ async def test_a_worker_that_gives_up_on_the_database_ends_run_with_3(
     """The worker ends after a bounded number of refused claims; ``run`` (waiting on it) and
     ``run --once`` (waiting for a certificate) end with it. The bound is one refusal here:
     the default eight back off for three minutes."""
+    from autotls.fsm.operator import create_order
     from autotls.fsm.worker import Worker
     from autotls.persistence.store import Store
     from tests.test_worker_faults import _read_only
@@ -973,9 +975,7 @@ async def test_a_worker_that_gives_up_on_the_database_ends_run_with_3(
     save_private_key(key, data_dir / "identity.key")
     peer = key.peer_id.to_base36()
     async with await Store.open(f"sqlite:///{data_dir / 'autotls.db'}") as store:
-        await store.create_order(
-            peer, f"*.{peer}.libp2p.direct", initial_state="New", now=datetime.now(UTC)
-        )
+        await create_order(store, peer, f"*.{peer}.libp2p.direct", now=datetime.now(UTC))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead_ca = f"http://127.0.0.1:{sock.getsockname()[1]}/dir"  # unreachable: a warning

@@ -255,6 +255,13 @@ async def test_run_once_end_to_end_then_operator_commands(
     assert again.code == 0 and "already revoked" in again.out
     (row,) = await status(data_dir, capsys)
     assert row["state"] == "RenewDue"
+    # Recorded on the certificate's row (the first time, with its reason): a running node
+    # stops advertising it.
+    async with await Store.open(f"sqlite:///{data_dir / 'autotls.db'}", upgrade=False) as store:
+        revoked = [
+            (c.revoked_at is not None, c.revocation_reason) for c in await store.certificates()
+        ]
+    assert revoked == [(False, None), (True, "superseded")]
 
     everything = "".join(outputs) + revoke.out + again.out
     assert "PRIVATE KEY" not in everything

@@ -12,13 +12,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autotls.fsm.errors import TransientError
-from autotls.fsm.machine import State
+from autotls.fsm.machine import State, Trigger
 from autotls.fsm.ports import RenewalWindow
 from autotls.fsm.renewal import backstop_time, pick_in_window, plan_renewal
+from autotls.persistence.records import JournalRecord
 from tests.fakes.ports import acme_problem
 from tests.fixtures.engine import Engine
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+async def _dropped_replaces(engine: Engine, order_id: int) -> JournalRecord:
+    """The journal entry that says the CA refused ``replaces`` (a declared move)."""
+    journal = await engine.store.journal(order_id)
+    return next(j for j in journal if j.trigger == Trigger.DROP_REPLACES)
 
 
 async def installed(engine: Engine) -> int:
@@ -125,8 +132,9 @@ async def test_already_replaced_falls_back_to_an_order_without_replaces(engine: 
     engine.ca.serials_replaced.add(cert.cert_id)  # someone already renewed it
     await engine.drive_to(order_id, State.RENEW_DUE)
     await engine.drive_to(order_id, State.INSTALLED)
-    snap = await engine.store.get_order(order_id)
-    assert "alreadyReplaced" in snap.data["replaces_dropped"]
+    dropped = await _dropped_replaces(engine, order_id)
+    assert "alreadyReplaced" in dropped.detail["refused"]
+    assert dropped.detail["replaces"] == cert.cert_id
     assert (await engine.store.certificates(order_id=order_id))[1].replaces_cert_id is None
 
 
@@ -140,7 +148,7 @@ async def test_replaces_refused_as_malformed_404_falls_back(engine: Engine, stat
     await engine.drive_to(order_id, State.INSTALLED)
     snap = await engine.store.get_order(order_id)
     assert snap.data["replaces"] is None
-    assert "malformed" in snap.data["replaces_dropped"]
+    assert "malformed" in (await _dropped_replaces(engine, order_id)).detail["refused"]
 
 
 async def test_an_expired_certificate_renews_at_once_without_replaces_or_ari(
@@ -155,7 +163,8 @@ async def test_an_expired_certificate_renews_at_once_without_replaces_or_ari(
     await engine.worker().run_once()
     snap = await engine.store.get_order(order_id)
     assert snap.state == State.RENEW_DUE.value
-    assert snap.data["renewal_reason"] == "expired"
+    last = (await engine.store.journal(order_id))[-1]
+    assert (last.trigger, last.detail["reason"]) == (Trigger.RENEWAL_DUE, "expired")
     assert engine.ca.count("renewal_info") == checks, "no ARI polling for an expired cert"
     await engine.drive_to(order_id, State.INSTALLED)
     assert (await engine.store.certificates(order_id=order_id))[1].replaces_cert_id is None

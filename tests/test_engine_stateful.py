@@ -2,16 +2,19 @@
 
 Rules: create orders for a few peers, run workers (several, with independent leases), crash
 them at random fault points (they die holding their leases), let time pass (leases expire,
-waits end), make the fake CA, broker and DNS misbehave, and act as an operator. After every
-rule:
+waits end), make the fake CA, broker and DNS misbehave, act as an operator (retry, force a
+renewal, record a revocation with it), and corrupt a row's data (the worker sets it aside).
+After every rule:
 
 * never two active orders for one peer;
 * never a lost certificate (rows only accumulate; an Installed order points at one);
-* every order's journal is a valid walk through the machine;
+* every order's journal is a valid walk through the declared machine: every entry, the
+  creating one, retried errors, set-aside rows and operator moves included;
 * no claim was committed twice (the journal's (order, fence) pairs are unique).
 
 At the end the faults stop and a healthy worker must bring every order to Installed (or to
-Failed where a permanent error was injected). Derandomized so CI is reproducible.
+Failed where a permanent error was injected or the row was corrupted). Derandomized so CI is
+reproducible.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ from autotls.fsm.clock import ManualClock
 from autotls.fsm.errors import OrderInvalidError, PermanentError, RateLimitedError, TransientError
 from autotls.fsm.faults import FaultPlan, FaultPoint, FaultRule, InjectedCrash
 from autotls.fsm.journal import is_valid_journal
-from autotls.fsm.machine import State
+from autotls.fsm.machine import State, Trigger
 from autotls.fsm.ports import Ports
 from autotls.fsm.worker import Worker, run_until_idle
 from autotls.peerid import PrivateKey
-from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError
+from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError, OrderStateError
 from autotls.persistence.store import CorruptOrder, Store
 from tests.fakes.ports import FakeBroker, FakeCA, FakeDns, FakeInstaller, acme_problem
 
@@ -80,6 +83,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.generation = 0
         self.certificates_seen = 0
         self.permanent_injected = False
+        self.corrupted: set[int] = set()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -104,14 +108,27 @@ class EngineMachine(RuleBasedStateMachine):
     def create_order(self, peer: str) -> None:
         with contextlib.suppress(ActiveOrderExistsError):
             self.run(
-                self.store.create_order(
-                    peer, f"*.{peer}.libp2p.direct", initial_state="New", now=self.clock.now()
+                operator.create_order(
+                    self.store, peer, f"*.{peer}.libp2p.direct", now=self.clock.now()
                 )
             )
 
     @rule()
     def run_a_healthy_worker_once(self) -> None:
         self.run(self.worker().run_once())
+
+    @rule(rounds=st.integers(5, 20))
+    def a_healthy_worker_runs_a_while(self, rounds: int) -> None:
+        """Long enough, with waits jumped over, for orders to reach Installed mid-example, so
+        that operator moves and renewals meet them there."""
+        for _ in range(rounds):
+            if self.run(self.settled()):
+                return
+            if not self.run(self.worker().run_once()):
+                due = self.run(self.store.next_due_at())
+                if due is None:
+                    return
+                self.clock.set(max(due, self.clock.now()))
 
     @rule(
         point=st.sampled_from(list(FaultPoint)),
@@ -159,16 +176,49 @@ class EngineMachine(RuleBasedStateMachine):
         self.permanent_injected = True
         self.installer.fail(PermanentError("certificate rejected by the installer"))
 
-    @rule(action=st.sampled_from(["retry", "force_renewal"]))
+    @rule(action=st.sampled_from(["retry", "force_renewal", "revoke"]))
     def an_operator_acts(self, action: str) -> None:
+        now = self.clock.now()
         for order in self.run(self.store.list_orders()):
             if isinstance(order, CorruptOrder):
                 continue
             try:
-                fn = operator.retry if action == "retry" else operator.force_renewal
-                self.run(fn(self.store, order.id, now=self.clock.now(), actor="operator"))
-            except (OrderBusyError, ActiveOrderExistsError):
+                if action == "retry":
+                    self.run(operator.retry(self.store, order.id, now=now, actor="operator"))
+                else:
+                    self.run(
+                        operator.force_renewal(
+                            self.store,
+                            order.id,
+                            now=now,
+                            actor="operator",
+                            revoked=action == "revoke",
+                            reason="superseded",
+                        )
+                    )
+            except (OrderBusyError, OrderStateError, ActiveOrderExistsError):
                 pass
+
+    @rule(pick=st.integers(0, 5))
+    def a_row_is_corrupted(self, pick: int) -> None:
+        """Someone edits an active row's data by hand into something that is not JSON."""
+        orders = [
+            o
+            for o in self.run(self.store.list_orders())
+            if not isinstance(o, CorruptOrder) and o.state != State.FAILED.value
+        ]
+        if not orders:
+            return
+        victim = orders[pick % len(orders)].id
+
+        async def corrupt() -> None:
+            async with self.store.engine.begin() as conn:
+                await conn.execute(
+                    text("UPDATE orders SET data = '{\"half\": ' WHERE id = :id"), {"id": victim}
+                )
+
+        self.run(corrupt())
+        self.corrupted.add(victim)
 
     # -- invariants ------------------------------------------------------------------------
 
@@ -192,7 +242,9 @@ class EngineMachine(RuleBasedStateMachine):
         assert len(certs) >= self.certificates_seen
         self.certificates_seen = len(certs)
         for order in self.run(self.store.list_orders()):
-            assert not isinstance(order, CorruptOrder)
+            if isinstance(order, CorruptOrder):
+                assert order.id in self.corrupted
+                continue
             if order.state in (State.INSTALLED.value, State.RENEW_DUE.value):
                 assert order.certificate is not None
 
@@ -208,6 +260,10 @@ class EngineMachine(RuleBasedStateMachine):
 
     # -- the end -------------------------------------------------------------------------
 
+    async def settled(self) -> bool:
+        rows = await self.store.list_orders()
+        return all(r.state in (State.INSTALLED.value, State.FAILED.value) for r in rows)
+
     def settle(self) -> None:
         """Faults stop; a healthy worker finishes everything."""
         self.ca.heal()
@@ -216,21 +272,18 @@ class EngineMachine(RuleBasedStateMachine):
         self.installer.heal()
         self.clock.advance(3600)  # every dead worker's lease has expired
         worker = self.worker()
-
-        async def settled() -> bool:
-            rows = await self.store.list_orders()
-            return all(
-                not isinstance(r, CorruptOrder)
-                and r.state in (State.INSTALLED.value, State.FAILED.value)
-                for r in rows
-            )
-
         self.run(
-            run_until_idle(worker, advance_clock=self.clock.set, stop_when=settled, max_rounds=3000)
+            run_until_idle(
+                worker, advance_clock=self.clock.set, stop_when=self.settled, max_rounds=3000
+            )
         )
         for order in self.run(self.store.list_orders()):
-            assert not isinstance(order, CorruptOrder)
-            if order.state == State.FAILED.value:
+            if isinstance(order, CorruptOrder):
+                # Set aside, its bytes kept, by the declared move `corrupt`.
+                assert order.id in self.corrupted and order.state == State.FAILED.value
+                last = self.run(self.store.journal(order.id))[-1]
+                assert last.trigger == Trigger.CORRUPT
+            elif order.state == State.FAILED.value:
                 assert self.permanent_injected, order.last_error_message
             else:
                 assert order.state == State.INSTALLED.value

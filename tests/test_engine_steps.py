@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import logging
 from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from autotls.fsm.errors import (
     AutoTLSError,
@@ -18,7 +22,7 @@ from autotls.fsm.errors import (
     TransientError,
 )
 from autotls.fsm.journal import is_valid_journal
-from autotls.fsm.machine import InvalidTransitionError, State
+from autotls.fsm.machine import InvalidTransitionError, State, Trigger
 from tests.fakes.ports import acme_problem
 from tests.fixtures.engine import HAPPY_TRIGGERS, Engine
 
@@ -47,12 +51,37 @@ async def test_happy_path_installs_one_certificate(engine: Engine) -> None:
     assert snap.data["renewal"]["reason"] == "backstop"
 
 
-async def test_journal_never_holds_secrets(engine: Engine) -> None:
+def leak_marks(key_pem: bytes) -> list[str]:
+    """What a leak of this private key would leave in a text: each long base64 line of its PEM
+    (JSON escapes only the line ends) and its private value as a JWK, hex or decimal."""
+    lines = [line for line in key_pem.decode().splitlines() if not line.startswith("-----")]
+    marks = [line for line in lines if len(line) >= 16]
+    key = serialization.load_pem_private_key(key_pem, None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    d = key.private_numbers().private_value
+    raw = d.to_bytes((key.curve.key_size + 7) // 8, "big")
+    marks += [base64.urlsafe_b64encode(raw).rstrip(b"=").decode(), f"{d:x}", str(d)]
+    return marks
+
+
+async def test_journal_and_logs_never_hold_secrets(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
     order = await engine.order()
-    await engine.drive_to(order.id, State.INSTALLED)
-    text = repr([j.detail for j in await engine.store.journal(order.id)])
-    assert "PRIVATE KEY" not in text
-    assert "token" not in text
+    with caplog.at_level(logging.DEBUG, logger="autotls"):  # our own logs, all of them
+        await engine.drive_to(order.id, State.INSTALLED)
+    journal = await engine.store.journal(order.id)
+    assert journal and caplog.records, "something to search"
+    text = repr(journal) + json.dumps([j.detail for j in journal], default=str) + caplog.text
+    accounts = await engine.store.accounts()
+    certificates = await engine.store.certificates(order_id=order.id)
+    secrets = [a.key_pem for a in accounts] + [c.key_pem for c in certificates]
+    assert len(secrets) == 2, "the account key and the certificate key"
+    for key_pem in secrets:
+        marks = leak_marks(key_pem)
+        # The marks do find a key written the way JSON or a repr would hold it.
+        assert all(m in json.dumps({"key": key_pem.decode()}) for m in marks[:-3])
+        assert [m for m in marks if m in text] == []
 
 
 async def test_account_is_shared_and_registered_once(engine: Engine) -> None:
@@ -81,7 +110,8 @@ async def test_transient_error_retries_with_backoff_and_keeps_state(engine: Engi
     delay = snap.next_run_at - engine.clock.now()
     assert timedelta(seconds=1) <= delay <= timedelta(seconds=2)
     errors = [j for j in await engine.store.journal(order.id) if j.kind == "error"]
-    assert [e.trigger for e in errors] == ["retry:transient"]
+    assert [e.trigger for e in errors] == [Trigger.RETRY_LATER]
+    assert errors[0].detail["error_class"] == "transient"
     await engine.drive_to(order.id, State.INSTALLED, worker)
     assert (await engine.store.get_order(order.id)).attempts == 0
 
@@ -228,11 +258,11 @@ async def test_dns_lag_polls_then_advances(engine: Engine) -> None:
     engine.dns.lag = 3
     order = await engine.order()
     await engine.drive_to(order.id, State.BROKER_NOTIFIED)
-    snap = await engine.drive_to(order.id, State.DNS_PROPAGATED)
+    await engine.drive_to(order.id, State.DNS_PROPAGATED)
     assert engine.dns.checks == 4
-    assert snap.data["txt_servers"] == {"ns1.fake": "ok"}
-    # Polling is not journaled: only the transition is.
-    assert [j.trigger for j in await engine.store.journal(order.id)][-1] == "txt_visible"
+    # Polling is not journaled: only the transition is, with what each server answered.
+    last = (await engine.store.journal(order.id))[-1]
+    assert (last.trigger, last.detail["servers"]) == (Trigger.TXT_VISIBLE, {"ns1.fake": "ok"})
 
 
 async def test_txt_never_visible_resends_then_reorders_without_answering(engine: Engine) -> None:
@@ -295,6 +325,9 @@ async def test_installer_rejection_is_permanent(engine: Engine) -> None:
 async def test_a_bug_is_class_internal_on_the_slow_schedule_and_never_fails_the_order(
     engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Let's Encrypt's 7-day pending authorization outlives the whole schedule below (a
+    # shorter one makes the engine order anew instead: test_lets_encrypt_2027.py).
+    engine.ca.authz_lifetime = timedelta(days=7)
     bad, good = await engine.order(), await engine.order()
     engine.broker.fail(*[ZeroDivisionError("bug")] * 6, peer=bad.peer_id)
     await engine.drive_to(good.id, State.INSTALLED)
@@ -323,7 +356,8 @@ async def test_a_bug_is_class_internal_on_the_slow_schedule_and_never_fails_the_
     assert debug == [], "the traceback is logged at debug only (caplog captured from INFO)"
     await engine.drive_to(bad.id, State.INSTALLED)  # the bug is gone: it resumes
     journal = await engine.store.journal(bad.id)
-    assert [j.trigger for j in journal].count("retry:internal") == 6
+    internal = [j for j in journal if j.detail.get("error_class") == "internal"]
+    assert [j.trigger for j in internal] == [Trigger.RETRY_LATER] * 6
     assert is_valid_journal(journal)
 
 
@@ -409,5 +443,14 @@ async def test_a_dead_stored_order_is_replaced_after_a_pause_not_in_a_loop(engin
     snap = await engine.store.get_order(order.id)
     assert snap.state == State.REGISTERED.value and "order_url" not in snap.data
     assert snap.next_run_at == engine.clock.now() + timedelta(minutes=1)
+    # The per-order history says why the stored order went (a declared move that stays).
+    last = (await engine.store.journal(order.id))[-1]
+    assert (last.from_state, last.to_state, last.trigger) == (
+        State.REGISTERED.value,
+        State.REGISTERED.value,
+        Trigger.ABANDON_ORDER,
+    )
+    assert "stored order is invalid" in last.detail["reason"]
     await engine.drive_to(order.id, State.INSTALLED)
     assert engine.ca.count("new_order") == 2
+    assert is_valid_journal(await engine.store.journal(order.id))

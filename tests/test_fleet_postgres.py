@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from autotls.fsm import operator
 from autotls.fsm.journal import is_valid_journal
 from autotls.fsm.machine import State
 from autotls.install import FULLCHAIN, PRIVKEY
@@ -157,9 +158,7 @@ async def test_four_worker_processes_issue_200_certificates_and_fence_a_stale_co
         peers = [PrivateKey.generate().peer_id.to_base36() for _ in range(ORDERS)]
         order_ids = {
             (
-                await store.create_order(
-                    peer, f"*.{peer}.libp2p.direct", initial_state=State.NEW.value, now=now
-                )
+                await operator.create_order(store, peer, f"*.{peer}.libp2p.direct", now=now)
             ).id: peer
             for peer in peers
         }

@@ -19,6 +19,7 @@ from autotls.broker import (
     BrokerRejected,
     BrokerUnavailable,
 )
+from autotls.http import HttpTransport
 from autotls.localstack.broker import BodyError, LocalBroker, parse_registration
 from autotls.peerid import KeyType, PeerId, PrivateKey
 from autotls.peeridauth import (
@@ -153,8 +154,8 @@ async def test_failed_dial_back_is_a_400_and_sets_nothing(
 
 async def _raw_register(broker: LocalBroker, body: object) -> tuple[int, str]:
     """Register a body the BrokerClient would refuse to send, through the real auth flow."""
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
-        resp = await PeerIdAuthClient(PrivateKey.generate(), session).request(
+    async with HttpTransport(keep_ip_cookies=True) as http:
+        resp = await PeerIdAuthClient(PrivateKey.generate(), http).request(
             "POST", broker.url + "/v1/_acme-challenge", json_body=body
         )
     assert resp.server_peer_id == broker.peer_id

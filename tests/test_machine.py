@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import ast
 import re
+from pathlib import Path
 
 import pytest
 
-from autotls.fsm import diagrams
+from autotls.fsm import data, diagrams
 from autotls.fsm.machine import (
     ACTIVE_STATES,
+    STATE_CONTRIBUTIONS,
     STATE_REQUIRES,
     TRANSITIONS,
     InvalidTransitionError,
+    Mover,
     State,
+    Trigger,
     destination,
     fire,
     is_valid_path,
@@ -23,6 +28,8 @@ from autotls.persistence.models import INACTIVE_STATES
 
 FULL = {key: "x" for state in State for key in requirements(state)}
 FULL["installed_at"] = "x"
+ROOT = Path(__file__).resolve().parent.parent
+STEP = Mover.STEP
 
 
 def test_persistence_agrees_on_the_inactive_states() -> None:
@@ -41,7 +48,70 @@ def test_every_state_is_reachable_and_every_active_state_can_fail() -> None:
                 frontier.append(nxt)
     assert reachable == set(State)
     for state in ACTIVE_STATES:
-        assert destination(state, "fail") is State.FAILED
+        assert destination(state, Trigger.FAIL) is State.FAILED
+        assert destination(state, Trigger.CORRUPT) is State.FAILED
+        assert destination(state, Trigger.RETRY_LATER) is state
+
+
+def test_every_trigger_is_declared_once_and_says_who_fires_it() -> None:
+    assert [t.trigger for t in TRANSITIONS] == list(Trigger)
+    assert all(t.by for t in TRANSITIONS)
+    operator = {t.trigger for t in TRANSITIONS if Mover.OPERATOR in t.by}
+    assert operator == {
+        Trigger.CREATE,
+        Trigger.FORCE_RENEWAL,
+        Trigger.RETRY,
+        Trigger.RETRY_INSTALL,
+    }
+    # Only the creating move comes from nowhere.
+    assert [t.trigger for t in TRANSITIONS if not t.sources] == [Trigger.CREATE]
+
+
+def test_what_each_state_requires_is_derived_from_the_data_declaration() -> None:
+    assert set(STATE_REQUIRES[State.CHALLENGED]) == data.keys(
+        data.OrderPlaced, data.ChallengeFound
+    )
+    assert set(STATE_REQUIRES[State.INSTALLED]) == data.keys(data.CertificateInstalled)
+    required = {key for keys in STATE_REQUIRES.values() for key in keys}
+    assert required <= data.ALL_KEYS
+    # The table in data.py's docstring names, before its "|", what the guards require.
+    assert data.__doc__ is not None
+    for state in State:
+        row = re.search(rf"^{state.value} +(.*?)\|", data.__doc__, flags=re.M)
+        assert row is not None, state
+        named = re.findall(r"``(\w+)``", row.group(1))
+        assert named == [c.__name__ for c in STATE_CONTRIBUTIONS.get(state, ())], state
+    # What belongs to one ACME order, and what a wait wrote, are parts of the same declaration.
+    assert data.ORDER_KEYS < data.ALL_KEYS and data.WAIT_KEYS < data.ALL_KEYS
+    assert not data.ORDER_KEYS & data.keys(data.RenewalTarget, data.ValidationBudget)
+    # Facts about a certificate live in its row, never in the order's data.
+    assert not data.ALL_KEYS & {"serial", "not_after", "revoked_serial"}
+
+
+def test_no_product_code_names_a_trigger_by_a_bare_string() -> None:
+    """Triggers are symbols: a comparison, a ``trigger=`` argument or a call of the machine's
+    functions with a literal trigger name outside machine.py would drift from the table."""
+    values = {t.value for t in Trigger}
+    calls = {"fire", "destination", "Advance", "JournalNote", "Trigger"}
+    found = []
+    for folder in ("autotls", "fsm", "persistence", "migrations"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name == "machine.py" or "/versions/" in str(path):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                literals: list[ast.expr] = []
+                if isinstance(node, ast.Compare):
+                    literals = [node.left, *node.comparators]
+                elif isinstance(node, ast.keyword) and node.arg == "trigger":
+                    literals = [node.value]
+                elif isinstance(node, ast.Call):
+                    name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+                    if name in calls:
+                        literals = list(node.args)
+                for lit in literals:
+                    if isinstance(lit, ast.Constant) and lit.value in values:
+                        found.append(f"{path.relative_to(ROOT)}:{lit.lineno} {lit.value!r}")
+    assert found == []
 
 
 def test_the_happy_cycle_returns_to_ordering() -> None:
@@ -58,7 +128,7 @@ def test_the_happy_cycle_returns_to_ordering() -> None:
     ]
     state = State.NEW
     for trigger, expected in path:
-        state = fire(state, trigger, FULL)
+        state = fire(state, trigger, FULL, by=STEP)
         assert state is expected
 
 
@@ -66,13 +136,26 @@ def test_fire_refuses_undeclared_moves_with_a_clear_message() -> None:
     with pytest.raises(
         InvalidTransitionError, match="'certificate_issued' is not allowed from New"
     ):
-        fire(State.NEW, "certificate_issued", FULL)
+        fire(State.NEW, Trigger.CERTIFICATE_ISSUED, FULL, by=STEP)
     with pytest.raises(InvalidTransitionError, match="unknown trigger 'teleport'"):
-        fire(State.NEW, "teleport", FULL)
+        fire(State.NEW, "teleport", FULL, by=STEP)
     with pytest.raises(InvalidTransitionError, match="unknown state 'Limbo'"):
-        fire("Limbo", "fail", FULL)
+        fire("Limbo", Trigger.FAIL, FULL, by=Mover.POLICY)
     with pytest.raises(InvalidTransitionError, match="'fail' is not allowed from Failed"):
-        fire(State.FAILED, "fail", FULL)
+        fire(State.FAILED, Trigger.FAIL, FULL, by=Mover.POLICY)
+    with pytest.raises(InvalidTransitionError, match="'retry' is a move of the operator"):
+        fire(State.FAILED, Trigger.RETRY, FULL, by=STEP)
+    with pytest.raises(InvalidTransitionError, match="'fail' is a move of the policy"):
+        fire(State.NEW, Trigger.FAIL, FULL, by=Mover.OPERATOR)
+
+
+def test_moves_that_stay_keep_the_state() -> None:
+    assert fire(State.REGISTERED, Trigger.ABANDON_ORDER, {}, by=STEP) is State.REGISTERED
+    assert fire(State.REGISTERED, Trigger.DROP_REPLACES, {}, by=STEP) is State.REGISTERED
+    for state in ACTIVE_STATES:
+        assert fire(state, Trigger.RETRY_LATER, {}, by=Mover.POLICY) is state
+    with pytest.raises(InvalidTransitionError, match="not allowed from Challenged"):
+        fire(State.CHALLENGED, Trigger.ABANDON_ORDER, {}, by=STEP)
 
 
 @pytest.mark.parametrize("state", sorted(STATE_REQUIRES, key=list(State).index))
@@ -82,16 +165,17 @@ def test_guards_require_the_data_each_state_implies(state: State) -> None:
     missing = dict(FULL)
     key = STATE_REQUIRES[state][0]
     del missing[key]
+    by = next(iter(transition.by))
     with pytest.raises(InvalidTransitionError, match=f"lacks data: .*{key}"):
-        fire(source, transition.trigger, missing)
-    assert fire(source, transition.trigger, FULL) is state
+        fire(source, transition.trigger, missing, by=by)
+    assert fire(source, transition.trigger, FULL, by=by) is state
 
 
 def test_fire_leaves_no_models_behind() -> None:
     from autotls.fsm import machine
 
     for _ in range(100):
-        fire(State.NEW, "account_ready", FULL)
+        fire(State.NEW, Trigger.ACCOUNT_READY, FULL, by=STEP)
     assert machine._MACHINE.models == []
 
 
@@ -101,6 +185,20 @@ def test_path_validation() -> None:
     assert not is_valid_path([("New", "Registered", "account_ready")])
     assert not is_valid_path([*good, ("New", "Registered", "account_ready")])
     assert not is_valid_path([*good, ("Registered", "Installed", "order_placed")])
+    assert not is_valid_path([(None, "Registered", "create")])
+    assert not is_valid_path([*good, ("Registered", "Registered", "teleport")])
+    # Moves that stay, errors retried, a corrupt row set aside: all declared.
+    assert is_valid_path(
+        [
+            *good,
+            ("Registered", "Registered", "retry_later"),
+            ("Registered", "Registered", "abandon_order"),
+            ("Registered", "Registered", "drop_replaces"),
+            ("Registered", "Failed", "corrupt"),
+            ("Failed", "New", "retry"),
+        ]
+    )
+    assert not is_valid_path([*good, ("Registered", "New", "retry_later")])
 
 
 def test_committed_mermaid_matches_the_declaration() -> None:
@@ -115,14 +213,39 @@ def test_committed_svg_shows_every_state_and_trigger() -> None:
     for state in State:
         assert f">{state.value}<" in svg
     for t in TRANSITIONS:
-        assert f">{t.trigger}<" in svg
+        assert f">{t.trigger.value}<" in svg
 
 
 def test_mermaid_covers_every_edge_once() -> None:
     text = diagrams.mermaid()
-    edges = re.findall(r"^    (\w+) --> (\w+): (\w+)$", text, flags=re.M)
-    expected = {(s.value, t.dest.value, t.trigger) for t in TRANSITIONS for s in t.sources}
+    edges = re.findall(r"^    (\w+|\[\*\]) --> (\w+): (\w+)$", text, flags=re.M)
+    noted = re.findall(r"^    note right of \w+: (\w+) \(any active state", text, flags=re.M)
+    expected = {
+        (src.value if src else "[*]", dst.value, t.trigger.value)
+        for t in TRANSITIONS
+        for src, dst in t.edges()
+        if t.trigger.value not in noted
+    }
     assert set(edges) == expected and len(edges) == len(expected)
+    assert noted == [Trigger.RETRY_LATER.value]
+
+
+def test_recoveries_are_a_property_of_the_table_and_the_svg_draws_them_dashed() -> None:
+    recovery = {t.trigger for t in TRANSITIONS if t.recovery}
+    assert Trigger.ABANDON_ORDER in recovery and Trigger.FAIL in recovery
+    assert Trigger.CERTIFICATE_ISSUED not in recovery
+    graph = diagrams.dot()
+    for t in TRANSITIONS:
+        for src, dst in t.edges():
+            if t.trigger is Trigger.RETRY_LATER:
+                continue
+            line = next(
+                ln
+                for ln in graph.splitlines()
+                if ln.startswith(f"  {src.value if src else 'start'} -> {dst.value} ")
+                and f'label="{t.trigger.value}"' in ln
+            )
+            assert ("style=dashed" in line) is t.recovery, line
 
 
 def test_order_path_highlights_taken_edges_and_the_current_state() -> None:
@@ -133,6 +256,7 @@ def test_order_path_highlights_taken_edges_and_the_current_state() -> None:
     ]
     text = diagrams.mermaid(path, title="order 7")
     assert "title: order 7" in text
+    assert "[*] --> New: create #0" in text
     assert "New --> Registered: account_ready #1" in text
     assert "Registered --> Challenged: order_placed #2" in text
     assert "class Challenged current" in text
@@ -185,6 +309,6 @@ def test_a_step_cannot_fire_an_operators_trigger() -> None:
         created_at=now,
         updated_at=now,
     )
-    with pytest.raises(InvalidTransitionError, match="operator's move"):
-        plan_outcome(snap, Advance("force_renewal"), now)
-    assert plan_outcome(snap, Advance("renewal_due"), now).to_state == State.RENEW_DUE.value
+    with pytest.raises(InvalidTransitionError, match="a move of the operator, not of the step"):
+        plan_outcome(snap, Advance(Trigger.FORCE_RENEWAL), now)
+    assert plan_outcome(snap, Advance(Trigger.RENEWAL_DUE), now).to_state == State.RENEW_DUE.value

@@ -3,6 +3,7 @@ the previous revision, and a database from a newer autotls is refused with a cle
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -137,3 +138,101 @@ def test_concurrent_upgrades_from_separate_processes(database_url: str) -> None:
     outputs = [p.communicate(timeout=120) for p in processes]
     assert [p.returncode for p in processes] == [0, 0, 0, 0], [err for _, err in outputs]
     assert {out.strip() for out, _ in outputs} == {schema.head_revision()}
+
+
+# What revision 0002's code wrote into an order's data, besides what each state requires.
+_LEGACY_DATA = {
+    "serial": "0a1b",
+    "not_after": "2026-03-01T00:00:00+00:00",
+    "renewal_reason": "backstop",
+    "replaces_dropped": "alreadyReplaced",
+    "finalize_url": "https://ca.test/finalize/1",
+    "token": "tok",
+    "csr_sha256": "00",
+    "broker_addresses": ["/ip4/1.2.3.4/tcp/4001"],
+    "txt_servers": {"ns1": "ok"},
+    "txt_last_check": {"ns1": "missing"},
+    "unexpected_errors": 2,
+}
+
+
+async def test_upgrade_from_0002_keeps_orders_in_every_state(database_url: str) -> None:
+    """A database written by revision 0002 with one order in every state (and one whose data
+    is not JSON) comes out with each order's data as autotls.fsm.data declares it, the
+    revocation on the certificate's row, and the journal's retries as the declared move."""
+    from autotls.fsm.data import ALL_KEYS
+    from autotls.fsm.machine import State, Trigger, requirements
+
+    url = parse_database_url(database_url)
+    schema.upgrade(url, "0002")
+    engine = _sync_engine(database_url)
+    now = datetime(2026, 1, 1, tzinfo=UTC).replace(tzinfo=None)
+    ids: dict[str, int] = {}
+    with engine.begin() as conn:
+        for n, state in enumerate([*State, "corrupt"]):
+            name = state.value if isinstance(state, State) else state
+            data: dict[str, object] = {"waiting_for": "something", **_LEGACY_DATA}
+            if isinstance(state, State):
+                data.update({key: "x" for key in requirements(state)})
+            if state is State.RENEW_DUE:
+                data["revoked_serial"] = "0a1b"
+            text_data = json.dumps(data) if name != "corrupt" else '{"half": '
+            row_state = State.FAILED.value if name == "corrupt" else name
+            ids[name] = conn.execute(
+                text(
+                    "INSERT INTO orders (peer_id, identifier, state, data, fence, seq,"
+                    " next_run_at, attempts, created_at, updated_at) VALUES (:peer,"
+                    " '*.p.libp2p.direct', :state, :data, 2, 2, :now, 0, :now, :now)"
+                    " RETURNING id"
+                ),
+                {"peer": f"k51peer{n}", "state": row_state, "data": text_data, "now": now},
+            ).scalar_one()
+            conn.execute(
+                text(
+                    "INSERT INTO journal (order_id, seq, kind, from_state, to_state, trigger, at,"
+                    " worker, fence, detail) VALUES (:id, 1, 'operator', NULL, 'New', 'create',"
+                    " :now, 'op', 0, '{}'), (:id, 2, 'error', 'New', 'New', 'retry:transient',"
+                    " :now, 'w', 1, '{\"error_class\": \"transient\"}')"
+                ),
+                {"id": ids[name], "now": now},
+            )
+        for serial in ("0a1b", "0c2d"):
+            conn.execute(
+                text(
+                    "INSERT INTO certificates (order_id, peer_id, chain_pem, key_pem, serial,"
+                    " not_before, not_after, issued_at) VALUES (:id, 'k51peer8', 'PEM', 'KEY',"
+                    " :serial, :now, :now, :now)"
+                ),
+                {"id": ids[State.RENEW_DUE.value], "serial": serial, "now": now},
+            )
+    engine.dispose()
+
+    assert schema.upgrade(url).current == "0003"
+
+    engine = _sync_engine(database_url)
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(text("SELECT id, state, data FROM orders"))}
+        revoked = dict(
+            conn.execute(text("SELECT serial, revoked_at IS NOT NULL FROM certificates")).all()
+        )
+        triggers = [r[0] for r in conn.execute(text("SELECT trigger FROM journal ORDER BY id"))]
+    engine.dispose()
+    assert rows[ids["corrupt"]].data == '{"half": ', "a row that is not JSON is left as it was"
+    for state in State:
+        data = json.loads(rows[ids[state.value]].data)
+        assert set(data) <= ALL_KEYS, state
+        assert {k: data[k] for k in requirements(state)} == {k: "x" for k in requirements(state)}
+        assert data["waiting_for"] == "something"
+    assert revoked == {"0a1b": True, "0c2d": False}
+    assert set(triggers) == {Trigger.CREATE.value, Trigger.RETRY_LATER.value}
+
+    store = await Store.open(database_url)
+    try:
+        listed = {o.id: o for o in await store.list_orders()}
+        assert {o.state for i, o in listed.items() if i != ids["corrupt"]} == {
+            s.value for s in State
+        }
+        certs = await store.certificates(order_id=ids[State.RENEW_DUE.value])
+        assert [c.revoked_at is not None for c in certs] == [True, False]
+    finally:
+        await store.close()

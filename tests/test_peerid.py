@@ -352,8 +352,27 @@ def test_varint_rejects_bad_encodings() -> None:
         uvarint_decode(b"\x81")
     with pytest.raises(PeerIdError, match="longer than 9 bytes"):
         uvarint_decode(b"\xff" * 10 + b"\x01")
-    with pytest.raises(ValueError):
+    with pytest.raises(PeerIdError, match="negative"):
         uvarint_encode(-1)
+
+
+def test_parse_errors_are_value_errors_as_in_ipaddress() -> None:
+    """Like ``ipaddress.ip_address('x')``, a malformed PeerId, key, varint or multiaddr raises
+    a ValueError, which is also an AutoTLSError naming what is wrong."""
+    from autotls.dnscheck import NameserverError, parse_nameserver
+    from autotls.fsm.errors import AutoTLSError
+    from autotls.multiaddrs import Multiaddr, MultiaddrError
+
+    for attempt, kind in (
+        (lambda: PeerId.from_string("12D3KooWnope"), PeerIdError),
+        (lambda: uvarint_decode(b"\x81"), PeerIdError),
+        (lambda: uvarint_encode(-1), PeerIdError),
+        (lambda: Multiaddr.parse("/ip4/999.1.1.1/tcp/1"), MultiaddrError),
+        (lambda: parse_nameserver("[::1"), NameserverError),
+    ):
+        with pytest.raises(kind) as raised:
+            attempt()
+        assert isinstance(raised.value, ValueError) and isinstance(raised.value, AutoTLSError)
 
 
 @given(st.integers(min_value=0, max_value=2**63 - 1))

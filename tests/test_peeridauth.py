@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from autotls.http import HttpTransport
 from autotls.peerid import KeyType, PrivateKey, PublicKey
 from autotls.peeridauth import (
     MAX_HEADER_SIZE,
@@ -462,18 +463,18 @@ def echo_app(server: PeerIdAuthServer, log: list[str] | None = None) -> web.Appl
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
-        yield s
+async def http() -> AsyncIterator[HttpTransport]:
+    async with HttpTransport(keep_ip_cookies=True) as transport:
+        yield transport
 
 
 @pytest.mark.parametrize("key_type", list(KeyType))
-async def test_loopback_round_trip(key_type: KeyType, session: aiohttp.ClientSession) -> None:
+async def test_loopback_round_trip(key_type: KeyType, http: HttpTransport) -> None:
     server = PeerIdAuthServer(PrivateKey.generate(key_type), hostnames=None)
     runner, url = await _start(echo_app(server))
     try:
         identity = PrivateKey.generate(key_type)
-        client = PeerIdAuthClient(identity, session)
+        client = PeerIdAuthClient(identity, http)
         resp = await client.request("POST", f"{url}/echo", json_body={"hello": key_type.name})
         assert resp.status == 200
         assert resp.server_peer_id == server.peer_id
@@ -496,13 +497,13 @@ class _ServerInitiatedOnly(PeerIdAuthServer):
         return self._challenge(hostname, "ignoring the client's challenge")
 
 
-async def test_fallback_to_server_initiated(session: aiohttp.ClientSession) -> None:
+async def test_fallback_to_server_initiated(http: HttpTransport) -> None:
     server = _ServerInitiatedOnly(PrivateKey.generate(), hostnames=None)
     calls: list[str] = []
     runner, url = await _start(echo_app(server, calls))
     try:
         identity = PrivateKey.generate(KeyType.SECP256K1)
-        resp = await PeerIdAuthClient(identity, session).request(
+        resp = await PeerIdAuthClient(identity, http).request(
             "POST", f"{url}/echo", json_body={"x": 1}
         )
         assert resp.status == 200 and resp.server_peer_id == server.peer_id
@@ -522,13 +523,13 @@ class _LyingServer(PeerIdAuthServer):
 
 
 async def test_client_refuses_bad_server_signature_over_http(
-    session: aiohttp.ClientSession,
+    http: HttpTransport,
 ) -> None:
     calls: list[str] = []
     runner, url = await _start(echo_app(_LyingServer(PrivateKey.generate(), hostnames=None), calls))
     try:
         with pytest.raises(ServerAuthenticationError):
-            await PeerIdAuthClient(PrivateKey.generate(), session).request(
+            await PeerIdAuthClient(PrivateKey.generate(), http).request(
                 "POST", f"{url}/echo", json_body={"secret": 1}
             )
         assert calls == []  # nothing was sent to an unauthenticated server
@@ -536,12 +537,12 @@ async def test_client_refuses_bad_server_signature_over_http(
         await runner.cleanup()
 
 
-async def test_non_401_first_answer_is_refused(session: aiohttp.ClientSession) -> None:
+async def test_non_401_first_answer_is_refused(http: HttpTransport) -> None:
     server = PeerIdAuthServer(PrivateKey.generate(), hostnames={"registration.libp2p.direct"})
     runner, url = await _start(echo_app(server))
     try:
         with pytest.raises(HandshakeRefused) as info:
-            await PeerIdAuthClient(PrivateKey.generate(), session).request(
+            await PeerIdAuthClient(PrivateKey.generate(), http).request(
                 "POST", f"{url}/echo", json_body={}
             )
         assert info.value.status == 400
@@ -549,13 +550,13 @@ async def test_non_401_first_answer_is_refused(session: aiohttp.ClientSession) -
         await runner.cleanup()
 
 
-async def test_hostname_is_the_host_header(session: aiohttp.ClientSession) -> None:
+async def test_hostname_is_the_host_header(http: HttpTransport) -> None:
     server = PeerIdAuthServer(PrivateKey.generate(), hostnames=None)
     runner, url = await _start(echo_app(server))
     try:
         # exactly "127.0.0.1:<port>": what aiohttp sends as Host and what the client signs
         server.hostnames = frozenset({url.removeprefix("http://")})
-        resp = await PeerIdAuthClient(PrivateKey.generate(), session).request(
+        resp = await PeerIdAuthClient(PrivateKey.generate(), http).request(
             "POST", f"{url}/echo", json_body={}
         )
         assert resp.status == 200
@@ -624,8 +625,8 @@ async def test_cookie_affinity_keeps_the_legs_together() -> None:
     runners, urls, calls = await _backends(identity)
     lb, lb_url, routed = await _balancer(urls)
     try:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
-            resp = await PeerIdAuthClient(PrivateKey.generate(), s).request(
+        async with HttpTransport(keep_ip_cookies=True) as http:
+            resp = await PeerIdAuthClient(PrivateKey.generate(), http).request(
                 "POST", f"{lb_url}/echo", json_body={"v": 1}
             )
         assert resp.status == 200 and resp.server_peer_id == identity.peer_id
@@ -642,9 +643,10 @@ async def test_without_cookies_the_legs_split_and_fail() -> None:
     runners, urls, calls = await _backends(identity)
     lb, lb_url, routed = await _balancer(urls)
     try:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s:
+        # A transport that does not keep cookies on IP hosts (the default) loses the pin.
+        async with HttpTransport() as http:
             with pytest.raises(PeerIdAuthUnauthorized) as info:
-                await PeerIdAuthClient(PrivateKey.generate(), s, max_handshakes=3).request(
+                await PeerIdAuthClient(PrivateKey.generate(), http, max_handshakes=3).request(
                     "POST", f"{lb_url}/echo", json_body={"v": 1}
                 )
         assert info.value.status == 401
@@ -656,7 +658,7 @@ async def test_without_cookies_the_legs_split_and_fail() -> None:
             await runner.cleanup()
 
 
-async def test_401_mid_flow_then_success_after_rehandshake(session: aiohttp.ClientSession) -> None:
+async def test_401_mid_flow_then_success_after_rehandshake(http: HttpTransport) -> None:
     """The first completed leg is answered 401 (as if the backend lost its state); the client
     redoes the handshake from that 401 and succeeds."""
     identity = PrivateKey.generate()
@@ -674,7 +676,7 @@ async def test_401_mid_flow_then_success_after_rehandshake(session: aiohttp.Clie
     calls: list[str] = []
     runner, url = await _start(echo_app(Forgetful(identity, hostnames=None), calls))
     try:
-        resp = await PeerIdAuthClient(PrivateKey.generate(), session).request(
+        resp = await PeerIdAuthClient(PrivateKey.generate(), http).request(
             "POST", f"{url}/echo", json_body={"v": 2}
         )
         assert resp.status == 200

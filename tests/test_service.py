@@ -26,6 +26,7 @@ from cryptography import x509
 from sqlalchemy import text
 
 from autotls import AutoTLS, ConfigurationError, IssuanceFailed, PrivateKey
+from autotls.fsm import operator
 from autotls.fsm.machine import State
 from autotls.fsm.ports import EngineSettings
 from autotls.fsm.worker import OrderEvent
@@ -33,6 +34,7 @@ from autotls.localstack.broker import LocalBroker
 from autotls.localstack.pebble import PebbleOptions, PebbleStack
 from autotls.multiaddrs import Multiaddr, ip_label
 from autotls.node import Libp2pNode
+from autotls.persistence.errors import OrderBusyError
 from autotls.service import DeadlineExceeded
 
 pytestmark = pytest.mark.usefixtures("libp2p_installed")
@@ -54,12 +56,10 @@ class Setup:
     events: list[tuple[str, Any]] = field(default_factory=list)
 
     def pair(self, **overrides: Any) -> tuple[AutoTLS, Libp2pNode]:
-        """An AutoTLS and the node serving its context; the node is created second (it needs
-        the context) and AutoTLS reads its addresses lazily."""
-        box: list[Libp2pNode] = []
-        auto = self.autotls(lambda: box[0].listen_addresses if box else [], **overrides)
-        box.append(Libp2pNode(self.key, listen=LISTEN, tls_context=auto.ssl_context))
-        return auto, box[0]
+        """An AutoTLS and the node serving its context, wired together by the node (AutoTLS
+        reads the node's addresses at each registration)."""
+        auto = self.autotls(None, **overrides)
+        return auto, Libp2pNode(self.key, listen=LISTEN, autotls=auto)
 
     def autotls(self, addresses: Any, **overrides: Any) -> AutoTLS:
         roots = [
@@ -116,7 +116,24 @@ def leaf_fingerprint(path: Path) -> str:
     return hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-async def test_issue_serve_and_renew_live_behind_the_nodes_listener(setup: Setup) -> None:
+async def hold_lease(
+    auto: AutoTLS, order_id: int, owner: str | None, until: datetime | None
+) -> None:
+    """Another worker's lease on the order (or none), written as that worker would."""
+    async with auto.store.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE orders SET lease_owner = :owner, lease_until = :until WHERE id = :id"),
+            {
+                "owner": owner,
+                "until": until.replace(tzinfo=None) if until is not None else None,
+                "id": order_id,
+            },
+        )
+
+
+async def test_issue_serve_and_renew_live_behind_the_nodes_listener(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
     auto, node = setup.pair()
     async with node, auto:
         assert auto.forge_addresses() == [], "no forge addresses before a certificate"
@@ -151,17 +168,26 @@ async def test_issue_serve_and_renew_live_behind_the_nodes_listener(setup: Setup
         async with asyncio.timeout(60):
             await planned.wait()  # our worker's Installed step committed: no lease of ours
         snap = await auto.order()
-        held_until = datetime.now(UTC) + timedelta(milliseconds=300)
-        async with auto.store.engine.begin() as conn:
-            await conn.execute(
-                text(
-                    "UPDATE orders SET lease_owner = 'other', lease_until = :until WHERE id = :id"
-                ),
-                {"until": held_until.replace(tzinfo=None), "id": snap.id},
-            )
-        await auto.renew_now()
-        assert datetime.now(UTC) >= held_until
+        await hold_lease(auto, snap.id, "other", datetime.now(UTC) + timedelta(hours=1))
+        refused = asyncio.Event()
+        force_renewal = operator.force_renewal
+
+        async def watched_force_renewal(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await force_renewal(*args, **kwargs)
+            except OrderBusyError:
+                refused.set()
+                raise
+
+        monkeypatch.setattr(operator, "force_renewal", watched_force_renewal)
+        renewing = asyncio.ensure_future(auto.renew_now())
         async with asyncio.timeout(60):
+            await refused.wait()  # renew_now met the other worker's lease
+        assert not renewing.done(), "renew_now waits for the lease instead of failing"
+        await hold_lease(auto, snap.id, None, None)  # the other worker lets go
+        await auto.refresh()  # as every store_poll: what another process did reaches us
+        async with asyncio.timeout(60):
+            await renewing
             await renewed.wait()
         new = auto.certificate
         assert new is not None and new.serial != cert.serial
@@ -242,17 +268,20 @@ async def test_an_untrusted_chain_is_kept_and_installed_after_the_fix_without_a_
         assert cert.serial == f"{stored.serial_number:x}"
         triggers = [j.trigger for j in await fixed.store.journal(snap.id)]
         assert triggers.count("order_placed") == 1 and triggers.count("certificate_issued") == 1
-        assert "retry:configuration" in triggers
+        journal = await fixed.store.journal(snap.id)
+        assert ("retry_later", "configuration") in [
+            (j.trigger, j.detail.get("error_class")) for j in journal
+        ]
         assert len(await fixed.store.certificates()) == 1
     assert [name for name, _ in setup.events] == ["loaded"]
 
 
 async def test_renew_now_refuses_an_order_that_is_not_installed(setup: Setup) -> None:
-    from autotls.persistence.errors import OrderBusyError
+    from autotls.persistence.errors import OrderStateError
 
     auto, node = setup.pair(run_worker=False)
     async with node, auto:
-        with pytest.raises(OrderBusyError, match="order 1 is New"):
+        with pytest.raises(OrderStateError, match="order 1 is New"):
             await auto.renew_now()
 
 

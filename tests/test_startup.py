@@ -38,7 +38,8 @@ with contextlib.redirect_stdout(io.StringIO()) as out:
 print(json.dumps({"code": code, "out": out.getvalue(), "modules": sorted(sys.modules)}))
 """
 
-NETWORK_AND_MIGRATIONS = {"alembic", "aiohttp", "trio", "libp2p"}
+# prometheus_client too: only `run --metrics-listen` and embedders of autotls.metrics load it.
+NETWORK_AND_MIGRATIONS = {"alembic", "aiohttp", "trio", "libp2p", "prometheus_client"}
 HELP_FORBIDDEN = NETWORK_AND_MIGRATIONS | {"sqlalchemy", "cryptography"}
 
 

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from autotls.fsm.clock import ManualClock
-from autotls.fsm.machine import State
+from autotls.fsm.machine import State, Trigger
 from autotls.fsm.worker import Worker
 from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError
 from autotls.persistence.records import CommitPlan, JournalNote
@@ -45,7 +45,9 @@ async def store(database_url: str):  # type: ignore[no-untyped-def]
 
 async def _new(store: Store, peer: str | None = None) -> int:
     peer = peer or new_peer()
-    snap = await store.create_order(peer, identifier_for(peer), initial_state="New", now=NOW)
+    snap = await store.create_order(
+        peer, identifier_for(peer), initial_state="New", trigger=Trigger.CREATE, now=NOW
+    )
     return snap.id
 
 
@@ -190,11 +192,11 @@ async def test_manual_clock_wakes_sleepers_only_when_advanced() -> None:
         woke.set()
 
     task = asyncio.ensure_future(sleeper())
-    await asyncio.sleep(0)
+    await clock.sleeping()
     clock.advance(9)
-    await asyncio.sleep(0)
-    assert not woke.is_set()
+    assert clock.sleepers == 1, "nine seconds in, the sleeper still waits"
     clock.advance(1)
+    assert clock.sleepers == 0
     await asyncio.wait_for(task, 1)
     assert woke.is_set()
 

@@ -4,8 +4,11 @@ sleeping until the next due time instead of polling."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from datetime import timedelta
+
+import pytest
 
 from autotls.fsm.machine import State
 from autotls.fsm.worker import OrderEvent, Worker
@@ -34,18 +37,17 @@ class BlockingBroker:
         return await self.inner.register(peer_id, value)  # type: ignore[attr-defined,no-any-return]
 
 
-async def settle_tasks() -> None:
-    for _ in range(20):
-        await asyncio.sleep(0)
+class StepsWaitingOnShutdown(logging.Handler):
+    """Set when the worker, told to stop, starts waiting for its steps in flight (the one
+    line it logs then): a test releases a step after that, not after some scheduling luck."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = asyncio.Event()
 
-async def eventually(condition: Callable[[], bool], what: str, within: float = 5.0) -> None:
-    """Wait for a condition another thread makes true (the store runs SQLite in aiosqlite's
-    thread); the deadline turns a hang into a failure naming what never happened."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110 - set after a thread's result reaches the loop
-            await asyncio.sleep(0.005)
-    assert condition(), what
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("stopping: waiting up to"):
+            self.seen.set()
 
 
 async def test_a_long_step_keeps_its_lease(engine: Engine) -> None:
@@ -56,10 +58,13 @@ async def test_a_long_step_keeps_its_lease(engine: Engine) -> None:
     slow = Worker(engine.store, engine.ports, worker_id="slow", lease=timedelta(seconds=60))
     run = asyncio.ensure_future(slow.run_once())
     await blocking.entered.wait()
-    for n in range(1, 5):  # 4 x 30 s = two lease lengths while the step hangs
-        await eventually(lambda: engine.clock.sleepers > 0, "the lease keeper is waiting")
+    for n in range(4):  # 4 x 30 s = two lease lengths while the step hangs
+        # The lease keeper waits on the clock: after a first period, and after each renewal.
+        await engine.clock.sleeping()
+        assert slow.lease_renewals == n
         engine.clock.advance(30)
-        await eventually(lambda n=n: slow.lease_renewals >= n, f"renewal {n}")
+    await engine.clock.sleeping()
+    assert slow.lease_renewals == 4
     held = await engine.store.get_order(order.id)
     assert held.lease_owner == "slow"
     assert held.lease_until is not None and held.lease_until > engine.clock.now()
@@ -100,32 +105,40 @@ async def test_graceful_shutdown_releases_what_it_cannot_finish(engine: Engine) 
     await engine.drive_to(order_id, State.INSTALLED)
 
 
-async def test_graceful_shutdown_lets_a_quick_step_commit(engine: Engine) -> None:
-    order_id, blocking, running = await stopping_during_a_hung_step(engine, grace=30)
-    await settle_tasks()
+async def test_graceful_shutdown_lets_a_quick_step_commit(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    watch = StepsWaitingOnShutdown()
+    worker_log = logging.getLogger("autotls.worker")
+    worker_log.addHandler(watch)
+    try:
+        with caplog.at_level(logging.INFO, logger="autotls.worker"):
+            order_id, blocking, running = await stopping_during_a_hung_step(engine, grace=30)
+            async with asyncio.timeout(10):
+                await watch.seen.wait()  # the worker noticed the stop and grants the grace
+    finally:
+        worker_log.removeHandler(watch)
     blocking.release.set()  # finishes within the grace period
     await asyncio.wait_for(running, 5)
     assert (await engine.store.get_order(order_id)).state == State.BROKER_NOTIFIED.value
 
 
 async def test_the_loop_sleeps_until_the_next_due_time_and_wakes_on_demand(engine: Engine) -> None:
-    events: list[OrderEvent] = []
+    events: asyncio.Queue[OrderEvent] = asyncio.Queue()
     worker = Worker(engine.store, engine.ports, worker_id="loop", idle_poll=timedelta(hours=1))
-    worker.subscribe(events.append)
+    worker.subscribe(events.put_nowait)
     stop = asyncio.Event()
     running = asyncio.ensure_future(worker.run(stop))
-    await eventually(lambda: engine.clock.sleepers >= 1, "idle: asleep on the clock, not polling")
+    await engine.clock.sleeping()  # idle: asleep on the clock, not polling
     order = await engine.order()
     worker.wake()
-    for _ in range(200):
-        await settle_tasks()
-        snap = await engine.store.get_order(order.id)
-        if snap.state == State.INSTALLED.value:
-            break
-        if engine.clock.sleepers and snap.next_run_at > engine.clock.now():
-            engine.clock.set(snap.next_run_at)  # the worker waits exactly for this moment
-        await asyncio.sleep(0.01)  # let the store's threads run; the engine never sleeps
+    seen: list[OrderEvent] = []
+    async with asyncio.timeout(30):
+        while not seen or seen[-1].to_state != State.INSTALLED.value:
+            seen.append(event := await events.get())  # the worker's next commit
+            assert event.order_id == order.id
+            if event.next_run_at is not None and event.next_run_at > engine.clock.now():
+                engine.clock.set(event.next_run_at)  # the worker waits exactly for this moment
     stop.set()
     await asyncio.wait_for(running, 5)
-    assert snap.state == State.INSTALLED.value
-    assert [e.trigger for e in events if e.trigger][:2] == ["account_ready", "order_placed"]
+    assert [e.trigger for e in seen if e.trigger][:2] == ["account_ready", "order_placed"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from autotls.fsm import operator
 from autotls.fsm.errors import MisconfiguredError
 from autotls.fsm.machine import State
 from autotls.fsm.worker import Worker, owner_state
@@ -24,7 +25,6 @@ from autotls.logs import SecretFilter
 from autotls.persistence.errors import StoreUnavailableError
 from autotls.persistence.store import Store
 from tests.fixtures.engine import Engine
-from tests.test_worker import eventually
 
 
 def _dead_pid() -> int:
@@ -81,9 +81,7 @@ async def test_a_read_only_database_stops_the_worker_after_bounded_retries(
 ) -> None:
     path = tmp_path / "ro.db"
     async with await Store.open(f"sqlite:///{path}") as store:
-        await store.create_order(
-            "peer", "*.peer.libp2p.direct", initial_state="New", now=engine.clock.now()
-        )
+        await operator.create_order(store, "peer", "*.peer.libp2p.direct", now=engine.clock.now())
     with _read_only(path):
         store = await Store.open(f"sqlite:///{path}")
         try:
@@ -92,7 +90,10 @@ async def test_a_read_only_database_stops_the_worker_after_bounded_retries(
             with caplog.at_level(logging.DEBUG, logger="autotls"):
                 running = asyncio.ensure_future(worker.run(stop))
                 for _ in range(3):
-                    await eventually(lambda: engine.clock.sleepers > 0 or running.done(), "backoff")
+                    # The worker backs off on the clock (or gives up): then move the clock on.
+                    backing_off = asyncio.ensure_future(engine.clock.sleeping())
+                    await asyncio.wait({backing_off, running}, return_when=asyncio.FIRST_COMPLETED)
+                    backing_off.cancel()
                     engine.clock.advance(60)
                 with pytest.raises(StoreUnavailableError) as info:
                     await asyncio.wait_for(running, 10)

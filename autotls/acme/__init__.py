@@ -38,7 +38,6 @@ if TYPE_CHECKING:
         Identifier,
         Order,
         RenewalInfo,
-        parse_retry_after,
     )
     from autotls.acme.problems import (
         AccountDoesNotExist,
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
         AcmeProtocolError,
         AlreadyReplaced,
         AlreadyRevoked,
-        AuthorizationFailed,
         BadCSR,
         BadNonce,
         BadPublicKey,
@@ -56,9 +54,7 @@ if TYPE_CHECKING:
         ExternalAccountRequired,
         InvalidProfile,
         Malformed,
-        OrderFailed,
         OrderNotReady,
-        PollTimeout,
         RateLimited,
         RejectedIdentifier,
         ServerInternal,
@@ -67,6 +63,7 @@ if TYPE_CHECKING:
         UserActionRequired,
     )
     from autotls.acme.revocation import REVOCATION_REASONS
+    from autotls.http import parse_retry_after
 
 # Each public name and the module that defines it (tests/test_startup.py checks that this,
 # __all__ and the imports above agree).
@@ -82,7 +79,6 @@ _EXPORTS: dict[str, str] = {
     "AlreadyReplaced": "autotls.acme.problems",
     "AlreadyRevoked": "autotls.acme.problems",
     "Authorization": "autotls.acme.messages",
-    "AuthorizationFailed": "autotls.acme.problems",
     "BadCSR": "autotls.acme.problems",
     "BadNonce": "autotls.acme.problems",
     "BadPublicKey": "autotls.acme.problems",
@@ -96,9 +92,7 @@ _EXPORTS: dict[str, str] = {
     "InvalidProfile": "autotls.acme.problems",
     "Malformed": "autotls.acme.problems",
     "Order": "autotls.acme.messages",
-    "OrderFailed": "autotls.acme.problems",
     "OrderNotReady": "autotls.acme.problems",
-    "PollTimeout": "autotls.acme.problems",
     "REVOCATION_REASONS": "autotls.acme.revocation",
     "RateLimited": "autotls.acme.problems",
     "RejectedIdentifier": "autotls.acme.problems",
@@ -116,7 +110,7 @@ _EXPORTS: dict[str, str] = {
     "key_authorization": "autotls.acme.jws",
     "load_account_key": "autotls.acme.jws",
     "make_csr": "autotls.acme.csr",
-    "parse_retry_after": "autotls.acme.messages",
+    "parse_retry_after": "autotls.http",
 }
 
 __all__ = [
@@ -132,7 +126,6 @@ __all__ = [
     "AlreadyReplaced",
     "AlreadyRevoked",
     "Authorization",
-    "AuthorizationFailed",
     "BadCSR",
     "BadNonce",
     "BadPublicKey",
@@ -146,9 +139,7 @@ __all__ = [
     "InvalidProfile",
     "Malformed",
     "Order",
-    "OrderFailed",
     "OrderNotReady",
-    "PollTimeout",
     "RateLimited",
     "RejectedIdentifier",
     "RenewalInfo",

@@ -3,11 +3,14 @@ two HTTP headers ACME leans on: ``Retry-After`` (RFC 9110 §10.2.3) and ``Link``
 
 Every parser raises :class:`AcmeProtocolError` naming the resource and the field when the
 server's data is missing or mistyped; unknown fields are ignored (servers add them freely).
+So are challenges of types this client does not know (``dns-persist-01`` and whatever drafts
+come next): one that does not parse as RFC 8555 says is left out of its authorization rather
+than making the authorization unreadable.
 """
 
 from __future__ import annotations
 
-import email.utils
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +30,8 @@ CHALLENGE_STATUSES = frozenset({"pending", "processing", "valid", "invalid"})
 ACCOUNT_STATUSES = frozenset({"valid", "deactivated", "revoked"})
 # Challenge types whose token the client uses; others may come without one.
 _TOKEN_CHALLENGES = frozenset({"dns-01", "http-01", "tls-alpn-01", "dns-account-01"})
+
+log = logging.getLogger(__name__)
 
 
 class _Fields:
@@ -301,17 +306,22 @@ class Authorization:
     @classmethod
     def parse(cls, raw: Any, url: str, *, retry_after: float | None = None) -> Authorization:
         fields = _Fields(raw, "authorization", url)
-        challenges = tuple(
-            Challenge.parse(item, f"authorization: challenges[{i}]", url)
-            for i, item in enumerate(fields.list_of_mappings("challenges"))
-        )
+        challenges = []
+        for i, item in enumerate(fields.list_of_mappings("challenges")):
+            try:
+                challenges.append(Challenge.parse(item, f"authorization: challenges[{i}]", url))
+            except AcmeProtocolError as exc:
+                kind = item.get("type")
+                if not isinstance(kind, str) or kind in _TOKEN_CHALLENGES:
+                    raise
+                log.debug("ignoring a %.40r challenge we cannot read: %s", kind, exc)
         return cls(
             url=url,
             status=fields.status(AUTHORIZATION_STATUSES),
             identifier=Identifier.parse(
                 fields.mapping("identifier"), "authorization: identifier", url
             ),
-            challenges=challenges,
+            challenges=tuple(challenges),
             wildcard=fields.flag("wildcard"),
             expires=fields.time("expires"),
             retry_after=retry_after,
@@ -397,31 +407,6 @@ class RenewalInfo:
 
 
 # -- headers --------------------------------------------------------------------------------
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from ``now``: delay-seconds or an HTTP-date (past dates give 0).
-    None when absent or unparseable (negative numbers and decimals are not Retry-After)."""
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    if text.isdigit() and text.isascii():
-        try:
-            return float(int(text))
-        except (ValueError, OverflowError):  # thousands of digits: not a delay, garbage
-            return None
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    try:
-        return max(0.0, (when - now).total_seconds())
-    except OverflowError:
-        return None
 
 
 @dataclass(frozen=True)

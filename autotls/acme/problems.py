@@ -22,9 +22,9 @@ Where the engine must branch on more than the class, the problem is also a typed
 newOrder that carried ``replaces`` turns its refusal into a ``ReplacesRefusedError``
 (:func:`for_new_order`).
 
-Validation failures are not top-level problems: they live in a challenge's ``error``. The client
-turns an authorization or order that went ``invalid`` into :class:`AuthorizationFailed` /
-:class:`OrderFailed` (order_invalid), carrying the challenge's problem.
+Validation failures are not top-level problems: they live in a challenge's ``error`` (and an
+order's), which :mod:`autotls.acme.messages` parses with :func:`problem_from_document`; the
+engine decides what an ``invalid`` authorization or order means.
 """
 
 from __future__ import annotations
@@ -32,20 +32,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from autotls.fsm.errors import (
     AccountUnknownError,
     AutoTLSError,
     ConfigurationError,
     ErrorClass,
-    OrderInvalidError,
     ReplacesRefusedError,
     TransientError,
 )
-
-if TYPE_CHECKING:
-    from autotls.acme.messages import Authorization, Order
 
 ACME_ERROR_PREFIX = "urn:ietf:params:acme:error:"
 
@@ -295,43 +291,6 @@ class AcmeProtocolError(AutoTLSError):
 class AcmeInputError(ConfigurationError, ValueError):
     """What the caller handed us is unusable (unsupported key, malformed PEM or name, a
     certificate without the extension CertID needs)."""
-
-
-class AuthorizationFailed(OrderInvalidError):
-    """An authorization ended in a state other than ``valid`` (usually ``invalid`` after a failed
-    validation). ``problem`` is the failing challenge's error when the CA gave one."""
-
-    def __init__(self, authorization: Authorization, problem: AcmeProblem | None) -> None:
-        ident = authorization.identifier.value
-        why = f": {problem.type}: {problem.detail}" if problem is not None else ""
-        super().__init__(
-            f"authorization for {ident} is {authorization.status}{why}",
-            problem=problem.problem if problem is not None else None,
-        )
-        self.authorization = authorization
-        self.challenge_problem = problem
-
-
-class OrderFailed(OrderInvalidError):
-    """An order turned ``invalid``; ``problem`` is its ``error`` when the CA gave one."""
-
-    def __init__(self, order: Order, problem: AcmeProblem | None) -> None:
-        why = f": {problem.type}: {problem.detail}" if problem is not None else ""
-        super().__init__(
-            f"order {order.url} is {order.status}{why}",
-            problem=problem.problem if problem is not None else None,
-        )
-        self.order = order
-        self.order_problem = problem
-
-
-class PollTimeout(TransientError):
-    """Polling gave up at its deadline while the resource was still ``pending``/``processing``."""
-
-    def __init__(self, url: str, status: str, waited: float) -> None:
-        super().__init__(f"{url} still {status} after {waited:.1f}s")
-        self.url = url
-        self.status = status
 
 
 def problem_from_document(

@@ -29,6 +29,7 @@ from autotls.persistence.errors import (
     DatabaseURLError,
     OrderBusyError,
     OrderNotFoundError,
+    OrderStateError,
     StoreError,
 )
 
@@ -80,7 +81,7 @@ def exit_code_for(exc: BaseException) -> tuple[int, str]:
         return EXIT_USAGE, str(exc)
     if isinstance(exc, OrderNotFoundError):
         return EXIT_USAGE, f"{exc} (see `autotls status`)"
-    if isinstance(exc, (OrderBusyError, ActiveOrderExistsError)):
+    if isinstance(exc, (OrderBusyError, OrderStateError, ActiveOrderExistsError)):
         return EXIT_FAILED, str(exc)
     if isinstance(exc, StoreError):
         return EXIT_DATABASE, str(exc)

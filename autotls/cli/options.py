@@ -277,6 +277,13 @@ def _add_run(run: argparse.ArgumentParser) -> None:
     )
     option(
         run,
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on /metrics and a health check on /healthz "
+        "(e.g. 127.0.0.1:9464; :PORT for every interface; default off)",
+    )
+    option(
+        run,
         "--once",
         kind="bool",
         help="exit 0 once a valid certificate is installed, 1 on permanent failure, 75 when "

@@ -261,15 +261,20 @@ async def cmd_revoke(args: argparse.Namespace, stop: Stop) -> int:
                 )
             except AlreadyRevoked:
                 out(f"certificate {cert.serial} of order {order_id} was already revoked")
-        if args.no_renew:
+        # Recorded on the certificate's row (with the forced renewal when there is one): a
+        # running autotls stops advertising the revoked certificate's forge addresses.
+        if args.no_renew or snap.state != State.INSTALLED.value:
+            await store.record_revocation(cert.id, now=datetime.now(UTC), reason=args.reason)
+            if not args.no_renew:
+                out(f"order {order_id} is {snap.state}: not forcing a renewal")
             return EXIT_OK
-        if snap.state != State.INSTALLED.value:
-            out(f"order {order_id} is {snap.state}: not forcing a renewal")
-            return EXIT_OK
-        # revoked: a running node stops advertising the revoked certificate's forge addresses
-        # when its worker takes the renewal (it still serves it until the new one arrives).
         renewed = await force_renewal(
-            store, order_id, now=datetime.now(UTC), actor=actor(), revoked=True
+            store,
+            order_id,
+            now=datetime.now(UTC),
+            actor=actor(),
+            revoked=True,
+            reason=args.reason,
         )
     out(
         f"order {renewed.id}: Installed -> {renewed.state}; the certificate is replaced: "

@@ -6,11 +6,12 @@ stderr and the certificate and addresses to announce on stdout, and stops cleanl
 SIGTERM (exit 0) or SIGINT (130), at any moment, starting included. The node advertises the
 forge addresses in identify while a valid certificate is held. Without ``--once`` it runs
 until stopped, or until its worker gives up on the database (exit 3). With ``--once`` it
-exits as soon as a valid certificate is served -- installed by this process or, through the
-store, by another one for the same identity (0) -- or the order failed for good (1), or the
-next attempt would come after ``--deadline`` (75; the order is kept for the next run).
-``demo`` does the same on the local stack (:mod:`autotls.demo`) and proves the certificate
-with a TLS handshake.
+exits as soon as the order is Installed with a valid certificate -- installed by this
+process or, through the store, by another one for the same identity (0) -- or the order
+failed for good (1), or the next attempt would come after ``--deadline`` (75; the order is
+kept for the next run). With ``--metrics-listen`` it serves Prometheus metrics and a health
+check (:mod:`autotls.metrics`). ``demo`` does the same on the local stack
+(:mod:`autotls.demo`) and proves the certificate with a TLS handshake.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from autotls.cli.exits import EXIT_INTERRUPTED, EXIT_OK, OperationFailed, UsageError
 from autotls.cli.logs import quiet_libp2p
 from autotls.cli.output import err, one_line, out, when
-from autotls.cli.settings import NodeSettings, node_settings
+from autotls.cli.settings import ListenAddress, NodeSettings, node_settings
 
 if TYPE_CHECKING:
     from autotls.cli.dispatch import Stop
     from autotls.fsm.worker import OrderEvent
+    from autotls.metrics import MetricsServer
     from autotls.peerid import PrivateKey
     from autotls.service import AutoTLS, CertificateInfo, Failure
 
@@ -144,11 +146,11 @@ async def _run_node(settings: NodeSettings, stop: Stop) -> None:
     """Start the node and AutoTLS, then wait: for a certificate (``--once``: returns, or
     raises why there is none by the deadline), or for a stop request (returns) or the worker
     giving up on the database (raises it)."""
-    from autotls.interfaces import expand_unspecified, interface_addresses
+    from autotls.datadir import prepare_data_dir
     from autotls.node import Libp2pNode, NodeError
     from autotls.peerid import PrivateKey, save_private_key
     from autotls.persistence.urls import redact
-    from autotls.service import AutoTLS, IssuanceFailed, prepare_data_dir
+    from autotls.service import AutoTLS, IssuanceFailed
 
     started = datetime.now(UTC)
     for note in settings.notes:
@@ -158,18 +160,12 @@ async def _run_node(settings: NodeSettings, stop: Stop) -> None:
     if key is None:
         key = PrivateKey.generate()  # saved once the rest of the configuration is accepted
 
-    node: Libp2pNode | None = None
-
-    def addresses() -> list[str]:
-        if settings.announce is not None:
-            return list(settings.announce)
-        bound = node.listen_addresses if node is not None else []
-        return expand_unspecified(bound, *interface_addresses())
-
+    # Without --announce, the broker is told the node's listen addresses (attach below), with
+    # unspecified ones expanded to this machine's interface addresses.
     auto = AutoTLS(
         key,
         data_dir=settings.data_dir,
-        addresses=addresses,
+        addresses=settings.announce,
         database_url=settings.database_url,
         directory_url=settings.directory_url,
         ca_file=settings.ca_file,
@@ -186,12 +182,9 @@ async def _run_node(settings: NodeSettings, stop: Stop) -> None:
         store_poll=settings.store_poll,
     )
     try:
-        node = Libp2pNode(
-            key,
-            listen=settings.listen,
-            tls_context=auto.ssl_context,
-            advertise=auto.advertised_addresses,  # forge addresses in identify, while valid
-        )
+        # Serves auto's context, advertises its forge addresses in identify while they are
+        # valid, and registers its listen addresses with the broker.
+        node = Libp2pNode(key, listen=settings.listen, autotls=auto)
     except NodeError as exc:
         raise UsageError(f"{exc}") from None
     # 0700; an existing directory others may write is refused (exit 2) before a key is saved.
@@ -224,7 +217,10 @@ async def _run_node(settings: NodeSettings, stop: Stop) -> None:
         f"broker {settings.broker_url}"
     )
     await _unless_stopped(stop, node.start())
+    metrics: MetricsServer | None = None
     try:
+        if settings.metrics_listen is not None:
+            metrics = await serve_metrics(auto, settings.metrics_listen)
         err(f"listening on {', '.join(node.listen_addresses)}")
         await _unless_stopped(stop, auto.start())
         try:
@@ -242,7 +238,30 @@ async def _run_node(settings: NodeSettings, stop: Stop) -> None:
             err("stopping")
             await auto.stop()
     finally:
+        if metrics is not None:
+            await metrics.stop()
         await node.stop()
+
+
+async def serve_metrics(auto: AutoTLS, where: ListenAddress) -> MetricsServer:
+    """``--metrics-listen``: ``/metrics`` and ``/healthz`` (:mod:`autotls.metrics`), started
+    before the worker so that its first requests are counted."""
+    from prometheus_client import disable_created_metrics
+
+    from autotls.metrics import MetricsServer
+
+    # The process is ours: no `*_created` series, which in the text format are only more
+    # series to store (an embedder's process keeps prometheus_client's setting).
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    server = MetricsServer(auto, where.host, where.port)
+    try:
+        await server.start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"{where.given_by}: cannot listen on {where}: {reason}") from None
+    urls = ", ".join(f"{url}/metrics" for url in server.urls)
+    err(f"metrics on {urls} (health check: /healthz)")
+    return server
 
 
 def _describe_failure(failure: Failure) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import os
 import re
 from collections.abc import Sequence
@@ -136,7 +137,66 @@ class NodeSettings:
     once: bool
     deadline: timedelta = DEFAULT_DEADLINE  # with once: from start to the last useful attempt
     store_poll: timedelta = DEFAULT_STORE_POLL
+    metrics_listen: ListenAddress | None = None
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where ``--metrics-listen`` serves: ``host`` None is every interface; port 0 is one
+    the system picks. ``given_by`` names the flag or variable, for error lines."""
+
+    host: str | None
+    port: int
+    given_by: str
+
+    def __str__(self) -> str:
+        host = self.host or ""
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+def listen_address(args: argparse.Namespace, dest: str, value: str) -> ListenAddress:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (every interface)."""
+    given_by = source(args, dest)
+
+    def bad(why: str) -> UsageError:
+        return UsageError(
+            f"{given_by}: {value!r} is not HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464, "
+            f":9464): {why}"
+        )
+
+    text = value.strip()
+    if "://" in text:
+        raise bad("give the address, not a URL")
+    host_text, colon, port_text = text.rpartition(":")
+    if not colon:
+        raise bad("no port")
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        raise bad(f"bad port {port_text!r}")
+    host: str | None
+    if host_text.startswith("[") and host_text.endswith("]"):
+        host = host_text[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad(f"{host!r} is not an IPv6 address") from None
+    elif ":" in host_text:
+        raise bad("an IPv6 address goes in brackets")
+    elif not host_text:
+        host = None
+    else:
+        host = host_text
+        if all(part.isdigit() for part in host.split(".")):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise bad(f"{host!r} is not an IPv4 address") from None
+        elif not _HOSTNAME.match(host):
+            raise bad(f"{host!r} is not a host name or address")
+    return ListenAddress(host, int(port_text), given_by)
 
 
 def check_url(args: argparse.Namespace, dest: str, value: str) -> str:
@@ -276,6 +336,9 @@ def node_settings(args: argparse.Namespace) -> NodeSettings:
         once=once,
         deadline=deadline,
         store_poll=store_poll,
+        metrics_listen=listen_address(args, "metrics_listen", args.metrics_listen)
+        if args.metrics_listen
+        else None,
         notes=notes,
     )
 

@@ -25,11 +25,10 @@ import ssl
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 
-import aiohttp
 from aiohttp import web
 
+from autotls.http import HttpTransport
 from autotls.localstack.challtestsrv import ChallTestSrv, ChallTestSrvError
 from autotls.multiaddrs import Multiaddr, MultiaddrError
 from autotls.peerid import PeerId, PrivateKey
@@ -142,7 +141,7 @@ class LocalBroker:
         self.outage = False
         self.outage_retry_after = 3600
         self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._http: HttpTransport | None = None  # to challtestsrv, while started
         self._url: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -177,17 +176,17 @@ class LocalBroker:
         bound = runner.addresses[0]
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self._runner = runner
-        self._session = aiohttp.ClientSession()
+        self._http = HttpTransport()
         self._url = f"http://{shown}:{bound[1]}"
         log.info("local broker %s listening on %s (zone %s)", self.peer_id, self._url, self.zone)
         return self._url
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
-        session, self._session = self._session, None
+        http, self._http = self._http, None
         self._url = None
-        if session is not None:
-            await session.close()
+        if http is not None:
+            await http.close()
         if runner is not None:
             await runner.cleanup()
             log.info("local broker %s stopped", self.peer_id)
@@ -197,12 +196,7 @@ class LocalBroker:
             await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     def set_outage(self, down: bool, *, retry_after: int = 3600) -> None:
@@ -277,10 +271,9 @@ class LocalBroker:
 
     async def _publish(self, fqdn: str, value: str) -> None:
         """One TXT value per peer, last write wins."""
-        session = self._session
-        if session is None:
+        if self._http is None:
             raise RuntimeError("local broker is not started")
-        await ChallTestSrv(self.challtestsrv_url, session=session).replace_txt(fqdn, value)
+        await ChallTestSrv(self.challtestsrv_url, http=self._http).replace_txt(fqdn, value)
 
     async def _dial_back(self, peer: PeerId, addresses: Sequence[str]) -> object:
         from autotls.node import dial_back

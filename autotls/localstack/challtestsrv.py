@@ -8,11 +8,13 @@ PeerID, last write wins".
 
 from __future__ import annotations
 
-from types import TracebackType
+import json
 
-import aiohttp
+from autotls.http import HttpClient, HttpFailure, HttpTransport
 
-MAX_ERROR_BODY = 500
+MAX_BODY = 64 * 1024
+DEFAULT_TIMEOUT = 10.0
+MAX_ERROR_TEXT = 500
 
 
 class ChallTestSrvError(RuntimeError):
@@ -23,18 +25,18 @@ def dotted(fqdn: str) -> str:
     return fqdn if fqdn.endswith(".") else fqdn + "."
 
 
-class ChallTestSrv:
+class ChallTestSrv(HttpClient):
+    """The management API at ``url``, over a shared ``http`` transport or one of its own."""
+
     def __init__(
         self,
         url: str,
         *,
-        session: aiohttp.ClientSession | None = None,
-        timeout: float = 10.0,
+        http: HttpTransport | None = None,
+        timeout: float | None = None,
     ) -> None:
+        super().__init__(http, timeout=timeout, default_timeout=DEFAULT_TIMEOUT)
         self.url = url.rstrip("/")
-        self._session = session
-        self._owns_session = session is None
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def set_txt(self, fqdn: str, value: str) -> None:
         """Add ``value`` to the TXT record of ``fqdn`` (challtestsrv appends)."""
@@ -49,30 +51,18 @@ class ChallTestSrv:
         await self.set_txt(fqdn, value)
 
     async def _post(self, path: str, body: dict[str, str]) -> None:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(trust_env=False)
-            self._owns_session = True
         url = self.url + path
         try:
-            async with self._session.post(url, json=body, timeout=self._timeout) as resp:
-                if resp.status != 200:
-                    text = (await resp.content.read(MAX_ERROR_BODY)).decode("utf-8", "replace")
-                    raise ChallTestSrvError(f"POST {url}: HTTP {resp.status}: {text}".rstrip())
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ChallTestSrvError(f"POST {url} failed: {exc!r}") from None
-
-    async def close(self) -> None:
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-        self._session = None
-
-    async def __aenter__(self) -> ChallTestSrv:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+            answer = await self.http.request(
+                "POST",
+                url,
+                request_class=path.lstrip("/"),
+                headers={"Content-Type": "application/json"},
+                body=json.dumps(body).encode(),
+                limit=MAX_BODY,
+            )
+        except HttpFailure as exc:
+            raise ChallTestSrvError(str(exc)) from None
+        if answer.status != 200:
+            text = answer.body[:MAX_ERROR_TEXT].decode("utf-8", "replace")
+            raise ChallTestSrvError(f"POST {url}: HTTP {answer.status}: {text}".rstrip())

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from autotls._files import write_atomic, write_secret
+from autotls.http import ssl_context
 from autotls.localstack.challtestsrv import ChallTestSrv, ChallTestSrvError
 
 PEBBLE = "pebble"
@@ -307,7 +308,7 @@ class PebbleStack:
         }
         ca_file, cert_file, key_file = generate_tls_files(self.workdir, self.host)
         self.ca_file = ca_file
-        self._ssl = ssl.create_default_context(cafile=str(ca_file))
+        self._ssl = ssl_context(ca_file)
         self._write_config(cert_file, key_file)
         atexit.register(self.stop)
         try:

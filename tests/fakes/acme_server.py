@@ -7,7 +7,17 @@ What it fakes, each behaviour switchable from a test:
   the last third of the lifetime; a revoked certificate's window is in the past) with
   Retry-After; 404 ``malformed`` for unknown CertIDs;
 * profiles: ``meta.profiles``, ``profile`` on newOrder, ``invalidProfile`` for unknown ones,
-  per-profile certificate lifetimes;
+  Let's Encrypt's lifetimes per profile *and issuance date* (the default "classic" profile:
+  90 days, 64 days from 2027-02-10, 45 days from 2028-02-16; ``shortlived``: 160-hour
+  certificates, 1-hour pending authorizations, 8-hour orders); an order whose authorization
+  (or itself) expired unfinalized reads ``invalid``, and an expired authorization or its
+  challenge answers 404 ``malformed`` ("Expired authorization"), as Boulder's do;
+* alternate chains (``Link: rel="alternate"``) shaped like Let's Encrypt's "Gen Y" hierarchy:
+  the leaf's issuer chains either to a new root ("FakeAcmeServer Root YE", in few trust stores)
+  or, through a cross-sign, to the old one ("FakeAcmeServer Root"); which is the default chain
+  is switchable;
+* challenge types the client does not know (``dns-persist-01``...), listed next to ``dns-01``
+  with fields of their own;
 * ``Retry-After`` on pending authorizations and processing orders (Boulder sends 3 s), with a
   configurable number of polls before they move on;
 * order reuse: the same account asking again for the same identifiers, profile and
@@ -49,9 +59,36 @@ DEFAULT_PROFILES = {
     "shortlived": "160-hour certificates",
 }
 PROFILE_LIFETIMES = {
-    "classic": timedelta(days=90),
     "tlsserver": timedelta(days=45),
     "shortlived": timedelta(hours=160),
+}
+# Let's Encrypt's announced schedule for the default ("classic") profile, by issuance date.
+CLASSIC_LIFETIMES = (
+    (datetime(2028, 2, 16, tzinfo=UTC), timedelta(days=45)),
+    (datetime(2027, 2, 10, tzinfo=UTC), timedelta(days=64)),
+    (datetime.min.replace(tzinfo=UTC), timedelta(days=90)),
+)
+# How long a pending authorization and an order live, per profile (Boulder: 7 days by default).
+PENDING_AUTHZ_LIFETIMES = {"shortlived": timedelta(hours=1)}
+ORDER_LIFETIMES = {"shortlived": timedelta(hours=8)}
+DEFAULT_PENDING_LIFETIME = timedelta(days=7)
+VALID_AUTHZ_LIFETIME = timedelta(days=30)
+ROOT_CN = "FakeAcmeServer Root"
+GEN_Y_ROOT_CN = "FakeAcmeServer Root YE"
+
+
+def classic_lifetime(issued: datetime) -> timedelta:
+    """The default profile's certificate lifetime for a certificate issued at ``issued``."""
+    return next(lifetime for since, lifetime in CLASSIC_LIFETIMES if issued >= since)
+
+
+# A challenge type from a newer draft (dns-persist-01: a standing TXT record naming the CA
+# and the account), with fields of its own and no token.
+DNS_PERSIST_01: dict[str, Any] = {
+    "type": "dns-persist-01",
+    "status": "pending",
+    "issuer-domain-names": ["fake-acme.example"],
+    "accounturi-required": True,
 }
 
 Validator = Callable[[str, str], Awaitable[bool]]
@@ -150,6 +187,51 @@ def _jwk_of(public_key: Any) -> dict[str, str]:
     return {"crv": "Ed25519", "kty": "OKP", "x": _b64(raw)}
 
 
+def _cn(name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+
+
+def _ca_certificate(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    path_length: int | None,
+    now: datetime,
+    days: int,
+) -> x509.Certificate:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
 class Problem(Exception):
     def __init__(
         self,
@@ -206,6 +288,7 @@ class IssuedCertificate:
     account_id: str
     certificate: x509.Certificate
     pem_chain: str
+    alternates: list[str] = field(default_factory=list)
     revoked_reason: int | None = None
 
     @property
@@ -247,16 +330,27 @@ class FakeAcmeServer:
         ari: bool = True,
         order_reuse: bool = True,
         validator: Validator | None = None,
-        default_lifetime: timedelta = timedelta(days=90),
+        default_lifetime: timedelta | None = None,
+        chains: str = "single",
         host: str = "127.0.0.1",
     ) -> None:
+        """``default_lifetime``: the lifetime of certificates ordered without a profile (None:
+        Let's Encrypt's "classic" schedule by issuance date). ``chains``: "single" (leaf,
+        issuer; one root), "cross-signed" (the default chain ends at the old root through a
+        cross-sign, the alternate at the Gen Y root) or "gen-y" (the other way round)."""
+        if chains not in ("single", "cross-signed", "gen-y"):
+            raise ValueError(f"unknown chains {chains!r}")
         self.now = now
         self.profiles = dict(DEFAULT_PROFILES if profiles is None else profiles)
         self.ari = ari
         self.order_reuse = order_reuse
         self.validator = validator
         self.default_lifetime = default_lifetime
+        self.chains = chains
         self.host = host
+        # Challenges of types the client does not use, listed before dns-01 in every
+        # authorization (each gets its own URL; answering one is refused).
+        self.extra_challenges: list[dict[str, Any]] = []
         # Polling behaviour. authz_pending_polls: authorization fetches after the challenge
         # answer that still see "pending"; order_processing_polls: order fetches after finalize
         # that still see "processing" (Let's Encrypt answers those with Retry-After: 3).
@@ -264,6 +358,8 @@ class FakeAcmeServer:
         self.authz_retry_after: str | None = None
         self.order_processing_polls = 0
         self.order_retry_after: str | None = "3"
+        # Retry-After of the ARI windows the fake computes itself (Let's Encrypt: ~6 h).
+        self.ari_retry_after: str | None = "21600"
         self.accounts: dict[str, FakeAccount] = {}
         self.orders: dict[str, FakeOrder] = {}
         self.authorizations: dict[str, FakeAuthorization] = {}
@@ -272,6 +368,7 @@ class FakeAcmeServer:
         self.windows: dict[str, RenewalWindow] = {}
         self.requests: list[tuple[str, str]] = []  # (method, endpoint)
         self.payloads: list[tuple[str, Any]] = []  # (endpoint, decoded JWS payload)
+        self.problems: list[tuple[str, int, str]] = []  # (endpoint, status, detail) answered
         self._nonces: set[str] = set()
         self._reject_nonces = 0
         self._injections: dict[str, list[Injection]] = {}
@@ -345,6 +442,20 @@ class FakeAcmeServer:
     def root_pem(self) -> str:
         return self._root_cert.public_bytes(serialization.Encoding.PEM).decode()
 
+    @property
+    def gen_y_root_pem(self) -> str:
+        """The Gen Y root (only with ``chains`` other than "single")."""
+        assert self._gen_y_root is not None, "no Gen Y hierarchy: pass chains=..."
+        return self._gen_y_root.public_bytes(serialization.Encoding.PEM).decode()
+
+    def lifetime(self, profile: str | None, issued: datetime) -> timedelta:
+        """The lifetime of a certificate of ``profile`` issued at ``issued``."""
+        if profile in PROFILE_LIFETIMES:
+            return PROFILE_LIFETIMES[profile]
+        if profile is None and self.default_lifetime is not None:
+            return self.default_lifetime
+        return classic_lifetime(issued)
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> FakeAcmeServer:
@@ -364,8 +475,10 @@ class FakeAcmeServer:
         app.router.add_post("/order/{id}", self._order)
         app.router.add_post("/authz/{id}", self._authz)
         app.router.add_post("/chall/{id}", self._challenge)
+        app.router.add_post("/chall/{id}/{extra}", self._challenge)
         app.router.add_post("/finalize/{id}", self._finalize)
         app.router.add_post("/cert/{id}", self._certificate)
+        app.router.add_post("/cert/{id}/{alternate}", self._certificate)
         app.router.add_post("/revoke-cert", self._revoke)
         app.router.add_post("/key-change", self._key_change)
         app.router.add_get("/renewal-info/{cert_id}", self._renewal_info)
@@ -386,49 +499,53 @@ class FakeAcmeServer:
     def _make_ca(self) -> None:
         now = self.now()
         self._root_key = ec.generate_private_key(ec.SECP256R1())
-        root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FakeAcmeServer Root")])
-        self._root_cert = (
-            x509.CertificateBuilder()
-            .subject_name(root_name)
-            .issuer_name(root_name)
-            .public_key(self._root_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self._root_key.public_key()),
-                critical=False,
-            )
-            .sign(self._root_key, hashes.SHA256())
+        root_name = _cn(ROOT_CN)
+        # Under a cross-sign the old root has two CAs below it (cross-sign, issuer).
+        root_path_length = 1 if self.chains == "single" else None
+        self._root_cert = _ca_certificate(
+            root_name, self._root_key, root_name, self._root_key, root_path_length, now, 3650
         )
         self._issuer_key = ec.generate_private_key(ec.SECP256R1())
-        self._issuer_name = x509.Name(
-            [x509.NameAttribute(NameOID.COMMON_NAME, "FakeAcmeServer Issuer")]
-        )
-        self._issuer_cert = (
-            x509.CertificateBuilder()
-            .subject_name(self._issuer_name)
-            .issuer_name(root_name)
-            .public_key(self._issuer_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=1825))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self._issuer_key.public_key()),
-                critical=False,
+        self._gen_y_root: x509.Certificate | None = None
+        self._cross_sign: x509.Certificate | None = None
+        if self.chains == "single":
+            self._issuer_name = _cn("FakeAcmeServer Issuer")
+            self._issuer_cert = _ca_certificate(
+                self._issuer_name, self._issuer_key, root_name, self._root_key, 0, now, 1825
             )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._root_key.public_key()),
-                critical=False,
-            )
-            .sign(self._root_key, hashes.SHA256())
+            return
+        # Let's Encrypt's Gen Y shape: the issuer hangs below a new root, which the old root
+        # cross-signs, so a chain can end at either root.
+        gen_y_key = ec.generate_private_key(ec.SECP384R1())
+        gen_y_name = _cn(GEN_Y_ROOT_CN)
+        self._gen_y_root = _ca_certificate(
+            gen_y_name, gen_y_key, gen_y_name, gen_y_key, 1, now, 3650
         )
+        self._cross_sign = _ca_certificate(
+            gen_y_name, gen_y_key, root_name, self._root_key, 1, now, 1825
+        )
+        self._issuer_name = _cn("FakeAcmeServer Issuer YE1")
+        self._issuer_cert = _ca_certificate(
+            self._issuer_name, self._issuer_key, gen_y_name, gen_y_key, 0, now, 1825
+        )
+
+    def _chains(self, leaf: x509.Certificate) -> tuple[str, list[str]]:
+        """The default chain and the alternates for ``leaf`` (PEM, leaf first)."""
+
+        def pem(*certs: x509.Certificate) -> str:
+            return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)
+
+        if self._cross_sign is None:
+            return pem(leaf, self._issuer_cert), []
+        to_old_root = pem(leaf, self._issuer_cert, self._cross_sign)
+        to_gen_y = pem(leaf, self._issuer_cert)
+        if self.chains == "cross-signed":
+            return to_old_root, [to_gen_y]
+        return to_gen_y, [to_old_root]
 
     def _issue(self, order: FakeOrder, csr: x509.CertificateSigningRequest) -> IssuedCertificate:
         now = self.now()
-        lifetime = PROFILE_LIFETIMES.get(order.profile or "", self.default_lifetime)
+        lifetime = self.lifetime(order.profile, now)
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         cert = (
             x509.CertificateBuilder()
@@ -452,11 +569,8 @@ class FakeAcmeServer:
         ).value.key_identifier
         serial = cert.serial_number.to_bytes(cert.serial_number.bit_length() // 8 + 1, "big")
         cert_id = f"{_b64(aki or b'')}.{_b64(serial)}"
-        chain = (
-            cert.public_bytes(serialization.Encoding.PEM)
-            + self._issuer_cert.public_bytes(serialization.Encoding.PEM)
-        ).decode()
-        issued = IssuedCertificate(cert_id, order.account_id, cert, chain)
+        chain, alternates = self._chains(cert)
+        issued = IssuedCertificate(cert_id, order.account_id, cert, chain, alternates)
         self.certificates[cert_id] = issued
         return issued
 
@@ -484,6 +598,7 @@ class FakeAcmeServer:
             else:
                 response = await handler(request)
         except Problem as problem:
+            self.problems.append((endpoint, problem.status, problem.detail))
             body: dict[str, Any] = {
                 "type": ERR + problem.kind if ":" not in problem.kind else problem.kind,
                 "detail": problem.detail,
@@ -597,15 +712,21 @@ class FakeAcmeServer:
             "orders": self._url(f"/orders/{account.id}"),
         }
 
+    def _authz_status(self, authz: FakeAuthorization) -> str:
+        if authz.status in ("pending", "valid") and authz.expires <= self.now():
+            return "expired"
+        return authz.status
+
     def _order_status(self, order: FakeOrder) -> str:
         if order.error is not None:
             return "invalid"
-        statuses = [self.authorizations[a].status for a in order.authz_ids]
-        if any(s in ("invalid", "deactivated", "expired", "revoked") for s in statuses):
+        statuses = [self._authz_status(self.authorizations[a]) for a in order.authz_ids]
+        if any(s in ("invalid", "deactivated", "revoked") for s in statuses):
             return "invalid"
         if order.finalized:
             return "processing" if order.processing_polls_left > 0 else "valid"
-        if order.expires <= self.now():
+        # Boulder: an order whose authorization, or itself, expired unfinalized is invalid.
+        if "expired" in statuses or order.expires <= self.now():
             return "invalid"
         if all(s == "valid" for s in statuses):
             return "ready"
@@ -640,11 +761,15 @@ class FakeAcmeServer:
             challenge["error"] = authz.error
         if authz.validated is not None:
             challenge["validated"] = _rfc3339(authz.validated)
+        extras = [
+            {**extra, "url": self._url(f"/chall/{authz.id}/{n}")}
+            for n, extra in enumerate(self.extra_challenges)
+        ]
         body: dict[str, Any] = {
-            "status": authz.status,
+            "status": self._authz_status(authz),
             "expires": _rfc3339(authz.expires),
             "identifier": {"type": "dns", "value": authz.identifier},
-            "challenges": [challenge],
+            "challenges": [*extras, challenge],
         }
         if authz.wildcard:
             body["wildcard"] = True
@@ -778,7 +903,7 @@ class FakeAcmeServer:
             account_id=account.id,
             identifiers=identifiers,
             authz_ids=[],
-            expires=now + timedelta(days=7),
+            expires=now + ORDER_LIFETIMES.get(profile or "", DEFAULT_PENDING_LIFETIME),
             profile=profile,
             replaces=replaces,
         )
@@ -790,7 +915,7 @@ class FakeAcmeServer:
                 identifier=value[2:] if wildcard else value,
                 wildcard=wildcard,
                 token=_b64(secrets.token_bytes(32)),
-                expires=now + timedelta(days=7),
+                expires=now + PENDING_AUTHZ_LIFETIMES.get(profile or "", DEFAULT_PENDING_LIFETIME),
             )
             self.authorizations[authz.id] = authz
             order.authz_ids.append(authz.id)
@@ -856,6 +981,7 @@ class FakeAcmeServer:
             raise Problem(404, "malformed", "no such authorization")
         if payload is not None:
             raise Problem(400, "malformed", "authorization fetch must be POST-as-GET")
+        self._refuse_expired(authz)
         headers = {}
         if authz.status == "pending":
             if authz.challenge_status == "processing":
@@ -864,6 +990,7 @@ class FakeAcmeServer:
                 else:
                     authz.status = authz.challenge_status = "valid"
                     authz.validated = self.now()
+                    authz.expires = authz.validated + VALID_AUTHZ_LIFETIME
             if authz.status == "pending" and self.authz_retry_after is not None:
                 headers["Retry-After"] = self.authz_retry_after
         return web.json_response(self._authz_json(authz), headers=headers)
@@ -873,6 +1000,9 @@ class FakeAcmeServer:
         authz = self.authorizations.get(request.match_info["id"])
         if authz is None or account is None or authz.account_id != account.id:
             raise Problem(404, "malformed", "no such challenge")
+        self._refuse_expired(authz)
+        if request.match_info.get("extra") is not None:
+            raise Problem(400, "malformed", "this fake validates dns-01 only")
         if (
             payload is not None
             and authz.challenge_status == "pending"
@@ -897,9 +1027,15 @@ class FakeAcmeServer:
                     "detail": f"Incorrect TXT record found at _acme-challenge.{authz.identifier}",
                     "status": 403,
                 }
-        challenge = self._authz_json(authz)["challenges"][0]
+        challenge = self._authz_json(authz)["challenges"][-1]
         headers = {"Link": f'<{self._url(f"/authz/{authz.id}")}>;rel="up"'}
         return web.json_response(challenge, headers=headers)
+
+    def _refuse_expired(self, authz: FakeAuthorization) -> None:
+        # Boulder: "After expiring, authorizations are inaccessible" -- 404 for the
+        # authorization and its challenges, whatever their status was.
+        if authz.expires <= self.now():
+            raise Problem(404, "malformed", f"Expired authorization {authz.id}")
 
     async def _finalize(self, request: web.Request) -> web.Response:
         payload, account, _jwk = await self._signed(request)
@@ -936,7 +1072,24 @@ class FakeAcmeServer:
         issued = self.certificates.get(request.match_info["id"])
         if issued is None or account is None or issued.account_id != account.id:
             raise Problem(404, "malformed", "no such certificate")
-        return web.Response(text=issued.pem_chain, content_type="application/pem-certificate-chain")
+        alternate = request.match_info.get("alternate")
+        if alternate is not None:
+            if not alternate.isdigit() or int(alternate) >= len(issued.alternates):
+                raise Problem(404, "malformed", "no such alternate chain")
+            pem = issued.alternates[int(alternate)]
+        else:
+            pem = issued.pem_chain
+        response = web.Response(text=pem, content_type="application/pem-certificate-chain")
+        base = self._url(f"/cert/{issued.cert_id}")
+        links = [f'<{base}>;rel="alternate"'] if alternate is not None else []
+        links += [
+            f'<{base}/{n}>;rel="alternate"'
+            for n in range(len(issued.alternates))
+            if str(n) != alternate
+        ]
+        for link in links:
+            response.headers.add("Link", link)
+        return response
 
     async def _revoke(self, request: web.Request) -> web.Response:
         payload, account, jwk = await self._signed(request, allow_jwk=True)
@@ -977,7 +1130,7 @@ class FakeAcmeServer:
                 lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
                 start = cert.not_valid_before_utc + lifetime * 2 / 3
                 end = start + lifetime / 6
-            window = RenewalWindow(start, end)
+            window = RenewalWindow(start, end, self.ari_retry_after)
         body: dict[str, Any] = {
             "suggestedWindow": {"start": _rfc3339(window.start), "end": _rfc3339(window.end)}
         }
@@ -1001,8 +1154,10 @@ _ENDPOINTS = {
     "/order/{id}": "order",
     "/authz/{id}": "authz",
     "/chall/{id}": "challenge",
+    "/chall/{id}/{extra}": "challenge",
     "/finalize/{id}": "finalize",
     "/cert/{id}": "certificate",
+    "/cert/{id}/{alternate}": "certificate",
     "/revoke-cert": "revokeCert",
     "/key-change": "keyChange",
     "/renewal-info/{cert_id}": "renewalInfo",

@@ -112,6 +112,7 @@ class FakeCA:
         self.processing_polls = 0  # order polls that stay processing after finalize
         self.retry_after: float | None = None
         self.lifetime = timedelta(days=90)
+        self.authz_lifetime = timedelta(hours=8)  # of a pending authorization
         self.window: tuple[timedelta, timedelta] | None = None  # ARI, relative to not_before
         self.ari_retry_after: float | None = 6 * 3600
         self.accounts: dict[bytes, str] = {}
@@ -208,7 +209,7 @@ class FakeCA:
             url=f"https://fake-ca.test/authz/{n}",
             identifier=identifier.removeprefix("*."),
             status="valid" if self.reuse_authz else "pending",
-            expires=now + timedelta(hours=8),
+            expires=now + self.authz_lifetime,
             challenge_url=f"https://fake-ca.test/chall/{n}",
             token=base64.urlsafe_b64encode(hashlib.sha256(str(n).encode()).digest())
             .decode()
