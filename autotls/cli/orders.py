@@ -209,12 +209,13 @@ async def cmd_renew(args: argparse.Namespace, stop: Stop) -> int:
 
 
 async def cmd_retry(args: argparse.Namespace, stop: Stop) -> int:
+    from autotls.fsm.machine import Trigger
     from autotls.fsm.operator import retry
 
     async with opened_store(database_url(args)) as store:
         snap = await retry(store, args.order, now=datetime.now(UTC), actor=actor())
         move = (await store.journal(snap.id))[-1]
-    if move.trigger == "retry_install":
+    if move.trigger == Trigger.RETRY_INSTALL:
         what = "installs the certificate the CA already issued (no new order)"
     else:
         what = "starts the order over (the account is kept)"
