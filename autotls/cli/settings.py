@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -32,6 +33,59 @@ if TYPE_CHECKING:
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/tcp/4002/tls/sni/*.libp2p.direct/ws")
 IDENTITY_FILE = "identity.key"
+DEFAULT_DEADLINE = timedelta(minutes=10)
+DEFAULT_STORE_POLL = timedelta(seconds=30)
+LOG_FORMATS = ("human", "json")
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``10m``, ``1h30m``, ``500ms``, ``2d`` (Go's notation, plus days), or a bare
+    number of seconds. Raises ValueError naming what is wrong."""
+    raw = text.strip().lower()
+    if not raw:
+        raise ValueError("empty duration")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        position, seconds = 0, 0.0
+        for match in _DURATION_PART.finditer(raw):
+            if match.start() != position:
+                break
+            seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            position = match.end()
+        if position != len(raw) or position == 0:
+            raise ValueError(
+                f"{text!r} is not a duration (e.g. 90s, 10m, 1h30m, or seconds)"
+            ) from None
+    if not 0 < seconds < 10 * 365 * 86400:  # also refuses nan and inf
+        raise ValueError(f"{text!r}: a duration must be positive (and under ten years)")
+    return timedelta(seconds=seconds)
+
+
+def duration(args: argparse.Namespace, dest: str, default: timedelta) -> timedelta:
+    value = getattr(args, dest, None)
+    if value is None:
+        return default
+    try:
+        return parse_duration(str(value))
+    except ValueError as exc:
+        raise UsageError(f"{source(args, dest)}: {exc}") from None
+
+
+def log_format(args: argparse.Namespace) -> str:
+    """``--log-format`` (``human`` unless given); only ``run`` has the option."""
+    value = getattr(args, "log_format", None)
+    if value is None:
+        return "human"
+    chosen = str(value).strip().lower()
+    if chosen not in LOG_FORMATS:
+        raise UsageError(
+            f"{source(args, 'log_format')}: {value!r} is not a log format (human or json)"
+        )
+    return chosen
 
 
 def default_data_dir() -> Path:
@@ -81,6 +135,8 @@ class NodeSettings:
     preferred_chain: str | None
     forge_auth: str | None = field(repr=False)
     once: bool
+    deadline: timedelta = DEFAULT_DEADLINE  # with once: from start to the last useful attempt
+    store_poll: timedelta = DEFAULT_STORE_POLL
     metrics_listen: ListenAddress | None = None
     record: Path | None = None
     notes: list[str] = field(default_factory=list)
@@ -249,6 +305,15 @@ def node_settings(args: argparse.Namespace) -> NodeSettings:
                 "(mailto:you@example.org)"
             )
 
+    once = bool(args.once)
+    deadline = duration(args, "deadline", DEFAULT_DEADLINE)
+    # The variable may sit in an environment shared with a service; the flag is a mistake.
+    if args.deadline is not None and not once and source(args, "deadline") == "--deadline":
+        raise UsageError(
+            f"{source(args, 'deadline')} applies to --once only (a running node never gives up)"
+        )
+    store_poll = duration(args, "store_poll", DEFAULT_STORE_POLL)
+
     listen = _multiaddrs(args, "listen", args.listen or DEFAULT_LISTEN)
     announce = _multiaddrs(args, "announce", args.announce) if args.announce else None
     return NodeSettings(
@@ -269,7 +334,9 @@ def node_settings(args: argparse.Namespace) -> NodeSettings:
         contact=contact,
         preferred_chain=args.preferred_chain or None,
         forge_auth=args.forge_auth or None,
-        once=bool(args.once),
+        once=once,
+        deadline=deadline,
+        store_poll=store_poll,
         metrics_listen=listen_address(args, "metrics_listen", args.metrics_listen)
         if args.metrics_listen
         else None,
