@@ -6,7 +6,8 @@ with its events (:class:`CertificateInfo`, :class:`Failure`, :class:`OrderEvent`
 the order machine's :class:`State` and :class:`Trigger`, identity keys and PeerIds, the
 py-libp2p node adapter (:class:`Libp2pNode`), multiaddrs, and every error the facade can raise
 (all :class:`AutoTLSError`; parse errors are also ``ValueError``). :class:`LocalStack` brings up
-Pebble and a local broker for trying it out. The ``autotls`` command line is ``autotls.cli``.
+Pebble and a local broker for trying it out. :func:`replay_transcript` and :func:`assert_replays`
+play back what ``AutoTLS(record=DIR)`` recorded. The ``autotls`` command line is ``autotls.cli``.
 Everything else is reachable for the curious but may change.
 
 The names below load on first use (PEP 562): ``import autotls`` alone costs nothing, so the
@@ -75,6 +76,12 @@ if TYPE_CHECKING:
         StoreError,
         StoreUnavailableError,
     )
+    from autotls.recording import (
+        ReplayReport,
+        TranscriptError,
+        assert_replays,
+        replay_transcript,
+    )
     from autotls.service import AutoTLS, ListeningNode
 
 # Each public name and the module that defines it (tests/test_startup.py checks that this,
@@ -119,6 +126,7 @@ _EXPORTS: dict[str, str] = {
     "PeerId": "autotls.peerid",
     "PeerIdError": "autotls.peerid",
     "PrivateKey": "autotls.peerid",
+    "ReplayReport": "autotls.recording",
     "SchemaOutdatedError": "autotls.persistence.errors",
     "SchemaTooNewError": "autotls.persistence.errors",
     "SecretFilter": "autotls.logs",
@@ -126,13 +134,16 @@ _EXPORTS: dict[str, str] = {
     "StoreError": "autotls.persistence.errors",
     "StoreUnavailableError": "autotls.persistence.errors",
     "SystemClock": "autotls.fsm.clock",
+    "TranscriptError": "autotls.recording",
     "Trigger": "autotls.fsm.machine",
+    "assert_replays": "autotls.recording",
     "ip_label": "autotls.multiaddrs",
     "check_health": "autotls.metrics",
     "key_file_exposed": "autotls.peerid",
     "load_private_key": "autotls.peerid",
     "load_private_key_async": "autotls.peerid",
     "metrics_app": "autotls.metrics",
+    "replay_transcript": "autotls.recording",
     "save_private_key": "autotls.peerid",
 }
 
@@ -176,6 +187,7 @@ __all__ = [
     "PeerId",
     "PeerIdError",
     "PrivateKey",
+    "ReplayReport",
     "SchemaOutdatedError",
     "SchemaTooNewError",
     "SecretFilter",
@@ -183,13 +195,16 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "SystemClock",
+    "TranscriptError",
     "Trigger",
+    "assert_replays",
     "check_health",
     "ip_label",
     "key_file_exposed",
     "load_private_key",
     "load_private_key_async",
     "metrics_app",
+    "replay_transcript",
     "save_private_key",
 ]
 

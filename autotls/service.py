@@ -32,6 +32,10 @@ Start refuses, before any order is touched: a data directory others may write, a
 :meth:`AutoTLS.wait_for_certificate` takes a ``deadline`` and raises :class:`DeadlineExceeded`
 when the next attempt would come after it (the order stays persisted for the next run).
 
+With ``record=DIR`` every step of the order is written to ``DIR/order-<id>.jsonl``, sanitised
+and capped at ``record_limit`` bytes (:mod:`autotls.recording`; ``autotls replay`` plays it
+back).
+
 Every error the facade raises is an :class:`~autotls.fsm.errors.AutoTLSError`.
 """
 
@@ -91,6 +95,7 @@ from autotls.persistence.errors import (
 from autotls.persistence.records import CertificateRecord, OrderSnapshot
 from autotls.persistence.store import Store
 from autotls.persistence.urls import DATABASE_FILE
+from autotls.recording import DEFAULT_LIMIT, Recorder
 
 __all__ = [
     "AutoTLS",
@@ -150,9 +155,12 @@ class AutoTLS:
         run_worker: bool = True,
         check_directory: bool = True,
         store_poll: timedelta = timedelta(seconds=30),
+        record: str | Path | None = None,
+        record_limit: int = DEFAULT_LIMIT,
     ) -> None:
         """``addresses``: what the broker dials back (a list, or a callable read at each
-        registration); by default the listen addresses of the node :meth:`attach` gave."""
+        registration); by default the listen addresses of the node :meth:`attach` gave.
+        ``record``: a directory to write each order's transcript to (off by default)."""
         self.identity = identity
         self.peer_id = identity.peer_id.to_base36()
         self.domain = wildcard_name(self.peer_id, zone)
@@ -203,6 +211,12 @@ class AutoTLS:
         self._run_worker = run_worker
         self._check_directory = check_directory
         self.store_poll = store_poll
+        self._recorder: Recorder | None = None
+        if record is not None:
+            self._recorder = Recorder(
+                record, limit=record_limit, secrets=_configured_secrets(forge_auth, eab)
+            )
+            self.observe_http(self._recorder.observe_http)
         self._subscribers = Subscribers()
         self._store: Store | None = None
         self._worker: Worker | None = None
@@ -433,6 +447,8 @@ class AutoTLS:
 
     async def start(self) -> AutoTLS:
         prepare_data_dir(self.data_dir)
+        if self._recorder is not None:
+            self._recorder.prepare()
         self._store = await Store.open(self.database_url)
         try:
             self.installer.subscribe(self._on_install)
@@ -458,8 +474,14 @@ class AutoTLS:
                 clock=self.clock,
                 settings=self._settings_with_profile(),
             )
+            if self._recorder is not None:
+                ports = self._recorder.wrap(ports)
             self._worker = Worker(
-                self._store, ports, peers={self.peer_id}, idle_poll=self.store_poll
+                self._store,
+                ports,
+                peers={self.peer_id},
+                idle_poll=self.store_poll,
+                step_observer=self._recorder,
             )
             self._worker.subscribe(self._on_event)
             if self._run_worker:
@@ -568,6 +590,8 @@ class AutoTLS:
         return replace(self.settings, profile=self._profile)
 
     async def _close_clients(self) -> None:
+        if self._recorder is not None:
+            self._recorder.close()  # a step cut short by the stop is written now
         await self.acme.close()
         await self.broker.close()
         store, self._store = self._store, None
@@ -665,6 +689,17 @@ class AutoTLS:
             self._failed = Failure(event.order_id, event.error_class, event.message, event.problem)
             await self._subscribers.emit("failed", self._failed)
         self._changes.notify()
+
+
+def _configured_secrets(forge_auth: str | None, eab: ExternalAccountBinding | None) -> list[str]:
+    """What a transcript must never hold, in the forms it could appear in."""
+    import base64
+
+    found = [forge_auth] if forge_auth else []
+    if eab is not None:
+        found.append(base64.urlsafe_b64encode(eab.hmac_key).rstrip(b"=").decode("ascii"))
+        found.append(base64.b64encode(eab.hmac_key).decode("ascii"))
+    return found
 
 
 def _failure(snap: OrderSnapshot) -> Failure:

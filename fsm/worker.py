@@ -17,6 +17,8 @@
 * Graceful shutdown: stop claiming, give in-flight steps ``grace`` seconds to finish and
   commit, then cancel the rest and release their leases (nothing they did is committed, as
   if the process had died there; the next claim reconciles).
+* A :class:`StepObserver` (recordings, replays: :mod:`autotls.recording`) sees each step
+  start, in the step's own task, and end, with the plan and whether it was committed.
 * One bad order never stops the worker: corrupt rows are failed and set aside, exceptions
   become classified retries or failures of that order only (a bug is class ``internal``:
   one log line, retried on the slow schedule, never Failed by itself), and database errors
@@ -35,7 +37,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from autotls.fsm.errors import AutoTLSError, ErrorClass
 from autotls.fsm.faults import FaultPlan, FaultPoint
@@ -96,6 +98,23 @@ def order_fields(
     }
 
 
+class StepObserver(Protocol):
+    """Sees every step the worker runs: a recording writes it down, a replay checks it.
+
+    ``step_started`` is called in the task that runs the step, after the order was claimed and
+    before the step reads the clock or calls a port, so a context variable it sets holds for
+    every port call of that step (and for nothing else: the lease keeper runs in a task of
+    its own). ``step_ended`` follows the commit (``committed`` False: the commit failed or
+    the lease was lost, and nothing was written); it is not called when the step was
+    cancelled. Either may not raise: a failing observer is logged and ignored."""
+
+    def step_started(self, snap: OrderSnapshot) -> None: ...
+
+    def step_ended(
+        self, snap: OrderSnapshot, plan: CommitPlan, *, now: datetime, committed: bool
+    ) -> None: ...
+
+
 def default_worker_id() -> str:
     """``host:pid:random``: enough to tell, on the same host, whether the owner still runs."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -137,6 +156,7 @@ class Worker:
         faults: FaultPlan | None = None,
         peers: Collection[str] | None = None,
         store_retries: int | None = 8,
+        step_observer: StepObserver | None = None,
     ) -> None:
         """``faults``: where to crash (tests); by default the plan in ``AUTOTLS_FAULTS``, so
         any worker process can be crashed at a named point. ``store_retries``: consecutive
@@ -153,6 +173,7 @@ class Worker:
         self.store_retries = store_retries
         self.peers = frozenset(peers) if peers is not None else None
         self._listeners: list[EventListener] = []
+        self.step_observer = step_observer
         self._wake = asyncio.Event()
         self.changes_seen = 0  # wake-ups by another process's commit
         self.steps_run = 0
@@ -359,6 +380,7 @@ class Worker:
             return
         self.faults.hit(FaultPoint.BEFORE_EFFECT, snap.state)
         keeper = asyncio.ensure_future(self._keep_lease(snap))
+        self._observe(lambda o: o.step_started(snap))
         started = time.monotonic()
         try:
             plan = await self._run_step(step, snap)
@@ -375,6 +397,7 @@ class Worker:
         try:
             committed = await self.store.commit(snap, plan, now=now, worker=self.id)
         except Exception as exc:
+            self._observe(lambda o: o.step_ended(snap, plan, now=now, committed=False))
             # E.g. a unique index refused the new state, or the database went read-only. The
             # lease runs out and the order is retried; nothing half-done was written (the
             # commit is one transaction).
@@ -391,6 +414,7 @@ class Worker:
                 extra=order_fields(snap.id, snap.peer_id, snap.state),
             )
             return
+        self._observe(lambda o: o.step_ended(snap, plan, now=now, committed=committed))
         if not committed:
             self.lost_leases += 1
             log.warning(
@@ -426,6 +450,14 @@ class Worker:
                 extra=order_fields(snap.id, snap.peer_id, snap.state, error_class="internal"),
             )
             return plan_unexpected(snap, exc, clock.now(), settings, rng)
+
+    def _observe(self, call: Callable[[StepObserver], None]) -> None:
+        if self.step_observer is None:
+            return
+        try:
+            call(self.step_observer)
+        except Exception:  # an observer's bug must not cost the order its step
+            log.exception("step observer failed")
 
     async def _keep_lease(self, snap: OrderSnapshot) -> None:
         period = self.lease.total_seconds() / 3

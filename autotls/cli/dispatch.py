@@ -39,7 +39,7 @@ Command = Callable[[argparse.Namespace, Stop], Awaitable[int]]
 
 def commands() -> dict[str, Command]:
     """Each command's coroutine function, by the name it has on the command line."""
-    from autotls.cli import admin, orders, run
+    from autotls.cli import admin, orders, replay, run
 
     return {
         "demo": run.cmd_demo,
@@ -51,6 +51,7 @@ def commands() -> dict[str, Command]:
         "retry": orders.cmd_retry,
         "revoke": orders.cmd_revoke,
         "account": admin.cmd_account,
+        "replay": replay.cmd_replay,
     }
 
 

@@ -189,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--no-renew", action="store_true", help="do not force a renewal")
     option(revoke, "--ca-bundle", metavar="FILE", help="CA file for the ACME server's HTTPS")
 
+    replay = commands.add_parser(
+        "replay",
+        parents=[verbose],
+        help="re-drive the engine against a recorded transcript (offline) and compare",
+        description="Replay a transcript written by `run --record`: the real engine against "
+        "the recorded answers, a throw-away store, no network. Prints the recorded journal "
+        "next to the replayed one. Exit 0 when identical, 1 at the first divergence, 2 when "
+        "FILE is not a transcript.",
+    )
+    replay.add_argument("file", type=Path, metavar="FILE", help="a transcript (order-<id>.jsonl)")
+
     account = commands.add_parser("account", parents=[verbose], help="the stored ACME accounts")
     account_commands = account.add_subparsers(
         dest="account_command", metavar="ACTION", required=True
@@ -308,6 +319,13 @@ def _add_run(run: argparse.ArgumentParser) -> None:
         "--log-format",
         metavar="FORMAT",
         help="stderr format: human (default) or json (one JSON object per line)",
+    )
+    option(
+        run,
+        "--record",
+        metavar="DIR",
+        help="write each order's steps to DIR/order-<id>.jsonl (sanitised, size-capped) for "
+        "`autotls replay`",
     )
 
 

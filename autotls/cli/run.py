@@ -180,6 +180,7 @@ async def _run_node(settings: NodeSettings, stop: Stop) -> None:
         contact=settings.contact,
         preferred_chain=settings.preferred_chain,
         store_poll=settings.store_poll,
+        record=settings.record,
     )
     try:
         # Serves auto's context, advertises its forge addresses in identify while they are

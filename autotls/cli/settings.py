@@ -138,6 +138,7 @@ class NodeSettings:
     deadline: timedelta = DEFAULT_DEADLINE  # with once: from start to the last useful attempt
     store_poll: timedelta = DEFAULT_STORE_POLL
     metrics_listen: ListenAddress | None = None
+    record: Path | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -339,8 +340,17 @@ def node_settings(args: argparse.Namespace) -> NodeSettings:
         metrics_listen=listen_address(args, "metrics_listen", args.metrics_listen)
         if args.metrics_listen
         else None,
+        record=record_directory(args, args.record) if args.record else None,
         notes=notes,
     )
+
+
+def record_directory(args: argparse.Namespace, value: str) -> Path:
+    """``--record DIR``: a directory (made on start if missing), not a file."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{source(args, 'record')}: {path} is not a directory")
+    return path
 
 
 def secret_values(args: argparse.Namespace) -> list[str]:

@@ -1,0 +1,44 @@
+"""Record an order's steps, and replay them (issue 12).
+
+* :class:`Recorder` (``autotls run --record DIR``, ``AutoTLS(record=DIR)``) writes one
+  transcript per order, ``DIR/order-<id>.jsonl``: every port call the engine's steps make, in
+  order, with its arguments and result or classified error, the HTTP exchanges made during
+  it, the engine's clock readings and random draws, the state each step ran in and what it
+  decided (the journal entry included). Sanitised as it is written; capped in size.
+* :func:`replay_transcript` (``autotls replay FILE``) re-drives the real worker, steps and
+  policy against the recorded answers with a manual clock at the recorded instants and a
+  throw-away store, and reports the first divergence; :func:`assert_replays` is the same for
+  tests.
+
+The rooms: :mod:`~autotls.recording.sanitize` (what is never written),
+:mod:`~autotls.recording.codec` (port values and errors as JSON),
+:mod:`~autotls.recording.transcript` (the file), :mod:`~autotls.recording.ports` (the ports
+with every call routed through one place), :mod:`~autotls.recording.recorder` and
+:mod:`~autotls.recording.replay`.
+"""
+
+from __future__ import annotations
+
+from autotls.recording.codec import TranscriptError
+from autotls.recording.recorder import Recorder
+from autotls.recording.replay import (
+    Divergence,
+    ReplayMismatch,
+    ReplayReport,
+    assert_replays,
+    replay_transcript,
+)
+from autotls.recording.transcript import DEFAULT_LIMIT, read_transcript, transcript_path
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "Divergence",
+    "Recorder",
+    "ReplayMismatch",
+    "ReplayReport",
+    "TranscriptError",
+    "assert_replays",
+    "read_transcript",
+    "replay_transcript",
+    "transcript_path",
+]
