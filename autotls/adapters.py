@@ -341,9 +341,12 @@ class BrokerAdapter:
         allow_private_addresses: bool = False,
         timeout: float = BROKER_TIMEOUT,
         observer: Observer | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """``clock``: what Retry-After dates are measured from (the engine's)."""
         self.identity = identity
         self.addresses = addresses
+        self.clock = clock or SystemClock()
         self.base_url = base_url
         self.ca_file = ca_file
         self.forge_auth = forge_auth
@@ -363,6 +366,7 @@ class BrokerAdapter:
                 allow_private_addresses=self.allow_private_addresses,
                 timeout=self.timeout,
                 observer=self.observer,
+                now=self.clock.now,  # Retry-After dates on the engine's clock
             )
         except UnusableCaFile as exc:
             raise ConfigurationError(f"the broker {exc.message}") from None

@@ -18,7 +18,8 @@ adapters, and a worker that serves only this peer's order. On start it restores 
 certificate from the store (rewriting its files if they went missing) before anything else,
 so a restarted node serves TLS at once; a missing order is created; an order left mid-flight
 by a crash resumes exactly where it stopped. The injected ``clock`` is the one every part
-reads: the worker, the installer's date checks, the placeholder certificate, the ACME client.
+reads: the worker, the installer's date checks, the placeholder certificate, the ACME client
+and the broker client (Retry-After dates).
 
 Several processes may serve one identity (one data directory, or one PostgreSQL database):
 only one holds the order's lease at a time, and the others notice what it installed through
@@ -188,6 +189,7 @@ class AutoTLS:
             forge_auth=forge_auth,
             allow_private_addresses=allow_private_addresses,
             observer=functools.partial(self._observe_http, "broker"),
+            clock=self.clock,
         )
         self.dns = AuthoritativeTxtChecker(
             zone=zone,
