@@ -17,9 +17,10 @@ left; the machine's guards require the contributions before the ``|``:
 ==============  ==========================================================================
 New             | nothing of an ACME order (see below for what outlives one)
 Registered      | ``OrderRequested``, then ``OrderPlaced`` ``OrderLifetime``
-Challenged      ``OrderPlaced``, ``ChallengeFound`` | ``OrderLifetime``, ``TxtResent`` after a
-                ``txt_timeout``
-BrokerNotified  ``BrokerSent`` |
+Challenged      ``OrderPlaced``, ``AuthorizationFound`` | ``ChallengeFound`` (a pending
+                authorization; a valid one needs no challenge), ``OrderLifetime``,
+                ``TxtResent`` after a ``txt_timeout``
+BrokerNotified  ``ChallengeFound``, ``BrokerSent`` |
 DNSPropagated   ``TxtSeen`` | ``ChallengeAnswered``
 Validated       ``AuthorizationValid`` | ``CsrRecorded``
 Finalized       ``CertificateIssued`` | ``ChainDownloaded``
@@ -82,12 +83,19 @@ class OrderLifetime(TypedDict, total=False):
     order_expires: str | None
 
 
-class ChallengeFound(TypedDict, total=False):
-    """Registered -> Challenged: the order's one authorization and its dns-01 challenge."""
+class AuthorizationFound(TypedDict, total=False):
+    """Registered -> Challenged: the order's one authorization."""
 
     authz_url: str | None
     authz_expires: str | None
     authz_status: str | None  # "valid": the CA reused an authorization, nothing to publish
+
+
+class ChallengeFound(TypedDict, total=False):
+    """Registered -> Challenged, for a pending authorization: its dns-01 challenge. A valid
+    authorization needs none (Boulder lists only the challenge that validated it, which may
+    be of a type we do not use); BrokerNotified and the states after it imply one."""
+
     challenge_url: str | None
     dns_value: str | None  # the TXT value the broker publishes
 
@@ -197,6 +205,7 @@ class OrderData(
     OrderRequested,
     OrderPlaced,
     OrderLifetime,
+    AuthorizationFound,
     ChallengeFound,
     BrokerSent,
     TxtResent,
@@ -235,6 +244,7 @@ ORDER_KEYS = keys(
     OrderRequested,
     OrderPlaced,
     OrderLifetime,
+    AuthorizationFound,
     ChallengeFound,
     BrokerSent,
     TxtResent,

@@ -123,8 +123,8 @@ ISSUANCE_PATH = (
 # autotls.fsm.data) of the move that enters it. Checked on entry; tests that place rows
 # directly into a state use it too.
 STATE_CONTRIBUTIONS: Mapping[State, tuple[Any, ...]] = {
-    State.CHALLENGED: (d.OrderPlaced, d.ChallengeFound),
-    State.BROKER_NOTIFIED: (d.BrokerSent,),
+    State.CHALLENGED: (d.OrderPlaced, d.AuthorizationFound),
+    State.BROKER_NOTIFIED: (d.ChallengeFound, d.BrokerSent),
     State.DNS_PROPAGATED: (d.TxtSeen,),
     State.VALIDATED: (d.AuthorizationValid,),
     State.FINALIZED: (d.CertificateIssued,),
@@ -182,7 +182,7 @@ T = Trigger
 TRANSITIONS: tuple[Transition, ...] = (
     _t(T.CREATE, (), State.NEW, "an order for a peer is created", by=Mover.OPERATOR),
     _t(T.ACCOUNT_READY, State.NEW, State.REGISTERED, "ACME account registered or found"),
-    _t(T.ORDER_PLACED, State.REGISTERED, State.CHALLENGED, "newOrder + its dns-01 challenge"),
+    _t(T.ORDER_PLACED, State.REGISTERED, State.CHALLENGED, "newOrder + its authorization"),
     _t(
         T.DROP_REPLACES,
         State.REGISTERED,

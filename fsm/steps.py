@@ -171,24 +171,28 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
             f"order {order.url} has {len(order.authorizations)} authorizations, expected 1"
         )
     authz = await ports.acme.get_authorization(account, order.authorizations[0])
-    challenge = authz.challenge("dns-01")
-    if challenge is None:
-        raise PermanentError(f"authorization {authz.url} offers no dns-01 challenge")
     if authz.status not in ("pending", "valid"):
         return _abandon(order.url, f"its authorization is {authz.status}", retry_at)
     expires = authz.expires or order.expires
     if expires is None:
         raise TransientError(f"authorization {authz.url} has no expiry")
+    updates: OrderData = {
+        **_placed(order),
+        "authz_url": authz.url,
+        "authz_expires": iso(expires),
+        "authz_status": authz.status,
+    }
+    if authz.status == "pending":
+        # A valid authorization needs no challenge (Challenged reuses it), and Boulder lists
+        # only the one that validated it, which may be a type we do not use (dns-persist-01).
+        challenge = authz.challenge("dns-01")
+        if challenge is None:
+            raise PermanentError(f"authorization {authz.url} offers no dns-01 challenge")
+        updates["challenge_url"] = challenge.url
+        updates["dns_value"] = ports.acme.dns01_value(account, challenge.token)
     return Advance(
         Trigger.ORDER_PLACED,
-        updates={
-            **_placed(order),
-            "authz_url": authz.url,
-            "authz_expires": iso(expires),
-            "authz_status": authz.status,
-            "challenge_url": challenge.url,
-            "dns_value": ports.acme.dns01_value(account, challenge.token),
-        },
+        updates=updates,
         note={"order_url": order.url, "authz_status": authz.status},
     )
 

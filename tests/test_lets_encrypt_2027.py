@@ -508,6 +508,34 @@ async def test_unknown_challenge_types_are_ignored_and_dns_01_does_the_work(
     assert not le.ca.problems
 
 
+async def test_a_valid_authorization_that_lists_only_dns_persist_01_is_reused(
+    lets_encrypt: MakeLetsEncrypt,
+) -> None:
+    """Boulder shows a valid authorization with the challenge that validated it only; when
+    that was dns-persist-01 there is no dns-01 to take, and none is needed: the order goes
+    from Challenged straight to Validated, bothering neither the broker nor DNS."""
+    le = await lets_encrypt(datetime(2027, 3, 1, tzinfo=UTC))
+    le.ca.extra_challenges = [DNS_PERSIST_01]
+    le.ca.standing_validation = "dns-persist-01"
+    order_id = await le.order()
+    await le.drive(order_id, lambda s: s.state == State.INSTALLED.value)
+    assert len(await le.certificates(order_id)) == 1
+    triggers = [j.trigger for j in await le.store.journal(order_id)]
+    assert triggers == [
+        "create",
+        "account_ready",
+        "order_placed",
+        "authorization_reused",
+        "certificate_issued",
+        "certificate_installed",
+    ]
+    assert le.broker.registrations == []
+    assert not [e for e, _ in le.ca.payloads if e == "challenge"], "no challenge answered"
+    [authz] = le.ca.authorizations.values()
+    body = le.ca._authz_json(authz)
+    assert [c["type"] for c in body["challenges"]] == ["dns-persist-01"]
+
+
 async def test_the_fake_ca_lists_the_unknown_challenges_first() -> None:
     """What the test above relies on: the authorization really lists them."""
     async with FakeAcmeServer() as ca:
