@@ -22,7 +22,9 @@ Besides the happy path, every move the journal can record is declared, including
 stay where they are: ``abandon_order`` drops a stored ACME order the CA made unusable and
 ``drop_replaces`` orders again without ``replaces`` (both stay in Registered); ``reorder``
 abandons an order in flight; ``txt_timeout`` re-sends the value to the broker when DNS never
-showed it; ``account_lost`` re-registers after the CA forgot the account; ``retry_later``
+showed it; ``account_lost`` re-registers after the CA forgot the account; ``ca_changed``
+starts over with the account of another configured CA (the certificate held is served until
+the new CA's replaces it); ``retry_later``
 records a classified error after which the order stays and is tried again later; ``fail``
 ends in Failed (permanent errors only) and ``corrupt`` sets aside a row that cannot be read.
 From Failed an operator may ``retry`` from New, or with ``retry_install`` go straight back to
@@ -80,6 +82,7 @@ class Trigger(enum.StrEnum):
     START_RENEWAL = "start_renewal"
     REORDER = "reorder"
     ACCOUNT_LOST = "account_lost"
+    CA_CHANGED = "ca_changed"
     RETRY_LATER = "retry_later"
     FAIL = "fail"
     CORRUPT = "corrupt"
@@ -91,7 +94,7 @@ class Mover(enum.Enum):
     """Who may fire a trigger."""
 
     STEP = "step"  # a step returns it (an Advance)
-    POLICY = "policy"  # the error policy picks it for a classified error
+    POLICY = "policy"  # the policy picks it: for a classified error, or before a step runs
     WORKER = "worker"  # the worker, for a row it cannot read
     OPERATOR = "operator"  # a person or the embedding program (CLI, AutoTLS)
 
@@ -237,6 +240,14 @@ TRANSITIONS: tuple[Transition, ...] = (
         (State.REGISTERED, *ORDERING_STATES),
         State.NEW,
         "CA does not know the account: register again",
+        by=Mover.POLICY,
+        recovery=True,
+    ),
+    _t(
+        T.CA_CHANGED,
+        (State.REGISTERED, *ORDERING_STATES, State.INSTALLED, State.RENEW_DUE),
+        State.NEW,
+        "the configured CA is not the account's: order anew from that CA",
         by=Mover.POLICY,
         recovery=True,
     ),

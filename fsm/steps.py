@@ -109,9 +109,14 @@ async def step_new(snap: OrderSnapshot, ports: Ports) -> Outcome:
             effects=Effects(new_account=NewAccount(ports.acme.directory_url, key)),
         )
     if snap.account.directory_url != ports.acme.directory_url:
-        raise PermanentError(
-            f"order belongs to the account at {snap.account.directory_url}, but this worker "
-            f"talks to {ports.acme.directory_url}"
+        # The CA was switched (--staging to production): the store keeps one account per
+        # directory, so link the order to this directory's account, made from a fresh key
+        # unless the store holds one already (the store then keeps that one).
+        key = ports.acme.generate_account_key()
+        return Wait(
+            now,
+            f"account for {ports.acme.directory_url} linked",
+            effects=Effects(new_account=NewAccount(ports.acme.directory_url, key)),
         )
     if snap.account.url and snap.account.status == "valid":
         return Advance(Trigger.ACCOUNT_READY, note={"account": snap.account.url, "reused": True})
