@@ -16,7 +16,8 @@ left; the machine's guards require the contributions before the ``|``:
 
 ==============  ==========================================================================
 New             | nothing of an ACME order (see below for what outlives one)
-Registered      | ``OrderRequested``, then ``OrderPlaced`` ``OrderLifetime``
+Registered      | ``RegistrationHeld`` while no order may be placed, ``OrderRequested``,
+                then ``OrderPlaced`` ``OrderLifetime``
 Challenged      ``OrderPlaced``, ``AuthorizationFound`` | ``ChallengeFound`` (a pending
                 authorization; a valid one needs no challenge), ``OrderLifetime``,
                 ``TxtResent`` after a ``txt_timeout``
@@ -46,6 +47,7 @@ What is *not* here: facts about a certificate (serial, validity, revocation) liv
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from typing import Any, TypedDict, cast
 
@@ -81,6 +83,22 @@ class OrderLifetime(TypedDict, total=False):
     :func:`autotls.fsm.policy.plan_lapsed`)."""
 
     order_expires: str | None
+
+
+class RegistrationHold(enum.StrEnum):
+    """Why no ACME order is placed yet: no authorization clock is started for a node the
+    broker could not dial back (protocol.md §4), nor before the registration delay is over."""
+
+    NOT_DIALABLE = "not_dialable"  # no address the broker could dial
+    REGISTRATION_DELAY = "registration_delay"  # the node has not been up long enough
+
+
+class RegistrationHeld(TypedDict, total=False):
+    """Registered, before newOrder: why no order may be placed yet (no address the broker
+    could dial, the registration delay). The hold is journaled when it begins or its cause
+    changes, not at every check."""
+
+    held_because: str | None  # a RegistrationHold value
 
 
 class AuthorizationFound(TypedDict, total=False):
@@ -202,6 +220,7 @@ class WaitNote(TypedDict, total=False):
 
 
 class OrderData(
+    RegistrationHeld,
     OrderRequested,
     OrderPlaced,
     OrderLifetime,
@@ -239,8 +258,10 @@ def keys(*contributions: Any) -> Keys:
 
 ALL_KEYS = keys(OrderData)
 
-# Data that belongs to one ACME order: cleared whenever a new order is placed.
+# Data that belongs to one ACME order (and the hold before it): cleared whenever a new order
+# is placed.
 ORDER_KEYS = keys(
+    RegistrationHeld,
     OrderRequested,
     OrderPlaced,
     OrderLifetime,

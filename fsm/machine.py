@@ -19,12 +19,13 @@ Finalized: the CA issued the certificate; Installed: it is verified, stored and 
 The step that *leaves* a state performs the single side effect that achieves the next one.
 
 Besides the happy path, every move the journal can record is declared, including those that
-stay where they are: ``abandon_order`` drops a stored ACME order the CA made unusable and
-``drop_replaces`` orders again without ``replaces`` (both stay in Registered); ``reorder``
-abandons an order in flight; ``txt_timeout`` re-sends the value to the broker when DNS never
-showed it; ``account_lost`` re-registers after the CA forgot the account; ``ca_changed``
-starts over with the account of another configured CA (the certificate held is served until
-the new CA's replaces it); ``retry_later``
+stay where they are: ``registration_held`` places no order while the broker could not dial
+the node or the registration delay runs, ``abandon_order`` drops a stored ACME order the CA
+made unusable and ``drop_replaces`` orders again without ``replaces`` (all stay in
+Registered); ``reorder`` abandons an order in flight; ``txt_timeout`` re-sends the value to
+the broker when DNS never showed it; ``account_lost`` re-registers after the CA forgot the
+account; ``ca_changed`` starts over with the account of another configured CA (the
+certificate held is served until the new CA's replaces it); ``retry_later``
 records a classified error after which the order stays and is tried again later; ``fail``
 ends in Failed (permanent errors only) and ``corrupt`` sets aside a row that cannot be read.
 From Failed an operator may ``retry`` from New, or with ``retry_install`` go straight back to
@@ -67,6 +68,7 @@ class Trigger(enum.StrEnum):
 
     CREATE = "create"
     ACCOUNT_READY = "account_ready"
+    REGISTRATION_HELD = "registration_held"
     ORDER_PLACED = "order_placed"
     DROP_REPLACES = "drop_replaces"
     ABANDON_ORDER = "abandon_order"
@@ -185,6 +187,13 @@ T = Trigger
 TRANSITIONS: tuple[Transition, ...] = (
     _t(T.CREATE, (), State.NEW, "an order for a peer is created", by=Mover.OPERATOR),
     _t(T.ACCOUNT_READY, State.NEW, State.REGISTERED, "ACME account registered or found"),
+    _t(
+        T.REGISTRATION_HELD,
+        State.REGISTERED,
+        State.REGISTERED,
+        "no order yet: nothing the broker could dial, or the registration delay",
+        recovery=True,
+    ),
     _t(T.ORDER_PLACED, State.REGISTERED, State.CHALLENGED, "newOrder + its authorization"),
     _t(
         T.DROP_REPLACES,

@@ -29,6 +29,8 @@ from autotls.fsm.data import (
     ChainDownloaded,
     NewOrderIntent,
     OrderData,
+    RegistrationHeld,
+    RegistrationHold,
     RenewalPlan,
     keys,
     order_data,
@@ -144,6 +146,9 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
         digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         intent = data["new_order_intent"]
         if not isinstance(intent, Mapping) or intent.get("request") != digest:
+            held = await _registration_gate(snap, ports, now)
+            if held is not None:
+                return held
             recorded: NewOrderIntent = {
                 "request": digest,
                 "at": iso(now),
@@ -198,8 +203,68 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
     return Advance(
         Trigger.ORDER_PLACED,
         updates=updates,
+        clear=keys(RegistrationHeld),
         note={"order_url": order.url, "authz_status": authz.status},
     )
+
+
+async def _registration_gate(snap: OrderSnapshot, ports: Ports, now: datetime) -> Outcome | None:
+    """What keeps the order from being placed now, if anything: placing it starts the
+    authorization's clock, which only a broker that can dial the node back can stop in time.
+
+    * no address the broker could dial (public ones; private ones too when the broker is
+      configured for a private network): hold, and look again every ``dialable_recheck``;
+    * the registration delay (Kubo's ``AutoTLS.RegistrationDelay``) since the node came up:
+      hold until it is over;
+    * the broker unhealthy: wait for it as Challenged does (an outage that outlived a
+      pending authorization would cost one order per lapsed authorization).
+
+    A hold is a declared move (``registration_held``, journaled) when it begins or its
+    cause changes, and a plain wait while it lasts; ``waiting_for`` says why either way."""
+    data = order_data(snap.data)
+    settings = ports.settings
+    view = await ports.broker.reachability(snap.peer_id)
+    if not view.dialable:
+        return _hold(
+            data,
+            RegistrationHold.NOT_DIALABLE,
+            f"an address the broker could dial: {view.detail}",
+            now + settings.dialable_recheck,
+        )
+    if settings.registration_delay > timedelta(0) and view.online_since is not None:
+        ready = view.online_since + settings.registration_delay
+        if now < ready:
+            return _hold(
+                data,
+                RegistrationHold.REGISTRATION_DELAY,
+                f"the registration delay ({settings.registration_delay} after the node came "
+                f"up at {iso(view.online_since)}): ordering at {iso(ready)}",
+                ready,
+            )
+    await _check_broker_health(ports)
+    return None
+
+
+def _hold(data: OrderData, because: RegistrationHold, reason: str, until: datetime) -> Outcome:
+    if data["held_because"] == because.value:
+        return Wait(until, reason)
+    return Advance(
+        Trigger.REGISTRATION_HELD,
+        updates={"held_because": because.value, "waiting_for": reason},
+        note={"because": because.value, "waiting_for": reason, "until": iso(until)},
+        run_at=until,
+    )
+
+
+async def _check_broker_health(ports: Ports) -> None:
+    health = await ports.broker.health()
+    if not health.healthy:
+        # Touch nothing at the CA while the broker is down: every order burnt here would
+        # count against Let's Encrypt's limits.
+        raise RateLimitedError(
+            f"broker unhealthy: {health.detail or 'health check failed'}",
+            retry_after=health.wait_s,
+        )
 
 
 def _placed(order: AcmeOrderView) -> OrderData:
@@ -238,14 +303,8 @@ async def step_challenged(snap: OrderSnapshot, ports: Ports) -> Outcome:
             updates={"authz_valid_at": iso(now)},
             note={"authz_url": data["authz_url"]},
         )
-    health = await ports.broker.health()
-    if not health.healthy:
-        # Touch nothing at the CA while the broker is down: every order burnt here would
-        # count against Let's Encrypt's limits.
-        raise RateLimitedError(
-            f"broker unhealthy: {health.detail or 'health check failed'}",
-            retry_after=health.wait_s,
-        )
+    # Checked before the order too; again here, for an outage that began since.
+    await _check_broker_health(ports)
     addresses = await ports.broker.register(snap.peer_id, _need(data["dns_value"], "dns_value"))
     authz_expires = parse_time(data["authz_expires"], "authz_expires")
     deadline = min(authz_expires - AUTHZ_EXPIRY_MARGIN, now + ports.settings.dns_deadline_cap)

@@ -74,6 +74,8 @@ class OrderEvent:
     # How long the step took (monotonic seconds, the commit excluded); None when no step ran
     # (a corrupt row set aside). Step-latency metrics read it.
     step_seconds: float | None = None
+    # Why the order waits after this commit (what ``autotls status`` shows), if it does.
+    waiting_for: str | None = None
 
 
 EventListener = Callable[[OrderEvent], Awaitable[None] | None]
@@ -457,7 +459,22 @@ class Worker:
         moved = plan.journal is not None and plan.journal.trigger != Trigger.RETRY_LATER
         trigger = Trigger(plan.journal.trigger) if plan.journal and moved else None
         extra = {"order_id": snap.id, "state": plan.to_state}
-        if trigger:
+        note = plan.data.get("waiting_for")
+        # An error keeps the row's data as it was: its note is the previous wait's.
+        waiting = note if isinstance(note, str) and plan.last_error_class is None else None
+        if trigger and waiting:
+            # A move into a wait (a held registration): nothing happens until what it waits
+            # for changes, so say what that is, once.
+            log.warning(
+                "order %s: %s -> %s (%s): waiting for %s",
+                snap.id,
+                snap.state,
+                plan.to_state,
+                trigger,
+                waiting,
+                extra=extra,
+            )
+        elif trigger:
             log.info(
                 "order %s: %s -> %s (%s)", snap.id, snap.state, plan.to_state, trigger, extra=extra
             )
@@ -485,6 +502,7 @@ class Worker:
                 plan.next_run_at,
                 problem=plan.last_problem,
                 step_seconds=step_seconds,
+                waiting_for=waiting,
             )
         )
 

@@ -99,6 +99,7 @@ async def run_node(settings: NodeSettings, stop: Stop) -> int:
         forge_auth=settings.forge_auth,
         dns_servers=settings.dns_servers,
         allow_private_addresses=settings.allow_private_addresses,
+        registration_delay=settings.registration_delay,
         trust_roots=settings.trust_roots,
         eab=settings.eab,
         profile=settings.profile,

@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -32,6 +33,46 @@ if TYPE_CHECKING:
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/tcp/4002/tls/sni/*.libp2p.direct/ws")
 IDENTITY_FILE = "identity.key"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
+    """``90s``, ``10m``, ``1h30m``, ``500ms``, ``2d`` (Go's notation, as Kubo's config takes
+    it, plus days), or a bare number of seconds. Raises ValueError naming what is wrong."""
+    raw = text.strip().lower()
+    if not raw:
+        raise ValueError("empty duration")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        position, seconds = 0, 0.0
+        for match in _DURATION_PART.finditer(raw):
+            if match.start() != position:
+                break
+            seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            position = match.end()
+        if position != len(raw) or position == 0:
+            raise ValueError(
+                f"{text!r} is not a duration (e.g. 90s, 10m, 1h30m, or seconds)"
+            ) from None
+    low_ok = seconds >= 0 if allow_zero else seconds > 0
+    if not (low_ok and seconds < 10 * 365 * 86400):  # also refuses nan and inf
+        what = "not be negative" if allow_zero else "be positive"
+        raise ValueError(f"{text!r}: a duration must {what} (and under ten years)")
+    return timedelta(seconds=seconds)
+
+
+def registration_delay(args: argparse.Namespace) -> timedelta:
+    """``--registration-delay`` (0 unless given)."""
+    value = getattr(args, "registration_delay", None)
+    if value is None:
+        return timedelta(0)
+    try:
+        return parse_duration(str(value), allow_zero=True)
+    except ValueError as exc:
+        raise UsageError(f"{source(args, 'registration_delay')}: {exc}") from None
 
 
 def default_data_dir() -> Path:
@@ -81,6 +122,7 @@ class NodeSettings:
     preferred_chain: str | None
     forge_auth: str | None = field(repr=False)
     once: bool
+    registration_delay: timedelta = timedelta(0)
     metrics_listen: ListenAddress | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -269,6 +311,7 @@ def node_settings(args: argparse.Namespace) -> NodeSettings:
         preferred_chain=args.preferred_chain or None,
         forge_auth=args.forge_auth or None,
         once=bool(args.once),
+        registration_delay=registration_delay(args),
         metrics_listen=listen_address(args, "metrics_listen", args.metrics_listen)
         if args.metrics_listen
         else None,
