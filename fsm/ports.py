@@ -217,7 +217,8 @@ class EngineSettings:
         timedelta(days=1),
     )
     rate_limit_default_wait: timedelta = timedelta(hours=1)
-    # Kubo's AutoTLS.RegistrationDelay: no order before the node has been up this long.
+    # Kubo's AutoTLS.RegistrationDelay: no order before the node has been up this long
+    # (since the broker port's ReachabilityView.online_since; none when it cannot tell).
     registration_delay: timedelta = timedelta(0)
     # How often a node with no address the broker could dial looks again (a local check).
     dialable_recheck: timedelta = timedelta(minutes=1)
