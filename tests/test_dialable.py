@@ -455,13 +455,15 @@ async def test_autotls_run_holds_the_order_for_the_delay_from_the_environment(
         snap = await read_order(data_dir / "autotls.db")
         return snap is not None and snap.data.get("held_because") == "registration_delay"
 
-    await poll(held, "the order held for the registration delay")
-    [row] = await status(data_dir, capsys)
+    try:
+        await poll(held, "the order held for the registration delay")
+        [row] = await status(data_dir, capsys)
+        snap = await read_order(data_dir / "autotls.db")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stopped = await finish(process)
     assert row["state"] == "Registered"
     assert "the registration delay (1:00:00 after the node came up" in str(row["waiting_for"])
-    snap = await read_order(data_dir / "autotls.db")
     assert snap is not None and not snap.data.get("order_url")
-    process.send_signal(signal.SIGTERM)
-    stopped = await finish(process)
     assert stopped.code == 0, stopped.err
     assert "Registered -> Registered (registration_held)" in stopped.err
