@@ -23,8 +23,10 @@ and the broker client (Retry-After dates).
 
 Several processes may serve one identity (one data directory, or one PostgreSQL database):
 only one holds the order's lease at a time, and the others notice what it installed through
-the store (:meth:`AutoTLS.refresh`, every ``store_poll``) and serve it too. Certificate and key
-are always loaded as one pair, from memory.
+the store (:meth:`AutoTLS.refresh`: at once, told by the store's change feed, else every
+``store_poll``) and serve it too. Certificate and key are always loaded as one pair, from
+memory. ``store_poll`` is also how long the worker sleeps, at most, when nothing is due: an
+operator's move made in another process wakes it at once all the same.
 
 Start refuses, before any order is touched: a data directory others may write, and a
 ``directory_url`` that is not an ACME directory (:meth:`AcmeAdapter.check_directory`).
@@ -71,7 +73,7 @@ from autotls.fsm.clock import Clock, SystemClock
 from autotls.fsm.errors import ConfigurationError
 from autotls.fsm.machine import State, Trigger
 from autotls.fsm.ports import EngineSettings, InstalledCertificate, Ports
-from autotls.fsm.worker import OrderEvent, Worker
+from autotls.fsm.worker import OrderEvent, Worker, order_fields
 from autotls.http import Exchange
 from autotls.install import Installer, LiveTlsContext, load_trust_roots
 from autotls.interfaces import expand_unspecified
@@ -82,6 +84,7 @@ from autotls.multiaddrs import (
     wildcard_name,
 )
 from autotls.peerid import PrivateKey
+from autotls.persistence.changes import Change
 from autotls.persistence.errors import (
     OrderBusyError,
     OrderStateError,
@@ -347,9 +350,14 @@ class AutoTLS:
         """Why the worker stopped by itself (the database stayed unusable), if it did."""
         return self._worker_error
 
-    async def wait_for_certificate(self, *, deadline: datetime | None = None) -> CertificateInfo:
+    async def wait_for_certificate(
+        self, *, deadline: datetime | None = None, settled: bool = False
+    ) -> CertificateInfo:
         """Until a valid certificate is served (installed by this process or, through the
-        store, by another one). Raises :class:`IssuanceFailed` if the order fails
+        store, by another one). With ``settled``, also until the order is Installed: a
+        renewal in flight (due, forced, after a revocation) is waited for, although the
+        certificate it replaces is still valid -- what ``autotls run --once`` does, so that a
+        timer running it renews. Raises :class:`IssuanceFailed` if the order fails
         permanently, the worker's error if it stopped (e.g.
         :class:`~autotls.persistence.errors.StoreUnavailableError`), and
         :class:`DeadlineExceeded` once ``deadline`` (on this object's clock) has passed or
@@ -363,11 +371,13 @@ class AutoTLS:
                 changed = self._changes.next()
                 try:
                     cert = self.certificate
-                    if cert is not None:
+                    if cert is not None and not settled:
                         return cert
                     if self._worker_error is not None:
                         raise self._worker_error
                     snap = await self.order()
+                    if cert is not None and snap.state == State.INSTALLED.value:
+                        return cert
                     if snap.state == State.FAILED.value:
                         raise IssuanceFailed(self._failed or _failure(snap))
                     if deadline is not None and (
@@ -464,7 +474,9 @@ class AutoTLS:
                 clock=self.clock,
                 settings=self._settings_with_profile(),
             )
-            self._worker = Worker(self._store, ports, peers={self.peer_id})
+            self._worker = Worker(
+                self._store, ports, peers={self.peer_id}, idle_poll=self.store_poll
+            )
             self._worker.subscribe(self._on_event)
             if self._run_worker:
                 self._stop.clear()
@@ -476,7 +488,11 @@ class AutoTLS:
             await self._close_clients()
             raise
         log.info(
-            "AutoTLS for %s started (order %s, %s)", self.domain, self.order_id, snapshot.state
+            "AutoTLS for %s started (order %s, %s)",
+            self.domain,
+            self.order_id,
+            snapshot.state,
+            extra=order_fields(snapshot.id, self.peer_id, snapshot.state),
         )
         return self
 
@@ -586,18 +602,38 @@ class AutoTLS:
             )
 
     async def _watch_store(self) -> None:
-        while True:
-            await self.clock.sleep_until(self.clock.now() + self.store_poll)
-            try:
-                await self.refresh()  # waiters re-read the order: another process may move it
-            except Exception as exc:
-                log.warning("reading certificates from the store: %s", describe_database_error(exc))
+        told = asyncio.Event()
+        peers = frozenset({self.peer_id})
+
+        def on_change(changes: Sequence[Change]) -> None:
+            # Another process moved our order (installed a certificate, an operator acted).
+            if any(c.concerns(peers) and c.actor != self.worker.id for c in changes):
+                told.set()
+
+        unsubscribe = self.store.on_change(on_change)
+        try:
+            while True:
+                await self.clock.sleep_until(self.clock.now() + self.store_poll, told)
+                told.clear()
+                try:
+                    await self.refresh()  # waiters re-read the order: another process moved it
+                except Exception as exc:
+                    log.warning(
+                        "reading certificates from the store: %s", describe_database_error(exc)
+                    )
+        finally:
+            unsubscribe()
 
     def _worker_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
             return
         self._worker_error = task.exception()
-        log.error("AutoTLS for %s stopped working: %s", self.domain, self._worker_error)
+        log.error(
+            "AutoTLS for %s stopped working: %s",
+            self.domain,
+            self._worker_error,
+            extra=order_fields(self.order_id, self.peer_id, None),
+        )
         self._changes.notify()
 
     async def _on_install(self, peer_id: str, installed: InstalledCertificate) -> None:
@@ -622,6 +658,7 @@ class AutoTLS:
                     "certificate %s of %s was revoked: no longer advertised",
                     cert.serial,
                     self.domain,
+                    extra=order_fields(cert.order_id, self.peer_id, None),
                 )
 
     async def _on_event(self, event: OrderEvent) -> None:

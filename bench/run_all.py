@@ -1,6 +1,6 @@
 """Run every benchmark with its defaults (or ``--quick`` sizes) and print all the figures.
 
-``python -m bench.run_all [--quick] [--json] [--only store,engine,dns,issuance,peers]``
+``python -m bench.run_all [--quick] [--json] [--only store,engine,dns,issuance,peers,operator]``
 
 Benchmarks whose components are missing (PostgreSQL, Pebble, lego and certbot for ``peers``)
 are reported as skipped, never failed: the figures are for reading, not for gating. Unlike
@@ -16,10 +16,11 @@ from collections.abc import Sequence
 
 from autotls.localstack.pebble import pebble_available
 from bench import dns, engine, issuance, store
+from bench import operator as operator_bench
 from bench import peers as peers_bench
 from bench._common import Report, add_json_flag, emit
 
-ALL = ("store", "engine", "dns", "issuance", "peers")
+ALL = ("store", "engine", "dns", "issuance", "peers", "operator")
 
 
 def _skipped(name: str, reason: str) -> Report:
@@ -38,6 +39,9 @@ def collect(names: Sequence[str], quick: bool) -> list[Report]:
         elif name == "engine":
             orders, sizes = (50, [50, 100]) if quick else (200, [100, 300])
             reports.extend(asyncio.run(engine.run(orders, [1, 4], sizes, "sqlite")))
+        elif name == "operator":  # reports by itself what it lacks (Pebble, PostgreSQL)
+            backends = ["sqlite", "postgresql"]
+            reports.extend(asyncio.run(operator_bench.run(5 if quick else 20, backends)))
         elif not pebble_available():
             reports.append(_skipped(name, "pebble and pebble-challtestsrv are not on PATH"))
         elif name == "dns":

@@ -2,7 +2,10 @@
 
 * Bounded concurrency: at most ``concurrency`` steps in flight; new claims fill free slots.
 * No busy polling: when idle it sleeps until the store's next due time (or ``idle_poll``,
-  to notice rows other processes add; :meth:`Worker.wake` cuts the sleep short).
+  to notice rows other processes add; :meth:`Worker.wake` cuts the sleep short). While
+  :meth:`Worker.run` runs, a move another process commits for one of its peers (an
+  operator's ``renew --force``, ``retry``, ``revoke``; a new order) wakes it at once
+  (:meth:`~autotls.persistence.store.Store.on_change`): ``idle_poll`` is only the fallback.
 * Long steps keep their lease alive (renewed every third of the lease); a worker that still
   loses it finds its commit refused by the fence and drops the result.
 * On start (:meth:`Worker.prepare`): leases of a dead predecessor on this host (worker ids
@@ -29,7 +32,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,6 +49,7 @@ from autotls.fsm.policy import (
 )
 from autotls.fsm.ports import Ports
 from autotls.fsm.steps import STEPS, Step
+from autotls.persistence.changes import Change
 from autotls.persistence.errors import StoreUnavailableError, describe_database_error
 from autotls.persistence.records import CommitPlan, OrderSnapshot
 from autotls.persistence.store import ClaimedOrder, CorruptOrder, Store
@@ -79,6 +83,25 @@ class OrderEvent:
 
 
 EventListener = Callable[[OrderEvent], Awaitable[None] | None]
+
+
+def order_fields(
+    order_id: int | None,
+    peer_id: str | None,
+    state: str | None,
+    *,
+    trigger: str | None = None,
+    error_class: str | None = None,
+) -> dict[str, object]:
+    """The ``extra=`` of every log line about an order: the fields structured logging
+    (``autotls run --log-format json``) shows next to the message."""
+    return {
+        "order_id": order_id,
+        "peer": peer_id,
+        "state": state,
+        "trigger": trigger,
+        "error_class": error_class,
+    }
 
 
 def default_worker_id() -> str:
@@ -139,6 +162,7 @@ class Worker:
         self.peers = frozenset(peers) if peers is not None else None
         self._listeners: list[EventListener] = []
         self._wake = asyncio.Event()
+        self.changes_seen = 0  # wake-ups by another process's commit
         self.steps_run = 0
         self.lost_leases = 0
         self.lease_renewals = 0
@@ -151,6 +175,12 @@ class Worker:
     def wake(self) -> None:
         """New work may be due now (an order was created or retried)."""
         self._wake.set()
+
+    def _store_changed(self, changes: Sequence[Change]) -> None:
+        # Our own commits need no wake-up: the loop already knows what it just did.
+        if any(c.concerns(self.peers) and c.actor != self.id for c in changes):
+            self.changes_seen += 1
+            self.wake()
 
     async def run_once(self) -> int:
         """Claim what is due now, run those steps concurrently, commit. Returns how many."""
@@ -168,11 +198,15 @@ class Worker:
         inflight: set[asyncio.Task[None]] = set()
         db_failures = 0
         stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        unsubscribe = self.store.on_change(self._store_changed)
         try:
             await self.prepare()
             while not stop.is_set():
                 free = self.concurrency - len(inflight)
                 claimed: list[ClaimedOrder] = []
+                # Cleared before the claim, never after it: a wake-up that arrives while we
+                # claim or read the next due time must cut the coming sleep short.
+                self._wake.clear()
                 if free > 0:
                     try:
                         claimed = await self._claim(free)
@@ -189,6 +223,7 @@ class Worker:
                 await self._sleep(await self._idle_for(inflight), stop_wait, inflight)
                 inflight = {t for t in inflight if not t.done()}
         finally:
+            unsubscribe()
             stop_wait.cancel()
             await self._shutdown(inflight, grace)
 
@@ -241,7 +276,7 @@ class Worker:
                     "order %s: took over the lease of %s, whose process is gone",
                     lease.order_id,
                     lease.owner,
-                    extra={"order_id": lease.order_id},
+                    extra=order_fields(lease.order_id, lease.peer_id, lease.state),
                 )
             elif verdict != "dead":
                 log.warning(
@@ -250,7 +285,7 @@ class Worker:
                     lease.owner,
                     verdict,
                     lease.until.isoformat(timespec="seconds"),
-                    extra={"order_id": lease.order_id},
+                    extra=order_fields(lease.order_id, lease.peer_id, lease.state),
                 )
         return taken
 
@@ -307,7 +342,6 @@ class Worker:
         """Sleep until ``duration`` passes, a step finishes, work is woken, or stop."""
         if duration <= timedelta(0):
             return
-        self._wake.clear()
         sleeper: asyncio.Future[Any] = asyncio.ensure_future(
             self.ports.clock.sleep_until(self.ports.clock.now() + duration, self._wake)
         )
@@ -368,9 +402,14 @@ class Worker:
                 "order %s: commit failed: %s",
                 snap.id,
                 describe_database_error(exc),
-                extra={"order_id": snap.id},
+                extra=order_fields(snap.id, snap.peer_id, snap.state),
             )
-            log.debug("order %s: commit failure", snap.id, exc_info=True)
+            log.debug(
+                "order %s: commit failure",
+                snap.id,
+                exc_info=True,
+                extra=order_fields(snap.id, snap.peer_id, snap.state),
+            )
             return
         if not committed:
             self.lost_leases += 1
@@ -378,7 +417,7 @@ class Worker:
                 "order %s: lease lost while in %s; result dropped",
                 snap.id,
                 snap.state,
-                extra={"order_id": snap.id, "state": snap.state},
+                extra=order_fields(snap.id, snap.peer_id, snap.state),
             )
             return
         self.faults.hit(FaultPoint.AFTER_COMMIT, snap.state)
@@ -407,7 +446,7 @@ class Worker:
                 snap.id,
                 snap.state,
                 exc_info=True,
-                extra={"order_id": snap.id, "state": snap.state},
+                extra=order_fields(snap.id, snap.peer_id, snap.state, error_class="internal"),
             )
             return plan_unexpected(snap, exc, clock.now(), settings, rng)
 
@@ -419,12 +458,19 @@ class Worker:
             until = clock.now() + self.lease
             try:
                 if not await self.store.renew_lease(snap.id, snap.fence, self.id, until):
-                    log.warning("order %s: lease taken over during a long step", snap.id)
+                    log.warning(
+                        "order %s: lease taken over during a long step",
+                        snap.id,
+                        extra=order_fields(snap.id, snap.peer_id, snap.state),
+                    )
                     return
                 self.lease_renewals += 1
             except Exception as exc:
                 log.warning(
-                    "order %s: lease renewal failed: %s", snap.id, describe_database_error(exc)
+                    "order %s: lease renewal failed: %s",
+                    snap.id,
+                    describe_database_error(exc),
+                    extra=order_fields(snap.id, snap.peer_id, snap.state),
                 )
 
     async def _set_aside(self, order: CorruptOrder) -> None:
@@ -432,7 +478,7 @@ class Worker:
             "order %s is corrupt and is set aside as Failed: %s",
             order.id,
             order.error,
-            extra={"order_id": order.id},
+            extra=order_fields(order.id, order.peer_id, order.state, error_class="permanent"),
         )
         now = self.ports.clock.now()
         if await self.store.fail_corrupt(
@@ -458,7 +504,13 @@ class Worker:
     async def _announce(self, snap: OrderSnapshot, plan: CommitPlan, step_seconds: float) -> None:
         moved = plan.journal is not None and plan.journal.trigger != Trigger.RETRY_LATER
         trigger = Trigger(plan.journal.trigger) if plan.journal and moved else None
-        extra = {"order_id": snap.id, "state": plan.to_state}
+        extra = order_fields(
+            snap.id,
+            snap.peer_id,
+            plan.to_state,
+            trigger=trigger.value if trigger is not None else None,
+            error_class=plan.last_error_class,
+        )
         note = plan.data.get("waiting_for")
         # An error keeps the row's data as it was: its note is the previous wait's.
         waiting = note if isinstance(note, str) and plan.last_error_class is None else None
@@ -489,7 +541,13 @@ class Worker:
                 extra=extra,
             )
         else:
-            log.debug("order %s: waiting in %s until %s", snap.id, snap.state, plan.next_run_at)
+            log.debug(
+                "order %s: waiting in %s until %s",
+                snap.id,
+                snap.state,
+                plan.next_run_at,
+                extra=extra,
+            )
         await self._emit(
             OrderEvent(
                 snap.id,
@@ -513,7 +571,11 @@ class Worker:
                 if result is not None:
                     await result
             except Exception:
-                log.exception("event listener failed for order %s", event.order_id)
+                log.exception(
+                    "event listener failed for order %s",
+                    event.order_id,
+                    extra=order_fields(event.order_id, event.peer_id, event.to_state),
+                )
 
 
 async def run_until_idle(

@@ -4,7 +4,9 @@ Everything an order's move changes happens here, in the caller's one transaction
 row, guarded by ``WHERE id = ? AND fence = ?`` (a worker that lost its lease changes nothing);
 the account it adopted or updated; the certificate it installed (and the row's pointer to it);
 the revocation an operator recorded; and the journal entry. ``journal(order_id, fence)`` is
-unique, so one claim can never be committed twice.
+unique, so one claim can never be committed twice. On PostgreSQL the journal entry also
+notifies the other processes (``NOTIFY``, :mod:`~autotls.persistence.changes`), in the same
+statement, so it costs no round trip and is delivered only if the transaction commits.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from autotls.persistence.changes import CHANNEL, notify_payload
 from autotls.persistence.errors import ActiveOrderExistsError
 from autotls.persistence.models import INACTIVE_STATES, accounts, certificates, journal, orders
 from autotls.persistence.records import KEEP, CommitPlan, JournalNote, OrderSnapshot
@@ -134,6 +137,7 @@ async def apply_plan(
             to_state=plan.to_state,
             at=now,
             worker=worker,
+            peer_id=snapshot.peer_id,
         )
     return True
 
@@ -149,22 +153,29 @@ async def append_journal(
     to_state: str,
     at: datetime,
     worker: str | None,
+    peer_id: str | None,
 ) -> None:
-    """One journal entry; ``(order_id, fence)`` is unique, so one claim journals once."""
-    await conn.execute(
-        insert(journal).values(
-            order_id=order_id,
-            seq=seq,
-            kind=note.kind,
-            from_state=from_state,
-            to_state=to_state,
-            trigger=note.trigger,
-            at=at,
-            worker=worker,
-            fence=fence,
-            detail=dict(note.detail),
-        )
+    """One journal entry; ``(order_id, fence)`` is unique, so one claim journals once. Other
+    processes hear of it: on PostgreSQL a ``NOTIFY`` rides in the same statement (a
+    data-modifying CTE), on SQLite they see ``data_version`` move."""
+    entry = insert(journal).values(
+        order_id=order_id,
+        seq=seq,
+        kind=note.kind,
+        from_state=from_state,
+        to_state=to_state,
+        trigger=note.trigger,
+        at=at,
+        worker=worker,
+        fence=fence,
+        detail=dict(note.detail),
     )
+    if conn.dialect.name != "postgresql":
+        await conn.execute(entry)
+        return
+    payload = notify_payload(order_id, peer_id or "", worker)
+    written = entry.returning(journal.c.id).cte("written")
+    await conn.execute(select(func.pg_notify(CHANNEL, payload)).select_from(written))
 
 
 async def _adopt_account(conn: AsyncConnection, plan: CommitPlan, now: datetime) -> int:

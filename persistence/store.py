@@ -19,6 +19,10 @@ What it guarantees (design.md rules 4-6 and 10):
 * **No transaction spans network I/O**: every method opens and closes its own transaction;
   callers hold only immutable snapshots in between.
 * One corrupt row is reported as :class:`CorruptOrder` and never stops a claim of the others.
+* **Changes are told**: every journaled commit is a :class:`~autotls.persistence.changes.Change`
+  that other processes learn of at once through :meth:`Store.on_change` (PostgreSQL:
+  ``NOTIFY`` in the journal insert; SQLite: ``PRAGMA data_version``); see
+  :mod:`autotls.persistence.changes`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from autotls.persistence import schema, sqlite
+from autotls.persistence.changes import CHANNEL, ChangeFeed, Listener, notify_payload
 from autotls.persistence.commit import append_journal, apply_plan
 from autotls.persistence.errors import (
     ActiveOrderExistsError,
@@ -78,6 +83,8 @@ class LeaseHeld:
     owner: str
     until: datetime
     fence: int
+    peer_id: str | None = None  # for the log lines that name the order
+    state: str | None = None
 
 
 class Store:
@@ -85,6 +92,7 @@ class Store:
         self.engine = engine
         self.url = url
         self.dialect = url.get_backend_name()
+        self._changes: ChangeFeed | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -111,7 +119,26 @@ class Store:
         return cls(engine, parsed)
 
     async def close(self) -> None:
+        changes, self._changes = self._changes, None
+        if changes is not None:
+            await changes.close()
         await self.engine.dispose()
+
+    def on_change(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` (on this event loop) with the changes committed through other
+        connections -- other processes, or another :class:`Store` -- as they happen; returns
+        the function that unsubscribes it. The first call starts the feed; :meth:`close`
+        ends it. Must be called from a running event loop."""
+        if self._changes is None:
+            self._changes = ChangeFeed(self.url)
+        return self._changes.subscribe(listener)
+
+    async def changes_told(self) -> None:
+        """Until the change feed :meth:`on_change` started tells every commit from now on
+        (tests and benchmarks, which must not commit before it listens)."""
+        if self._changes is None:
+            raise RuntimeError("nothing listens for changes: call on_change first")
+        await self._changes.listening.wait()
 
     async def __aenter__(self) -> Self:
         return self
@@ -169,6 +196,7 @@ class Store:
                     to_state=initial_state,
                     at=now,
                     worker=actor,
+                    peer_id=peer_id,
                 )
         except IntegrityError as exc:
             if "uq_orders_active_peer" in str(exc.orig) or "orders.peer_id" in str(exc.orig):
@@ -282,6 +310,7 @@ class Store:
                 to_state=failed_state,
                 at=now,
                 worker=worker,
+                peer_id=order.peer_id,
             )
             return True
 
@@ -326,6 +355,10 @@ class Store:
             row = (
                 await conn.execute(select(certificates).where(certificates.c.id == certificate_id))
             ).first()
+            if row is not None and self.dialect == "postgresql":
+                # No journal entry to ride on: a running node stops advertising it at once.
+                payload = notify_payload(int(row.order_id), row.peer_id, None)
+                await conn.execute(select(func.pg_notify(CHANNEL, payload)))
         if row is None:
             raise StoreError(f"no certificate with id {certificate_id}")
         return certificate_record(row)
@@ -335,7 +368,12 @@ class Store:
     ) -> list[LeaseHeld]:
         """Active orders (of ``peers``) whose lease is still running at ``now``."""
         query = select(
-            orders.c.id, orders.c.lease_owner, orders.c.lease_until, orders.c.fence
+            orders.c.id,
+            orders.c.lease_owner,
+            orders.c.lease_until,
+            orders.c.fence,
+            orders.c.peer_id,
+            orders.c.state,
         ).where(
             orders.c.state.not_in(INACTIVE_STATES),
             orders.c.lease_until > now,
@@ -345,7 +383,12 @@ class Store:
             query = query.where(orders.c.peer_id.in_(list(peers)))
         async with self._read() as conn:
             rows = (await conn.execute(query.order_by(orders.c.id))).all()
-        return [LeaseHeld(int(r.id), str(r.lease_owner), r.lease_until, int(r.fence)) for r in rows]
+        return [
+            LeaseHeld(
+                int(r.id), str(r.lease_owner), r.lease_until, int(r.fence), r.peer_id, r.state
+            )
+            for r in rows
+        ]
 
     async def end_lease(self, lease: LeaseHeld, *, now: datetime) -> bool:
         """End a lease whose owner is known to be dead: it expires ``now`` (the owner's name

@@ -11,28 +11,32 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sqlite3
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from autotls import cli
 from autotls.acme import jwk_thumbprint, load_account_key
-from autotls.cli.exits import scrub
+from autotls.cli.exits import exit_code_for, scrub
 from autotls.cli.logs import quiet_libp2p, stderr_logging
+from autotls.cli.output import ORDER_FIELDS
 from autotls.cli.run import load_identity
-from autotls.cli.settings import secret_values
+from autotls.cli.settings import parse_duration, secret_values
 from autotls.fsm.diagrams import graphviz_available
+from autotls.fsm.errors import MisconfiguredError
 from autotls.fsm.machine import State
 from autotls.peerid import PrivateKey, save_private_key
 from autotls.persistence import schema
 from autotls.persistence.urls import parse_database_url
 from tests.fakes.ports import acme_problem
 from tests.fixtures.components import component_missing
-from tests.fixtures.engine import Engine
+from tests.fixtures.engine import HAPPY_TRIGGERS, Engine
 
 
 @dataclass
@@ -90,7 +94,7 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert helped.code == 0
     for command in ("demo", "run", "status", "diagram", "db", "renew", "retry", "revoke"):
         assert command in helped.out
-    assert "Exit codes" in helped.out
+    assert "Exit codes" in helped.out and "75 run --once" in " ".join(helped.out.split())
 
 
 @pytest.mark.parametrize(
@@ -228,13 +232,13 @@ def test_database_commands_read_the_environment_too(
 # -- key files ---------------------------------------------------------------------------------
 
 
-def test_a_missing_key_reads_as_none_and_a_present_one_loads(tmp_path: Path) -> None:
+async def test_a_missing_key_reads_as_none_and_a_present_one_loads(tmp_path: Path) -> None:
     path = tmp_path / "identity.key"
-    assert load_identity(path) is None
+    assert await load_identity(path) is None
     assert not path.exists()
     key = PrivateKey.generate()
     save_private_key(key, path)
-    loaded = load_identity(path)
+    loaded = await load_identity(path)
     assert loaded is not None and loaded.peer_id == key.peer_id
 
 
@@ -299,6 +303,138 @@ def test_an_ecdsa_identity_is_refused_before_listening(
     assert not (tmp_path / "autotls.db").exists()
 
 
+def test_a_key_readable_by_others_is_refused_with_the_chmod_that_fixes_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "node"
+    data_dir.mkdir(mode=0o700)
+    key = data_dir / "identity.key"
+    save_private_key(PrivateKey.generate(), key)
+    content = key.read_bytes()
+    for mode in (0o640, 0o604):
+        os.chmod(key, mode)
+        result = run_cli(capsys, "run", "--data-dir", data_dir, "--listen", "/ip4/127.0.0.1/tcp/0")
+        assert_one_line_error(
+            result, 2, f"identity key {key} is readable by group or others: run `chmod 600 {key}`"
+        )
+        assert key.read_bytes() == content and stat.S_IMODE(key.stat().st_mode) == mode
+        assert not (data_dir / "autotls.db").exists()
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda _tmp: Path("/dev/zero"), "character device"),
+        (lambda _tmp: Path("/dev/urandom"), "character device"),
+        (lambda tmp: _fifo(tmp / "key.fifo"), "FIFO"),
+    ],
+    ids=["dev-zero", "dev-urandom", "fifo"],
+)
+async def test_a_key_that_is_not_a_file_is_one_line_at_once(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, make: object, kind: str
+) -> None:
+    key = make(tmp_path)  # type: ignore[operator]
+    # A key read that blocks (a FIFO without a writer) or never ends (/dev/zero) would hang
+    # here: the bound turns that into a failure instead of a stuck suite.
+    result = await asyncio.wait_for(
+        arun_cli(capsys, "run", "--data-dir", tmp_path / "node", "--key", key), 60
+    )
+    assert_one_line_error(result, 2, str(key), f"not a regular file ({'a ' + kind})")
+    assert not (tmp_path / "node" / "autotls.db").exists()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o722])
+def test_a_data_directory_others_may_write_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, mode: int
+) -> None:
+    data_dir = tmp_path / "shared"
+    data_dir.mkdir()
+    os.chmod(data_dir, mode)
+    result = run_cli(capsys, "run", "--data-dir", data_dir, "--listen", "/ip4/127.0.0.1/tcp/0")
+    assert_one_line_error(result, 2, "refusing the data directory", str(data_dir), "chmod")
+    assert list(data_dir.iterdir()) == []  # no key generated, no database created
+    assert stat.S_IMODE(data_dir.stat().st_mode) == mode  # and its mode is the operator's
+
+
+def test_a_new_data_directory_is_private_whatever_the_umask(
+    libp2p_installed: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "a" / "b"
+    with socket.socket() as taken:  # the node cannot listen here: it stops right after
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        previous = os.umask(0)
+        try:
+            result = run_cli(
+                capsys, "run", "--data-dir", data_dir, "--listen", f"/ip4/127.0.0.1/tcp/{port}"
+            )
+        finally:
+            os.umask(previous)
+    assert result.code == 1
+    assert result.error_line.startswith(
+        f"autotls: error: could not listen on /ip4/127.0.0.1/tcp/{port}"
+    )
+    for directory in (tmp_path / "a", data_dir):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    assert stat.S_IMODE((data_dir / "identity.key").stat().st_mode) == 0o600
+
+
+# -- run --once --deadline ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("10m", 600), ("1h30m", 5400), ("500ms", 0.5), ("1.5s", 1.5),
+     ("2d", 172800), (" 10M ", 600)],
+)  # fmt: skip
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5s", "10x", "m", "1h 30m", "s10", "nan", "inf"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_deadline_settings(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _settings("--once").deadline == timedelta(minutes=10)  # the default
+    assert _settings("--once", "--deadline", "45s").deadline == timedelta(seconds=45)
+    assert _settings().store_poll == timedelta(seconds=30)
+    assert _settings("--store-poll", "1h").store_poll == timedelta(hours=1)
+    assert_one_line_error(run_cli(capsys, "run", "--once", "--deadline", "soon"), 2,
+                          "--deadline: 'soon' is not a duration")  # fmt: skip
+    assert_one_line_error(run_cli(capsys, "run", "--deadline", "5m"), 2,
+                          "--deadline applies to --once only")  # fmt: skip
+    monkeypatch.setenv("AUTOTLS_DEADLINE", "2m")
+    assert _settings("--once").deadline == timedelta(minutes=2)
+    assert _settings().deadline == timedelta(minutes=2)  # a shared environment is no mistake
+    monkeypatch.setenv("AUTOTLS_DEADLINE", "later")
+    assert_one_line_error(run_cli(capsys, "run", "--once"), 2, "AUTOTLS_DEADLINE: 'later'")
+    monkeypatch.delenv("AUTOTLS_DEADLINE")
+    monkeypatch.setenv("AUTOTLS_STORE_POLL", "0s")
+    assert_one_line_error(run_cli(capsys, "run"), 2, "AUTOTLS_STORE_POLL:", "positive")
+
+
+async def test_a_missed_deadline_exits_75_and_says_the_order_is_kept(engine: Engine) -> None:
+    from autotls.service import DeadlineExceeded
+
+    order = await engine.order()
+    deadline = engine.clock.now() + timedelta(minutes=10)
+    code, message = exit_code_for(DeadlineExceeded(order, deadline))
+    assert code == cli.EXIT_TEMPFAIL == 75
+    assert message.startswith(f"order {order.id} is New; its next attempt at ")
+    assert message.endswith("; the order is kept; the next run resumes it")
+
+
 # -- logging and secrets -----------------------------------------------------------------------
 
 
@@ -327,6 +463,124 @@ def test_libp2p_logs_are_routed_and_silenced(
             quiet_libp2p(1)
             logging.getLogger("libp2p.stream_muxer").warning("multiselect handshake failed")
         assert "multiselect handshake failed" in capsys.readouterr().err
+    finally:
+        libp2p_logger.propagate, _ = saved
+        libp2p_logger.setLevel(saved[1])
+
+
+@pytest.mark.parametrize(
+    ("argv", "variable", "fragment"),
+    [
+        (["--log-format", "xml"], None, "--log-format: 'xml' is not a log format (human or json)"),
+        ([], "text", "AUTOTLS_LOG_FORMAT: 'text' is not a log format"),
+    ],
+)
+def test_bad_log_formats(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    variable: str | None,
+    fragment: str,
+) -> None:
+    if variable is not None:
+        monkeypatch.setenv("AUTOTLS_LOG_FORMAT", variable)
+    assert_one_line_error(run_cli(capsys, "run", *argv), 2, fragment)
+
+
+def test_json_lines_carry_the_order_fields_and_never_a_key(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from autotls.cli.output import err
+
+    key_pem = PrivateKey.generate().to_pem().decode()  # a PKCS#8 "PRIVATE KEY" block
+    with stderr_logging(0, "json"):
+        logging.getLogger("autotls.worker").warning(
+            "order %s: transient in %s", 7, "Challenged",
+            extra={"order_id": 7, "peer": "k51peer", "state": "Challenged",
+                   "trigger": None, "error_class": "transient"},
+        )  # fmt: skip
+        logging.getLogger("aiosqlite").warning("executing (%r,)", key_pem)
+        logging.getLogger("autotls.test").info("below the default level: not shown")
+        err("order 7: New -> Registered (account_ready)", order_id=7, state="Registered",
+            trigger="account_ready")  # fmt: skip
+    lines = capsys.readouterr().err.strip().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert len(records) == 3, lines
+    worker, library, progress = records
+    assert worker["level"] == "warning" and worker["logger"] == "autotls.worker"
+    assert worker["message"] == "order 7: transient in Challenged"
+    assert (worker["order_id"], worker["peer"], worker["state"], worker["error_class"]) == (
+        7, "k51peer", "Challenged", "transient",
+    )  # fmt: skip
+    assert "trigger" not in worker  # absent fields are left out, not null
+    assert worker["time"].endswith("Z")
+    assert "PRIVATE KEY" not in library["message"]
+    assert "[redacted private key]" in library["message"]
+    assert key_pem.splitlines()[1] not in "\n".join(lines)
+    assert progress["logger"] == "autotls.cli" and progress["trigger"] == "account_ready"
+    # the human format is back once the command is over
+    err("plain")
+    assert capsys.readouterr().err == "plain\n"
+
+
+async def test_worker_lines_about_an_order_carry_its_fields(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    from autotls.fsm.errors import TransientError
+
+    order = await engine.order()
+    engine.broker.fail(TransientError("broker could not dial the node back"))
+    with caplog.at_level(logging.DEBUG, logger="autotls.worker"):
+        await engine.drive_to(order.id, State.INSTALLED)
+    about_orders = [r for r in caplog.records if r.getMessage().startswith("order ")]
+    assert len(about_orders) >= len(HAPPY_TRIGGERS)
+    for record in about_orders:
+        fields = {name: getattr(record, name, None) for name in ORDER_FIELDS}
+        assert fields["order_id"] == order.id, record.getMessage()
+        assert fields["peer"] == order.peer_id and fields["state"], record.getMessage()
+    transient = [r for r in about_orders if getattr(r, "error_class", None) == "transient"]
+    assert len(transient) == 1 and transient[0].state == "Challenged"  # type: ignore[attr-defined]
+    moves = [getattr(r, "trigger", None) for r in about_orders]
+    assert [t for t in moves if t] == HAPPY_TRIGGERS[1:]
+
+
+def test_the_human_format_filters_keys_too(capsys: pytest.CaptureFixture[str]) -> None:
+    key_pem = PrivateKey.generate().to_pem().decode()
+    with stderr_logging(2):
+        logging.getLogger("sqlalchemy.engine.Engine").debug("Row (1, %r)", key_pem)
+    seen = capsys.readouterr().err
+    assert "Row (1, '[redacted private key]" in seen and "PRIVATE KEY" not in seen
+
+
+def test_libp2p_lines_on_the_root_logger_are_silenced_too(
+    libp2p_installed: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """py-libp2p's swarm connection logs its warnings on the *root* logger
+    (``logging.warning``), past every ``libp2p`` logger's level: real code of it, here."""
+    from libp2p.network.connection.swarm_connection import SwarmConn
+
+    class Unhookable:  # no room for the hooks SwarmConn attaches: it warns about each
+        __slots__ = ("peer_id",)
+
+        def __init__(self) -> None:
+            self.peer_id = "12D3KooWunhookable"
+
+    libp2p_logger = logging.getLogger("libp2p")
+    saved = (libp2p_logger.propagate, libp2p_logger.level)
+    try:
+        with stderr_logging(0):
+            quiet_libp2p(0)
+            SwarmConn(Unhookable(), None)  # type: ignore[arg-type]
+            logging.getLogger("autotls.test").warning("ours still shows")
+        quiet = capsys.readouterr().err
+        assert "Failed to set optional conveniences" not in quiet, quiet
+        assert "Could not attach on_close hook" not in quiet
+        assert "autotls: WARNING: ours still shows" in quiet
+        with stderr_logging(1):
+            quiet_libp2p(1)
+            SwarmConn(Unhookable(), None)  # type: ignore[arg-type]
+        verbose = capsys.readouterr().err
+        assert "WARNING root: Failed to set optional conveniences on muxed_conn" in verbose
     finally:
         libp2p_logger.propagate, _ = saved
         libp2p_logger.setLevel(saved[1])
@@ -411,6 +665,9 @@ async def test_status_json_shows_every_order(
 
     failed = rows[populated.failed]
     assert failed["state"] == "Failed" and failed["last_error_class"] == "permanent"
+    assert failed["operator_action"] == (
+        f"fix the cause, then `autotls retry --order {populated.failed}`"
+    )
     assert "deactivated" in failed["last_error_message"]
 
     installed = rows[populated.installed]
@@ -586,13 +843,50 @@ async def test_retry_a_failed_order(
 
     done = await arun_cli(capsys, "retry", "--order", failed.id, "--db", db)
     assert done.code == 0, done.err
-    assert f"order {failed.id}: Failed -> New" in done.out
+    assert done.out.startswith(
+        f"order {failed.id}: Failed -> New; starts the order over (the account is kept); "
+        "a running `autotls run` takes it up at once"
+    ), done.out
     snap = await engine.store.get_order(failed.id)
     assert snap.state == State.NEW.value and snap.last_error_class is None
     last = (await engine.store.journal(failed.id))[-1]
     assert last.trigger == "retry" and (last.worker or "").startswith("cli:")
     # and the engine takes it from there
     await engine.drive_to(failed.id, State.INSTALLED)
+
+
+async def test_status_names_the_fix_a_configuration_wait_needs_and_retry_installs(
+    engine: Engine, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    db = tmp_path / "engine.db"
+    order = await engine.order()
+    await engine.drive_to(order.id, State.FINALIZED)
+    engine.installer.fail(
+        MisconfiguredError("the chain does not build to a trusted root; give --trust-roots FILE")
+    )
+    worker = engine.worker()
+    await worker.run_once()  # the chain is stored
+    await worker.run_once()  # and waits for the fix
+    snap = await engine.store.get_order(order.id)
+    assert (snap.state, snap.last_error_class) == (State.FINALIZED.value, "configuration")
+
+    as_json = await arun_cli(capsys, "status", "--json", "--db", db)
+    (row,) = json.loads(as_json.out)
+    assert row["operator_action"].startswith("needs an operator fix (--trust-roots): ")
+    assert f"`autotls retry --order {order.id}`" in row["operator_action"]
+    table_out = (await arun_cli(capsys, "status", "--db", db)).out
+    assert "needs an operator fix (--trust-roots); configuration:" in table_out
+
+    retried = await arun_cli(capsys, "retry", "--order", order.id, "--db", db)
+    assert retried.code == 0, retried.err
+    assert retried.out.startswith(
+        f"order {order.id}: Finalized -> Finalized; installs the certificate the CA already "
+        "issued (no new order); a running `autotls run` takes it up at once"
+    ), retried.out
+    await engine.drive_to(order.id, State.INSTALLED)
+    assert engine.ca.count("new_order") == 1
+    (row,) = json.loads((await arun_cli(capsys, "status", "--json", "--db", db)).out)
+    assert row["operator_action"] is None
 
 
 async def test_account_show_never_prints_the_key(
@@ -656,3 +950,74 @@ async def test_operator_commands_do_not_create_databases(
         result = await arun_cli(capsys, *argv, "--db", missing)
         assert_one_line_error(result, 3, "no database at")
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("once", [False, True], ids=["run", "run-once"])
+async def test_a_worker_that_gives_up_on_the_database_ends_run_with_3(
+    libp2p_installed: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    once: bool,
+) -> None:
+    """The worker ends after a bounded number of refused claims; ``run`` (waiting on it) and
+    ``run --once`` (waiting for a certificate) end with it. The bound is one refusal here:
+    the default eight back off for three minutes."""
+    from autotls.fsm.operator import create_order
+    from autotls.fsm.worker import Worker
+    from autotls.persistence.store import Store
+    from tests.test_worker_faults import _read_only
+
+    monkeypatch.setitem(Worker.__init__.__kwdefaults__, "store_retries", 1)  # type: ignore[index]
+    data_dir = tmp_path / "node"
+    data_dir.mkdir(mode=0o700)
+    key = PrivateKey.generate()
+    save_private_key(key, data_dir / "identity.key")
+    peer = key.peer_id.to_base36()
+    async with await Store.open(f"sqlite:///{data_dir / 'autotls.db'}") as store:
+        await create_order(store, peer, f"*.{peer}.libp2p.direct", now=datetime.now(UTC))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_ca = f"http://127.0.0.1:{sock.getsockname()[1]}/dir"  # unreachable: a warning
+    argv = ["run", "--data-dir", data_dir, "--listen", "/ip4/127.0.0.1/tcp/0", "--ca", dead_ca]
+    with _read_only(data_dir / "autotls.db"):
+        result = await asyncio.wait_for(
+            arun_cli(capsys, *argv, *(["--once"] if once else [])), 120
+        )
+    assert result.code == 3, result.err
+    assert result.error_line.startswith(f"autotls: error: database sqlite:///{data_dir}")
+    assert result.error_line.endswith(
+        "is unusable: attempt to write a readonly database (1 attempts)"
+    )
+    assert "Traceback" not in result.err
+
+
+def test_a_progress_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log records come from other threads too (aiosqlite, py-libp2p): a line written in two
+    pieces (print writes the text, then the newline) can get a record in between, which
+    breaks ``--log-format json``'s one object per line. Every line is one write."""
+    from autotls.cli.output import err, use_json_lines
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    recorder = Recorder()
+    monkeypatch.setattr("sys.stderr", recorder)
+    for json_lines in (False, True):
+        use_json_lines(json_lines)
+        try:
+            err("stopping", order_id=3)
+        finally:
+            use_json_lines(False)
+    assert len(recorder.writes) == 2
+    for written in recorder.writes:
+        assert written.endswith("\n") and written.count("\n") == 1
+    assert json.loads(recorder.writes[1])["message"] == "stopping"

@@ -34,9 +34,10 @@ signals and logging. Everything it does goes through the public pieces (:class:`
 Every ``run`` option has an environment variable ``AUTOTLS_<OPTION>`` (``--dns-server`` ->
 ``AUTOTLS_DNS_SERVER``; lists separated by spaces or commas; switches take 1/0, true/false,
 yes/no, on/off); a flag on the command line wins over its variable. Errors are one line,
-``autotls: error: ...``; ``--verbose`` adds the traceback and debug logs. Secrets (keys,
-the EAB HMAC key, the forge token, database passwords) are never printed. Exit codes are
-listed in :mod:`autotls.cli.exits`.
+``autotls: error: ...``; ``--verbose`` adds the traceback and debug logs; ``run
+--log-format json`` makes every stderr line a JSON object. Secrets (keys, the EAB HMAC key,
+the forge token, database passwords) are never printed, at any verbosity. Exit codes are
+listed in :mod:`autotls.cli.exits` (0, 1, 2, 3, 75, 130).
 
 Start-up is part of the interface: a command imports only what it uses (``--help`` loads
 neither SQLAlchemy nor cryptography; ``status``, ``diagram``, ``db current`` and ``account
@@ -50,6 +51,7 @@ from autotls.cli.exits import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TEMPFAIL,
     EXIT_USAGE,
     CliError,
     DatabaseProblem,
@@ -66,6 +68,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TEMPFAIL",
     "EXIT_USAGE",
     "PROG",
     "CliError",

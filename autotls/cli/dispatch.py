@@ -140,10 +140,15 @@ def _run_command(args: argparse.Namespace) -> int:
 
     from autotls.cli.exits import EXIT_INTERRUPTED, exit_code_for, scrub
     from autotls.cli.logs import stderr_logging
-    from autotls.cli.settings import secret_values
+    from autotls.cli.settings import log_format, secret_values
 
+    try:
+        chosen_format = log_format(args)
+    except UsageError as exc:
+        err(f"{PROG}: error: {one_line(str(exc))}")
+        return EXIT_USAGE
     secrets = secret_values(args)
-    with stderr_logging(args.verbose), warnings.catch_warnings():
+    with stderr_logging(args.verbose, chosen_format), warnings.catch_warnings():
         if not args.verbose:
             # The system CA bundle holds a root with a negative serial; cryptography warns
             # about it on every load, which tells an operator nothing they can act on.
@@ -153,11 +158,18 @@ def _run_command(args: argparse.Namespace) -> int:
         try:
             return asyncio.run(_dispatch(args))
         except (KeyboardInterrupt, asyncio.CancelledError):
-            err(f"{PROG}: interrupted")
+            err(f"{PROG}: interrupted", level="error")
             return EXIT_INTERRUPTED
         except Exception as exc:
             code, message = exit_code_for(exc)
+            detail = None
             if args.verbose:
-                err(scrub("".join(traceback.format_exception(exc)).rstrip(), secrets))
-            err(f"{PROG}: error: {scrub(one_line(message), secrets)}")
+                detail = scrub("".join(traceback.format_exception(exc)).rstrip(), secrets)
+            line = scrub(one_line(message), secrets)
+            if chosen_format == "json":
+                err(line, level="error", exit_code=code, exc=detail)
+            else:
+                if detail is not None:
+                    err(detail)
+                err(f"{PROG}: error: {line}")
             return code

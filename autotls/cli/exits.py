@@ -9,7 +9,10 @@ Exit codes (stable; scripts may rely on them):
 * ``2`` usage or configuration error (bad arguments or environment variables, a malformed,
   unreadable or corrupt key file, a bad URL, multiaddr or DNS server, an unknown order id);
 * ``3`` database problem (missing, unusable, or its schema needs ``db upgrade`` or is newer
-  than this autotls);
+  than this autotls; a running node whose database kept refusing its work);
+* ``75`` (``EX_TEMPFAIL``) ``run --once`` could not finish by ``--deadline``: the order's next
+  attempt comes later (the broker cannot dial the node, the CA asked to wait...). The order
+  is kept as it stands and the next run resumes it, so a timer may simply run it again;
 * ``130`` interrupted (SIGINT; SIGTERM too, except for ``run`` without ``--once``, where
   SIGTERM is the normal way to stop and exits 0 once node, worker and store are closed).
 """
@@ -34,6 +37,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DATABASE = 3
+EXIT_TEMPFAIL = 75  # sysexits.h EX_TEMPFAIL: try again later
 EXIT_INTERRUPTED = 130
 
 
@@ -85,6 +89,8 @@ def exit_code_for(exc: BaseException) -> tuple[int, str]:
         return EXIT_DATABASE, f"database problem: {sqlalchemy_reason(exc)}"
     if isinstance(exc, ConfigurationError):
         return EXIT_USAGE, str(exc)
+    if _raised_as(exc, "autotls.service", "DeadlineExceeded"):
+        return EXIT_TEMPFAIL, f"{exc}; the order is kept; the next run resumes it"
     if _raised_as(exc, "autotls.node", "NodeError") and (
         getattr(exc, "error_class", None) is ErrorClass.PERMANENT
     ):

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Get and keep a *.<peerid>.libp2p.direct certificate for a libp2p node.",
         epilog="Exit codes: 0 success, 1 failed, 2 usage/configuration, 3 database, "
-        "130 interrupted.",
+        "75 run --once: not done by --deadline (try again later), 130 interrupted.",
     )
     parser.add_argument("--version", action=_Version)
     parser.add_argument(
@@ -293,7 +293,28 @@ def _add_run(run: argparse.ArgumentParser) -> None:
         run,
         "--once",
         kind="bool",
-        help="exit 0 once a valid certificate is installed, 1 on permanent failure",
+        help="exit 0 once a valid certificate is installed, 1 on permanent failure, 75 when "
+        "it cannot be done by --deadline",
+    )
+    option(
+        run,
+        "--deadline",
+        metavar="DURATION",
+        help="with --once: give up (exit 75, the order is kept) when the next attempt would "
+        "come later than this after start (default 10m; e.g. 90s, 10m, 1h30m)",
+    )
+    option(
+        run,
+        "--store-poll",
+        metavar="DURATION",
+        help="how often to re-read the database for what other processes changed, should a "
+        "change notification be missed (default 30s)",
+    )
+    option(
+        run,
+        "--log-format",
+        metavar="FORMAT",
+        help="stderr format: human (default) or json (one JSON object per line)",
     )
 
 

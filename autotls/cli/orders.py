@@ -2,14 +2,17 @@
 (``renew --force``, ``retry``, ``revoke``).
 
 Looking reads the store and the journal; acting goes through :mod:`autotls.fsm.operator`,
-which makes the move a journaled transition that a running worker picks up at its next poll.
-None of these commands creates or upgrades a database.
+which makes the move a journaled transition. A running ``autotls run`` takes it up at once:
+the commit is a change its store tells it about (PostgreSQL ``NOTIFY``, SQLite
+``data_version``; :mod:`autotls.persistence.changes`), within a second. None of these
+commands creates or upgrades a database.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -25,8 +28,8 @@ if TYPE_CHECKING:
     from autotls.persistence.records import OrderSnapshot
     from autotls.persistence.store import CorruptOrder
 
-# A worker notices operator changes made by another process at its next poll.
-WORKER_POLL_S = 30
+TAKEN_UP = "a running `autotls run` takes it up at once (or start one)"
+_OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
 async def cmd_status(args: argparse.Namespace, stop: Stop) -> int:
@@ -62,6 +65,8 @@ async def cmd_status(args: argparse.Namespace, stop: Stop) -> int:
         error = ""
         if rec["last_error_class"] or rec["last_error_message"]:
             error = f"{rec['last_error_class']}: {rec['last_error_message']}"
+            if rec["last_error_class"] == "configuration":
+                error = f"{_needs_fix(rec['last_error_message'])}; {error}"
         elif rec.get("waiting_for"):
             error = f"waiting for {rec['waiting_for']}"
         lines.append(
@@ -101,6 +106,7 @@ def _order_record(row: OrderSnapshot | CorruptOrder) -> dict[str, Any]:
             "created_at": None,
             "updated_at": None,
             "corrupt": True,
+            "operator_action": None,
         }
     cert = row.certificate
     waiting = row.data.get("waiting_for")
@@ -121,7 +127,29 @@ def _order_record(row: OrderSnapshot | CorruptOrder) -> dict[str, Any]:
         "created_at": iso(row.created_at),
         "updated_at": iso(row.updated_at),
         "corrupt": False,
+        "operator_action": _operator_action(row),
     }
+
+
+def _needs_fix(message: str | None) -> str:
+    """``needs an operator fix (--trust-roots)``: the options the error names, if any."""
+    options = sorted(set(_OPTION.findall(message or "")))
+    return "needs an operator fix" + (f" ({', '.join(options)})" if options else "")
+
+
+def _operator_action(row: OrderSnapshot) -> str | None:
+    """What only an operator can do for this order, or None while it needs nobody."""
+    from autotls.fsm.machine import State
+
+    if row.last_error_class == "configuration":
+        return (
+            f"{_needs_fix(row.last_error_message)}: fix the setting, then restart "
+            f"`autotls run` with it or `autotls retry --order {row.id}`; the issued "
+            "certificate is kept"
+        )
+    if row.state == State.FAILED.value:
+        return f"fix the cause, then `autotls retry --order {row.id}`"
+    return None
 
 
 async def cmd_diagram(args: argparse.Namespace, stop: Stop) -> int:
@@ -176,22 +204,22 @@ async def cmd_renew(args: argparse.Namespace, stop: Stop) -> int:
     async with opened_store(database_url(args)) as store:
         order_id = await pick_order(store, args.order, "renew")
         snap = await force_renewal(store, order_id, now=datetime.now(UTC), actor=actor())
-    out(
-        f"order {snap.id}: Installed -> {snap.state}; a running `autotls run` renews it "
-        f"within {WORKER_POLL_S}s (or start one)"
-    )
+    out(f"order {snap.id}: Installed -> {snap.state}; {TAKEN_UP}")
     return EXIT_OK
 
 
 async def cmd_retry(args: argparse.Namespace, stop: Stop) -> int:
+    from autotls.fsm.machine import Trigger
     from autotls.fsm.operator import retry
 
     async with opened_store(database_url(args)) as store:
         snap = await retry(store, args.order, now=datetime.now(UTC), actor=actor())
-    out(
-        f"order {snap.id}: Failed -> {snap.state}; a running `autotls run` resumes it "
-        f"within {WORKER_POLL_S}s (or start one)"
-    )
+        move = (await store.journal(snap.id))[-1]
+    if move.trigger == Trigger.RETRY_INSTALL:
+        what = "installs the certificate the CA already issued (no new order)"
+    else:
+        what = "starts the order over (the account is kept)"
+    out(f"order {snap.id}: {move.from_state} -> {snap.state}; {what}; {TAKEN_UP}")
     return EXIT_OK
 
 
@@ -250,7 +278,7 @@ async def cmd_revoke(args: argparse.Namespace, stop: Stop) -> int:
             reason=args.reason,
         )
     out(
-        f"order {renewed.id}: Installed -> {renewed.state}; a running `autotls run` replaces "
-        f"the certificate within {WORKER_POLL_S}s (or start one)"
+        f"order {renewed.id}: Installed -> {renewed.state}; the certificate is replaced: "
+        f"{TAKEN_UP}"
     )
     return EXIT_OK

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/tcp/4002/tls/sni/*.libp2p.direct/ws")
 IDENTITY_FILE = "identity.key"
+DEFAULT_DEADLINE = timedelta(minutes=10)
+DEFAULT_STORE_POLL = timedelta(seconds=30)
+LOG_FORMATS = ("human", "json")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -40,7 +43,8 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
     """``90s``, ``10m``, ``1h30m``, ``500ms``, ``2d`` (Go's notation, as Kubo's config takes
-    it, plus days), or a bare number of seconds. Raises ValueError naming what is wrong."""
+    it, plus days), or a bare number of seconds; ``0`` only with ``allow_zero``. Raises
+    ValueError naming what is wrong."""
     raw = text.strip().lower()
     if not raw:
         raise ValueError("empty duration")
@@ -62,6 +66,29 @@ def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
         what = "not be negative" if allow_zero else "be positive"
         raise ValueError(f"{text!r}: a duration must {what} (and under ten years)")
     return timedelta(seconds=seconds)
+
+
+def duration(args: argparse.Namespace, dest: str, default: timedelta) -> timedelta:
+    value = getattr(args, dest, None)
+    if value is None:
+        return default
+    try:
+        return parse_duration(str(value))
+    except ValueError as exc:
+        raise UsageError(f"{source(args, dest)}: {exc}") from None
+
+
+def log_format(args: argparse.Namespace) -> str:
+    """``--log-format`` (``human`` unless given); only ``run`` has the option."""
+    value = getattr(args, "log_format", None)
+    if value is None:
+        return "human"
+    chosen = str(value).strip().lower()
+    if chosen not in LOG_FORMATS:
+        raise UsageError(
+            f"{source(args, 'log_format')}: {value!r} is not a log format (human or json)"
+        )
+    return chosen
 
 
 def registration_delay(args: argparse.Namespace) -> timedelta:
@@ -122,6 +149,8 @@ class NodeSettings:
     preferred_chain: str | None
     forge_auth: str | None = field(repr=False)
     once: bool
+    deadline: timedelta = DEFAULT_DEADLINE  # with once: from start to the last useful attempt
+    store_poll: timedelta = DEFAULT_STORE_POLL
     registration_delay: timedelta = timedelta(0)
     metrics_listen: ListenAddress | None = None
     notes: list[str] = field(default_factory=list)
@@ -290,6 +319,15 @@ def node_settings(args: argparse.Namespace) -> NodeSettings:
                 "(mailto:you@example.org)"
             )
 
+    once = bool(args.once)
+    deadline = duration(args, "deadline", DEFAULT_DEADLINE)
+    # The variable may sit in an environment shared with a service; the flag is a mistake.
+    if args.deadline is not None and not once and source(args, "deadline") == "--deadline":
+        raise UsageError(
+            f"{source(args, 'deadline')} applies to --once only (a running node never gives up)"
+        )
+    store_poll = duration(args, "store_poll", DEFAULT_STORE_POLL)
+
     listen = _multiaddrs(args, "listen", args.listen or DEFAULT_LISTEN)
     announce = _multiaddrs(args, "announce", args.announce) if args.announce else None
     return NodeSettings(
@@ -310,7 +348,9 @@ def node_settings(args: argparse.Namespace) -> NodeSettings:
         contact=contact,
         preferred_chain=args.preferred_chain or None,
         forge_auth=args.forge_auth or None,
-        once=bool(args.once),
+        once=once,
+        deadline=deadline,
+        store_poll=store_poll,
         registration_delay=registration_delay(args),
         metrics_listen=listen_address(args, "metrics_listen", args.metrics_listen)
         if args.metrics_listen
