@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -57,11 +58,13 @@ from autotls.fsm.ports import (
     BrokerHealthView,
     ChainView,
     ChallengeView,
+    ReachabilityView,
     RegisteredAccount,
     RenewalWindow,
 )
 from autotls.http import HttpTransport, Observer, UnusableCaFile
 from autotls.install import builds_to_roots
+from autotls.multiaddrs import select_dialable
 from autotls.peerid import PrivateKey
 
 log = logging.getLogger(__name__)
@@ -323,6 +326,8 @@ class AcmeAdapter:
 
 IdentityLookup = Callable[[str], PrivateKey | None]
 AddressLookup = Callable[[str], Sequence[str]]
+# When the node of a peer came up (the registration delay counts from it); None: unknown.
+OnlineSince = Callable[[str], datetime | None]
 
 
 class BrokerAdapter:
@@ -335,15 +340,20 @@ class BrokerAdapter:
         *,
         identity: IdentityLookup,
         addresses: AddressLookup,
+        online_since: OnlineSince | None = None,
         base_url: str = DEFAULT_BROKER_URL,
         ca_file: str | None = None,
         forge_auth: str | None = None,
         allow_private_addresses: bool = False,
         timeout: float = BROKER_TIMEOUT,
         observer: Observer | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """``clock``: what Retry-After dates are measured from (the engine's)."""
         self.identity = identity
         self.addresses = addresses
+        self.online_since = online_since
+        self.clock = clock or SystemClock()
         self.base_url = base_url
         self.ca_file = ca_file
         self.forge_auth = forge_auth
@@ -363,6 +373,7 @@ class BrokerAdapter:
                 allow_private_addresses=self.allow_private_addresses,
                 timeout=self.timeout,
                 observer=self.observer,
+                now=self.clock.now,  # Retry-After dates on the engine's clock
             )
         except UnusableCaFile as exc:
             raise ConfigurationError(f"the broker {exc.message}") from None
@@ -377,6 +388,31 @@ class BrokerAdapter:
     async def health(self) -> BrokerHealthView:
         health = await self._health_client.health()
         return BrokerHealthView(health.healthy, health.wait_s, health.detail)
+
+    async def reachability(self, peer_id: str) -> ReachabilityView:
+        """The addresses a registration would send now (what :meth:`register` sends), with
+        why none qualifies when none does. Reads the addresses callable, nothing else: no
+        request leaves the process.
+
+        Reachability is judged from the addresses alone, not confirmed by AutoNAT: py-libp2p
+        0.8.1's AutoNAT v1 cannot confirm anything for us (see "AutoNAT" in
+        :mod:`autotls.node`), so the broker's own dial-back stays the test of reachability."""
+        offered = list(self.addresses(peer_id))
+        dialable = select_dialable(offered, allow_private=self.allow_private_addresses)
+        since = self.online_since(peer_id) if self.online_since is not None else None
+        if dialable:
+            detail = f"{len(dialable)} of {len(offered)} addresses dialable: " + ", ".join(dialable)
+        elif not offered:
+            detail = "the node has no addresses (is it listening?)"
+        else:
+            kind = "dialable" if self.allow_private_addresses else "public"
+            hint = (
+                ""
+                if self.allow_private_addresses
+                else "; announce a public one, or allow private addresses on a private test network"
+            )
+            detail = f"none of {', '.join(offered)} is {kind}{hint}"
+        return ReachabilityView(tuple(dialable), detail, since)
 
     async def register(self, peer_id: str, value: str) -> Sequence[str]:
         key = self.identity(peer_id)

@@ -19,7 +19,7 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -79,6 +79,10 @@ MAX_BODY = 64 * 1024
 DEFAULT_TIMEOUT = 60.0
 
 _VALUE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,12 +201,15 @@ def _detail(body: bytes, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def classify_response(status: int, body: bytes, headers: Any) -> BrokerError | None:
-    """The error for a broker answer to a registration; ``None`` for success (2xx)."""
+def classify_response(
+    status: int, body: bytes, headers: Any, now: Callable[[], datetime] = _utcnow
+) -> BrokerError | None:
+    """The error for a broker answer to a registration; ``None`` for success (2xx).
+    ``now``: what an HTTP-date Retry-After is measured from."""
     if 200 <= status < 300:
         return None
     detail = _detail(body)
-    retry_after = parse_retry_after(headers.get("Retry-After"), _now()) if headers else None
+    retry_after = parse_retry_after(headers.get("Retry-After"), now()) if headers else None
     if 300 <= status < 400:
         return _redirect(status, headers)
     if status == 400:
@@ -255,10 +262,12 @@ def _redirect(status: int, headers: Any) -> BrokerProtocolError:
     )
 
 
-def _not_a_challenge(status: int, body: bytes, headers: Any) -> BrokerError:
+def _not_a_challenge(
+    status: int, body: bytes, headers: Any, now: Callable[[], datetime]
+) -> BrokerError:
     """The error for the first leg of a registration answered with something other than the
     PeerID-auth challenge."""
-    error = classify_response(status, body, headers)
+    error = classify_response(status, body, headers, now)
     if error is not None:
         return error
     kind = headers.get("Content-Type", "") if headers else ""
@@ -279,7 +288,8 @@ class BrokerClient(HttpClient):
     """Talks to one AutoTLS broker as one libp2p identity (``identity``; without one it only
     checks the broker's health). ``http`` shares a transport; otherwise the client makes its
     own from ``ca_file``, ``session``, ``timeout``, ``user_agent`` and ``observer``, keeping
-    the load balancer's cookies on IP hosts (protocol.md §3)."""
+    the load balancer's cookies on IP hosts (protocol.md §3). ``now`` is the clock an
+    HTTP-date Retry-After is measured from (the engine's, when it drives the client)."""
 
     def __init__(
         self,
@@ -294,6 +304,7 @@ class BrokerClient(HttpClient):
         user_agent: str | None = None,
         timeout: float | None = None,
         observer: Observer | None = None,
+        now: Callable[[], datetime] = _utcnow,
     ) -> None:
         url = URL(base_url)
         if url.scheme not in ("http", "https") or not url.host:
@@ -312,6 +323,7 @@ class BrokerClient(HttpClient):
         self.base_url = url
         self.forge_auth = forge_auth
         self.allow_private_addresses = allow_private_addresses
+        self.now = now
 
     def __repr__(self) -> str:
         peer = self.identity.peer_id if self.identity is not None else None
@@ -341,7 +353,7 @@ class BrokerClient(HttpClient):
         status = answer.status
         if 200 <= status < 300:
             return BrokerHealth(True, 0.0, f"healthy ({status})")
-        wait = health_wait(answer.retry_after(_now))
+        wait = health_wait(answer.retry_after(self.now))
         detail = f"unhealthy: {status} {_detail(answer.body, 120)}".rstrip()
         log.info("broker %s %s; waiting %.0f s before issuing", self.base_url, detail, wait)
         return BrokerHealth(False, wait, detail)
@@ -373,7 +385,7 @@ class BrokerClient(HttpClient):
                 request_class="registration_leg",
             )
         except (HandshakeRefused, PeerIdAuthUnauthorized) as exc:
-            refusal = _not_a_challenge(exc.status, exc.body, exc.headers)
+            refusal = _not_a_challenge(exc.status, exc.body, exc.headers, self.now)
             log.info("broker refused %s: %s", peer, refusal)
             raise refusal from None
         except ServerAuthenticationError as exc:
@@ -382,13 +394,9 @@ class BrokerClient(HttpClient):
             raise BrokerUnauthorized(f"PeerID auth with the broker failed: {exc.message}") from None
         except HttpFailure as exc:
             raise BrokerNetworkError(f"broker registration failed: {exc.reason}") from None
-        error = classify_response(resp.status, resp.body, resp.headers)
+        error = classify_response(resp.status, resp.body, resp.headers, self.now)
         if error is not None:
             log.info("broker (%s) refused %s: %s", resp.server_peer_id, peer, error)
             raise error
         log.info("broker %s accepted the challenge for %s", resp.server_peer_id, peer)
         return selected
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)

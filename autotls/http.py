@@ -122,10 +122,6 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
         return None
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 # ---------------------------------------------------------------------------------------------
 # What an exchange gives back
 
@@ -145,8 +141,9 @@ class HttpResponse:
         # Servers should send absolute URLs; resolving a relative one costs nothing.
         return urljoin(self.url, location) if location else None
 
-    def retry_after(self, now: Callable[[], datetime] = _utcnow) -> float | None:
-        """The ``Retry-After`` header in seconds from ``now()``, or None."""
+    def retry_after(self, now: Callable[[], datetime]) -> float | None:
+        """The ``Retry-After`` header in seconds from ``now()``, or None. ``now`` is the
+        caller's clock (the engine's, injected): an HTTP date means nothing without one."""
         return parse_retry_after(self.headers.get("Retry-After"), now())
 
 

@@ -61,6 +61,18 @@ broker's dial-back, re-exported here).
 * **Failed listens are silent.** ``Swarm.listen`` swallows bind errors; :meth:`start` checks
   that every requested address got a listener and raises :class:`NodeError` naming the ones
   that did not.
+* **AutoNAT.** py-libp2p 0.8.1 ships AutoNAT v1 (``libp2p.host.autonat``), and autotls does
+  not use it to confirm reachability before registering, because it cannot confirm any:
+  its server answers a dial request through ``BasicHost.connect``, which returns at once
+  when a connection to the requester exists -- and the request itself came over one -- so
+  a py-libp2p server reports any address with the requester's IP as reachable, a port
+  nobody listens on included, without dialing it. Its client would need servers that do
+  dial back (go-libp2p's, from a separate dialer host), which a node finds through peer
+  routing this node does not run (no bootstrap peers, no DHT), and more than three of them
+  to agree; and there is no AutoNAT v2, the per-address protocol the Go client waits on
+  (``EvtHostReachableAddrsChanged``). What autotls checks instead: that the node offers an
+  address the broker could dial at all (public, or private with
+  ``allow_private_addresses``), and the broker's own dial-back.
 * **Keys.** Ed25519, secp256k1 and RSA identities load through py-libp2p's protobuf
   deserialiser (Ed25519 in the 32-byte seed form it expects). py-libp2p 0.8.1 has no ECDSA
   deserialiser: an ECDSA identity is refused with :class:`NodeError`.

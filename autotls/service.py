@@ -18,7 +18,8 @@ adapters, and a worker that serves only this peer's order. On start it restores 
 certificate from the store (rewriting its files if they went missing) before anything else,
 so a restarted node serves TLS at once; a missing order is created; an order left mid-flight
 by a crash resumes exactly where it stopped. The injected ``clock`` is the one every part
-reads: the worker, the installer's date checks, the placeholder certificate, the ACME client.
+reads: the worker, the installer's date checks, the placeholder certificate, the ACME client
+and the broker client (Retry-After dates).
 
 Several processes may serve one identity (one data directory, or one PostgreSQL database):
 only one holds the order's lease at a time, and the others notice what it installed through
@@ -73,6 +74,7 @@ from autotls.events import (
 )
 from autotls.fsm import operator
 from autotls.fsm.clock import Clock, SystemClock
+from autotls.fsm.errors import ConfigurationError
 from autotls.fsm.machine import State, Trigger
 from autotls.fsm.ports import EngineSettings, InstalledCertificate, Ports
 from autotls.fsm.worker import OrderEvent, Worker, order_fields
@@ -151,6 +153,7 @@ class AutoTLS:
         preferred_chain: str | None = None,
         zone: str = DEFAULT_ZONE,
         settings: EngineSettings | None = None,
+        registration_delay: timedelta | None = None,
         clock: Clock | None = None,
         run_worker: bool = True,
         check_directory: bool = True,
@@ -159,7 +162,11 @@ class AutoTLS:
         record_limit: int = DEFAULT_LIMIT,
     ) -> None:
         """``addresses``: what the broker dials back (a list, or a callable read at each
-        registration); by default the listen addresses of the node :meth:`attach` gave.
+        registration); by default the listen addresses of the node :meth:`attach` gave. No
+        ACME order is placed while none of them is one the broker could dial (public ones;
+        private ones too with ``allow_private_addresses``): the order waits in Registered,
+        and ``autotls status`` says why. ``registration_delay`` (Kubo's
+        ``AutoTLS.RegistrationDelay``): no order before this long after :meth:`start`.
         ``record``: a directory to write each order's transcript to (off by default)."""
         self.identity = identity
         self.peer_id = identity.peer_id.to_base36()
@@ -174,6 +181,12 @@ class AutoTLS:
         self.settings = settings or EngineSettings()
         if zone != self.settings.zone:
             self.settings = replace(self.settings, zone=zone)
+        if registration_delay is not None:
+            if registration_delay < timedelta(0):
+                raise ConfigurationError("registration_delay must not be negative")
+            self.settings = replace(self.settings, registration_delay=registration_delay)
+        # When this node came up, as far as AutoTLS can tell: start() sets it.
+        self._online_since: datetime | None = None
         if isinstance(trust_roots, (str, Path)):
             roots = load_trust_roots(trust_roots)
         elif trust_roots is None:
@@ -194,11 +207,13 @@ class AutoTLS:
         self.broker = BrokerAdapter(
             identity=lambda peer: self.identity if peer == self.peer_id else None,
             addresses=lambda _peer: self.addresses(),
+            online_since=lambda _peer: self._online_since,
             base_url=broker_url,
             ca_file=broker_ca_file,
             forge_auth=forge_auth,
             allow_private_addresses=allow_private_addresses,
             observer=functools.partial(self._observe_http, "broker"),
+            clock=self.clock,
         )
         self.dns = AuthoritativeTxtChecker(
             zone=zone,
@@ -446,6 +461,7 @@ class AutoTLS:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> AutoTLS:
+        self._online_since = self.clock.now()
         prepare_data_dir(self.data_dir)
         if self._recorder is not None:
             self._recorder.prepare()

@@ -16,10 +16,12 @@ left; the machine's guards require the contributions before the ``|``:
 
 ==============  ==========================================================================
 New             | nothing of an ACME order (see below for what outlives one)
-Registered      | ``OrderRequested``, then ``OrderPlaced`` ``OrderLifetime``
-Challenged      ``OrderPlaced``, ``ChallengeFound`` | ``OrderLifetime``, ``TxtResent`` after a
-                ``txt_timeout``
-BrokerNotified  ``BrokerSent`` |
+Registered      | ``RegistrationHeld`` while no order may be placed, ``OrderRequested``,
+                then ``OrderPlaced`` ``OrderLifetime``
+Challenged      ``OrderPlaced``, ``AuthorizationFound`` | ``ChallengeFound`` (a pending
+                authorization; a valid one needs no challenge), ``OrderLifetime``,
+                ``TxtResent`` after a ``txt_timeout``
+BrokerNotified  ``ChallengeFound``, ``BrokerSent`` |
 DNSPropagated   ``TxtSeen`` | ``ChallengeAnswered``
 Validated       ``AuthorizationValid`` | ``CsrRecorded``
 Finalized       ``CertificateIssued`` | ``ChainDownloaded``
@@ -45,6 +47,7 @@ What is *not* here: facts about a certificate (serial, validity, revocation) liv
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from typing import Any, TypedDict, cast
 
@@ -82,12 +85,35 @@ class OrderLifetime(TypedDict, total=False):
     order_expires: str | None
 
 
-class ChallengeFound(TypedDict, total=False):
-    """Registered -> Challenged: the order's one authorization and its dns-01 challenge."""
+class RegistrationHold(enum.StrEnum):
+    """Why no ACME order is placed yet: no authorization clock is started for a node the
+    broker could not dial back (protocol.md §4), nor before the registration delay is over."""
+
+    NOT_DIALABLE = "not_dialable"  # no address the broker could dial
+    REGISTRATION_DELAY = "registration_delay"  # the node has not been up long enough
+
+
+class RegistrationHeld(TypedDict, total=False):
+    """Registered, before newOrder: why no order may be placed yet (no address the broker
+    could dial, the registration delay). The hold is journaled when it begins or its cause
+    changes, not at every check."""
+
+    held_because: str | None  # a RegistrationHold value
+
+
+class AuthorizationFound(TypedDict, total=False):
+    """Registered -> Challenged: the order's one authorization."""
 
     authz_url: str | None
     authz_expires: str | None
     authz_status: str | None  # "valid": the CA reused an authorization, nothing to publish
+
+
+class ChallengeFound(TypedDict, total=False):
+    """Registered -> Challenged, for a pending authorization: its dns-01 challenge. A valid
+    authorization needs none (Boulder lists only the challenge that validated it, which may
+    be of a type we do not use); BrokerNotified and the states after it imply one."""
+
     challenge_url: str | None
     dns_value: str | None  # the TXT value the broker publishes
 
@@ -194,9 +220,11 @@ class WaitNote(TypedDict, total=False):
 
 
 class OrderData(
+    RegistrationHeld,
     OrderRequested,
     OrderPlaced,
     OrderLifetime,
+    AuthorizationFound,
     ChallengeFound,
     BrokerSent,
     TxtResent,
@@ -230,11 +258,14 @@ def keys(*contributions: Any) -> Keys:
 
 ALL_KEYS = keys(OrderData)
 
-# Data that belongs to one ACME order: cleared whenever a new order is placed.
+# Data that belongs to one ACME order (and the hold before it): cleared whenever a new order
+# is placed.
 ORDER_KEYS = keys(
+    RegistrationHeld,
     OrderRequested,
     OrderPlaced,
     OrderLifetime,
+    AuthorizationFound,
     ChallengeFound,
     BrokerSent,
     TxtResent,

@@ -19,10 +19,13 @@ Finalized: the CA issued the certificate; Installed: it is verified, stored and 
 The step that *leaves* a state performs the single side effect that achieves the next one.
 
 Besides the happy path, every move the journal can record is declared, including those that
-stay where they are: ``abandon_order`` drops a stored ACME order the CA made unusable and
-``drop_replaces`` orders again without ``replaces`` (both stay in Registered); ``reorder``
-abandons an order in flight; ``txt_timeout`` re-sends the value to the broker when DNS never
-showed it; ``account_lost`` re-registers after the CA forgot the account; ``retry_later``
+stay where they are: ``registration_held`` places no order while the broker could not dial
+the node or the registration delay runs, ``abandon_order`` drops a stored ACME order the CA
+made unusable and ``drop_replaces`` orders again without ``replaces`` (all stay in
+Registered); ``reorder`` abandons an order in flight; ``txt_timeout`` re-sends the value to
+the broker when DNS never showed it; ``account_lost`` re-registers after the CA forgot the
+account; ``ca_changed`` starts over with the account of another configured CA (the
+certificate held is served until the new CA's replaces it); ``retry_later``
 records a classified error after which the order stays and is tried again later; ``fail``
 ends in Failed (permanent errors only) and ``corrupt`` sets aside a row that cannot be read.
 From Failed an operator may ``retry`` from New, or with ``retry_install`` go straight back to
@@ -65,6 +68,7 @@ class Trigger(enum.StrEnum):
 
     CREATE = "create"
     ACCOUNT_READY = "account_ready"
+    REGISTRATION_HELD = "registration_held"
     ORDER_PLACED = "order_placed"
     DROP_REPLACES = "drop_replaces"
     ABANDON_ORDER = "abandon_order"
@@ -80,6 +84,7 @@ class Trigger(enum.StrEnum):
     START_RENEWAL = "start_renewal"
     REORDER = "reorder"
     ACCOUNT_LOST = "account_lost"
+    CA_CHANGED = "ca_changed"
     RETRY_LATER = "retry_later"
     FAIL = "fail"
     CORRUPT = "corrupt"
@@ -91,7 +96,7 @@ class Mover(enum.Enum):
     """Who may fire a trigger."""
 
     STEP = "step"  # a step returns it (an Advance)
-    POLICY = "policy"  # the error policy picks it for a classified error
+    POLICY = "policy"  # the policy picks it: for a classified error, or before a step runs
     WORKER = "worker"  # the worker, for a row it cannot read
     OPERATOR = "operator"  # a person or the embedding program (CLI, AutoTLS)
 
@@ -123,8 +128,8 @@ ISSUANCE_PATH = (
 # autotls.fsm.data) of the move that enters it. Checked on entry; tests that place rows
 # directly into a state use it too.
 STATE_CONTRIBUTIONS: Mapping[State, tuple[Any, ...]] = {
-    State.CHALLENGED: (d.OrderPlaced, d.ChallengeFound),
-    State.BROKER_NOTIFIED: (d.BrokerSent,),
+    State.CHALLENGED: (d.OrderPlaced, d.AuthorizationFound),
+    State.BROKER_NOTIFIED: (d.ChallengeFound, d.BrokerSent),
     State.DNS_PROPAGATED: (d.TxtSeen,),
     State.VALIDATED: (d.AuthorizationValid,),
     State.FINALIZED: (d.CertificateIssued,),
@@ -182,7 +187,14 @@ T = Trigger
 TRANSITIONS: tuple[Transition, ...] = (
     _t(T.CREATE, (), State.NEW, "an order for a peer is created", by=Mover.OPERATOR),
     _t(T.ACCOUNT_READY, State.NEW, State.REGISTERED, "ACME account registered or found"),
-    _t(T.ORDER_PLACED, State.REGISTERED, State.CHALLENGED, "newOrder + its dns-01 challenge"),
+    _t(
+        T.REGISTRATION_HELD,
+        State.REGISTERED,
+        State.REGISTERED,
+        "no order yet: nothing the broker could dial, or the registration delay",
+        recovery=True,
+    ),
+    _t(T.ORDER_PLACED, State.REGISTERED, State.CHALLENGED, "newOrder + its authorization"),
     _t(
         T.DROP_REPLACES,
         State.REGISTERED,
@@ -237,6 +249,14 @@ TRANSITIONS: tuple[Transition, ...] = (
         (State.REGISTERED, *ORDERING_STATES),
         State.NEW,
         "CA does not know the account: register again",
+        by=Mover.POLICY,
+        recovery=True,
+    ),
+    _t(
+        T.CA_CHANGED,
+        (State.REGISTERED, *ORDERING_STATES, State.INSTALLED, State.RENEW_DUE),
+        State.NEW,
+        "the configured CA is not the account's: order anew from that CA",
         by=Mover.POLICY,
         recovery=True,
     ),

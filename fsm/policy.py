@@ -28,6 +28,10 @@
   orders anew. An exception that is not an
   ``AutoTLSError`` is a bug and is recorded as class ``internal`` (:func:`plan_unexpected`).
 
+An order whose account belongs to another ACME directory than the worker's (the operator
+switched CA) starts over from New with ``ca_changed`` before any step talks to the new CA
+about the old CA's order (:func:`plan_ca_changed`).
+
 Retry-After always wins over our own backoff. Every wait is written into the row, so a
 restarted worker resumes the same schedule (rule 7).
 
@@ -56,6 +60,8 @@ from autotls.fsm.data import (
     ChainDownloaded,
     Keys,
     OrderData,
+    RenewalPlanned,
+    RenewalTarget,
     keys,
     order_data,
     without,
@@ -238,6 +244,45 @@ def plan_lapsed(
         return dataclasses.replace(plan, **fields)
     return CommitPlan(
         attempts=0, last_error_class=None, last_error_message=None, last_problem=None, **fields
+    )
+
+
+# States whose order (or certificate) came from the order's account's CA.
+CA_BOUND_STATES = frozenset({State.REGISTERED, *ORDERING_STATES, State.INSTALLED, State.RENEW_DUE})
+
+
+def plan_ca_changed(snap: OrderSnapshot, directory_url: str, now: datetime) -> CommitPlan | None:
+    """``ca_changed``, when the order's account belongs to another ACME directory than the
+    one this worker talks to (the operator switched ``--staging`` to production, or ``--ca``):
+    its order, authorization and ``replaces`` (ARI CertIDs are per CA) mean nothing to this
+    CA, whose answer would be a permanent error ("Key ID ... missing expected URL prefix").
+    The order starts over from New, which links it to this directory's account; the
+    certificate held is served until the new CA's replaces it. None otherwise. The worker
+    asks before running a step; in New the step itself links the account."""
+    account = snap.account
+    if account is None or account.directory_url == directory_url:
+        return None
+    if State(snap.state) not in CA_BOUND_STATES:
+        return None
+    data = without(snap.data, ORDER_KEYS | WAIT_KEYS | keys(RenewalTarget, RenewalPlanned))
+    detail: dict[str, Any] = {
+        "from_directory": account.directory_url,
+        "to_directory": directory_url,
+    }
+    if snap.state == State.FINALIZED.value:
+        # Issued by the old CA but not installed yet: after the switch the order is for the
+        # new CA's certificate, so that one is left behind; the journal says so.
+        detail["dropped_uninstalled_certificate"] = True
+    return CommitPlan(
+        to_state=fire(snap.state, Trigger.CA_CHANGED, data, by=Mover.POLICY).value,
+        data=data,
+        next_run_at=now,
+        attempts=0,
+        last_error_class=None,
+        last_error_message=None,
+        last_problem=None,
+        journal=JournalNote("transition", Trigger.CA_CHANGED.value, sanitize(detail)),
+        cert_key_pem=None,
     )
 
 

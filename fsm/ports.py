@@ -134,8 +134,24 @@ class BrokerHealthView:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class ReachabilityView:
+    """What the broker could dial back now: the addresses a registration would send
+    (``dialable``; empty when none qualifies), one line saying why these or why none
+    (``detail``), and since when the node has been up (``online_since``, None when unknown:
+    the registration delay counts from it)."""
+
+    dialable: tuple[str, ...]
+    detail: str
+    online_since: datetime | None = None
+
+
 class BrokerPort(Protocol):
     async def health(self) -> BrokerHealthView: ...
+
+    async def reachability(self, peer_id: str) -> ReachabilityView:
+        """The addresses of ``peer_id`` the broker could dial, read now (no registration)."""
+        ...
 
     async def register(self, peer_id: str, value: str) -> Sequence[str]:
         """Send the DNS-01 value with the peer's public addresses; returns the addresses sent."""
@@ -201,6 +217,11 @@ class EngineSettings:
         timedelta(days=1),
     )
     rate_limit_default_wait: timedelta = timedelta(hours=1)
+    # Kubo's AutoTLS.RegistrationDelay: no order before the node has been up this long
+    # (since the broker port's ReachabilityView.online_since; none when it cannot tell).
+    registration_delay: timedelta = timedelta(0)
+    # How often a node with no address the broker could dial looks again (a local check).
+    dialable_recheck: timedelta = timedelta(minutes=1)
     emergency_fraction: float = 0.1  # renew regardless of ARI with this much lifetime left
     ari_min_recheck: timedelta = timedelta(hours=1)
     ari_max_recheck: timedelta = timedelta(hours=24)

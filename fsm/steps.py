@@ -29,6 +29,8 @@ from autotls.fsm.data import (
     ChainDownloaded,
     NewOrderIntent,
     OrderData,
+    RegistrationHeld,
+    RegistrationHold,
     RenewalPlan,
     keys,
     order_data,
@@ -109,9 +111,14 @@ async def step_new(snap: OrderSnapshot, ports: Ports) -> Outcome:
             effects=Effects(new_account=NewAccount(ports.acme.directory_url, key)),
         )
     if snap.account.directory_url != ports.acme.directory_url:
-        raise PermanentError(
-            f"order belongs to the account at {snap.account.directory_url}, but this worker "
-            f"talks to {ports.acme.directory_url}"
+        # The CA was switched (--staging to production): the store keeps one account per
+        # directory, so link the order to this directory's account, made from a fresh key
+        # unless the store holds one already (the store then keeps that one).
+        key = ports.acme.generate_account_key()
+        return Wait(
+            now,
+            f"account for {ports.acme.directory_url} linked",
+            effects=Effects(new_account=NewAccount(ports.acme.directory_url, key)),
         )
     if snap.account.url and snap.account.status == "valid":
         return Advance(Trigger.ACCOUNT_READY, note={"account": snap.account.url, "reused": True})
@@ -139,6 +146,9 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
         digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
         intent = data["new_order_intent"]
         if not isinstance(intent, Mapping) or intent.get("request") != digest:
+            held = await _registration_gate(snap, ports, now)
+            if held is not None:
+                return held
             recorded: NewOrderIntent = {
                 "request": digest,
                 "at": iso(now),
@@ -171,26 +181,90 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
             f"order {order.url} has {len(order.authorizations)} authorizations, expected 1"
         )
     authz = await ports.acme.get_authorization(account, order.authorizations[0])
-    challenge = authz.challenge("dns-01")
-    if challenge is None:
-        raise PermanentError(f"authorization {authz.url} offers no dns-01 challenge")
     if authz.status not in ("pending", "valid"):
         return _abandon(order.url, f"its authorization is {authz.status}", retry_at)
     expires = authz.expires or order.expires
     if expires is None:
         raise TransientError(f"authorization {authz.url} has no expiry")
+    updates: OrderData = {
+        **_placed(order),
+        "authz_url": authz.url,
+        "authz_expires": iso(expires),
+        "authz_status": authz.status,
+    }
+    if authz.status == "pending":
+        # A valid authorization needs no challenge (Challenged reuses it), and Boulder lists
+        # only the one that validated it, which may be a type we do not use (dns-persist-01).
+        challenge = authz.challenge("dns-01")
+        if challenge is None:
+            raise PermanentError(f"authorization {authz.url} offers no dns-01 challenge")
+        updates["challenge_url"] = challenge.url
+        updates["dns_value"] = ports.acme.dns01_value(account, challenge.token)
     return Advance(
         Trigger.ORDER_PLACED,
-        updates={
-            **_placed(order),
-            "authz_url": authz.url,
-            "authz_expires": iso(expires),
-            "authz_status": authz.status,
-            "challenge_url": challenge.url,
-            "dns_value": ports.acme.dns01_value(account, challenge.token),
-        },
+        updates=updates,
+        clear=keys(RegistrationHeld),
         note={"order_url": order.url, "authz_status": authz.status},
     )
+
+
+async def _registration_gate(snap: OrderSnapshot, ports: Ports, now: datetime) -> Outcome | None:
+    """What keeps the order from being placed now, if anything: placing it starts the
+    authorization's clock, which only a broker that can dial the node back can stop in time.
+
+    * no address the broker could dial (public ones; private ones too when the broker is
+      configured for a private network): hold, and look again every ``dialable_recheck``;
+    * the registration delay (Kubo's ``AutoTLS.RegistrationDelay``) since the node came up:
+      hold until it is over;
+    * the broker unhealthy: wait for it as Challenged does (an outage that outlived a
+      pending authorization would cost one order per lapsed authorization).
+
+    A hold is a declared move (``registration_held``, journaled) when it begins or its
+    cause changes, and a plain wait while it lasts; ``waiting_for`` says why either way."""
+    data = order_data(snap.data)
+    settings = ports.settings
+    view = await ports.broker.reachability(snap.peer_id)
+    if not view.dialable:
+        return _hold(
+            data,
+            RegistrationHold.NOT_DIALABLE,
+            f"an address the broker could dial: {view.detail}",
+            now + settings.dialable_recheck,
+        )
+    if settings.registration_delay > timedelta(0) and view.online_since is not None:
+        ready = view.online_since + settings.registration_delay
+        if now < ready:
+            return _hold(
+                data,
+                RegistrationHold.REGISTRATION_DELAY,
+                f"the registration delay ({settings.registration_delay} after the node came "
+                f"up at {iso(view.online_since)}): ordering at {iso(ready)}",
+                ready,
+            )
+    await _check_broker_health(ports)
+    return None
+
+
+def _hold(data: OrderData, because: RegistrationHold, reason: str, until: datetime) -> Outcome:
+    if data["held_because"] == because.value:
+        return Wait(until, reason)
+    return Advance(
+        Trigger.REGISTRATION_HELD,
+        updates={"held_because": because.value, "waiting_for": reason},
+        note={"because": because.value, "waiting_for": reason, "until": iso(until)},
+        run_at=until,
+    )
+
+
+async def _check_broker_health(ports: Ports) -> None:
+    health = await ports.broker.health()
+    if not health.healthy:
+        # Touch nothing at the CA while the broker is down: every order burnt here would
+        # count against Let's Encrypt's limits.
+        raise RateLimitedError(
+            f"broker unhealthy: {health.detail or 'health check failed'}",
+            retry_after=health.wait_s,
+        )
 
 
 def _placed(order: AcmeOrderView) -> OrderData:
@@ -229,14 +303,8 @@ async def step_challenged(snap: OrderSnapshot, ports: Ports) -> Outcome:
             updates={"authz_valid_at": iso(now)},
             note={"authz_url": data["authz_url"]},
         )
-    health = await ports.broker.health()
-    if not health.healthy:
-        # Touch nothing at the CA while the broker is down: every order burnt here would
-        # count against Let's Encrypt's limits.
-        raise RateLimitedError(
-            f"broker unhealthy: {health.detail or 'health check failed'}",
-            retry_after=health.wait_s,
-        )
+    # Checked before the order too; again here, for an outage that began since.
+    await _check_broker_health(ports)
     addresses = await ports.broker.register(snap.peer_id, _need(data["dns_value"], "dns_value"))
     authz_expires = parse_time(data["authz_expires"], "authz_expires")
     deadline = min(authz_expires - AUTHZ_EXPIRY_MARGIN, now + ports.settings.dns_deadline_cap)

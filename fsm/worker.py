@@ -42,7 +42,13 @@ from typing import Any, Protocol
 from autotls.fsm.errors import AutoTLSError, ErrorClass
 from autotls.fsm.faults import FaultPlan, FaultPoint
 from autotls.fsm.machine import State, Trigger
-from autotls.fsm.policy import plan_error, plan_lapsed, plan_outcome, plan_unexpected
+from autotls.fsm.policy import (
+    plan_ca_changed,
+    plan_error,
+    plan_lapsed,
+    plan_outcome,
+    plan_unexpected,
+)
 from autotls.fsm.ports import Ports
 from autotls.fsm.steps import STEPS, Step
 from autotls.persistence.changes import Change
@@ -74,6 +80,8 @@ class OrderEvent:
     # How long the step took (monotonic seconds, the commit excluded); None when no step ran
     # (a corrupt row set aside). Step-latency metrics read it.
     step_seconds: float | None = None
+    # Why the order waits after this commit (what ``autotls status`` shows), if it does.
+    waiting_for: str | None = None
 
 
 EventListener = Callable[[OrderEvent], Awaitable[None] | None]
@@ -245,13 +253,18 @@ class Worker:
 
         * take over the leases of dead predecessors on this host (:meth:`take_over_dead_leases`);
         * make orders that wait for a configuration fix due now: this process may have been
-          started with the fix (``--trust-roots``), and they cost no request at the CA."""
+          started with the fix (``--trust-roots``), and they cost no request at the CA;
+        * make orders whose account belongs to another ACME directory due now: the operator
+          switched CA (``--staging`` to production), and they move to it at once
+          (``ca_changed``) instead of at their next renewal."""
+        now = self.ports.clock.now()
         try:
             await self.take_over_dead_leases()
             woken = await self.store.make_due(
-                now=self.ports.clock.now(),
-                last_error_class=ErrorClass.CONFIGURATION.value,
-                peers=self.peers,
+                now=now, last_error_class=ErrorClass.CONFIGURATION.value, peers=self.peers
+            )
+            moving = await self.store.make_due_off_directory(
+                now=now, directory_url=self.ports.acme.directory_url, peers=self.peers
             )
         except Exception as exc:
             log.warning("worker start: %s", describe_database_error(exc))
@@ -259,6 +272,13 @@ class Worker:
             return
         if woken:
             log.info("%d order(s) waiting for a configuration fix: trying them again now", woken)
+        if moving:
+            log.warning(
+                "%d order(s) belong to another ACME directory than %s: ordering anew from it "
+                "(their certificates are served until then)",
+                moving,
+                self.ports.acme.directory_url,
+            )
 
     async def take_over_dead_leases(self) -> list[int]:
         """End the running leases whose owner is provably dead: a worker of this host
@@ -429,6 +449,9 @@ class Worker:
 
     async def _run_step(self, step: Step, snap: OrderSnapshot) -> CommitPlan:
         clock, settings, rng = self.ports.clock, self.ports.settings, self.ports.rng
+        moved = plan_ca_changed(snap, self.ports.acme.directory_url, clock.now())
+        if moved is not None:  # the operator switched CA: this one knows nothing of the order
+            return moved
         lapsed = plan_lapsed(snap, clock.now())
         if lapsed is not None:  # e.g. back after downtime: the authorization is gone
             return lapsed
@@ -520,7 +543,22 @@ class Worker:
             trigger=trigger.value if trigger is not None else None,
             error_class=plan.last_error_class,
         )
-        if trigger:
+        note = plan.data.get("waiting_for")
+        # An error keeps the row's data as it was: its note is the previous wait's.
+        waiting = note if isinstance(note, str) and plan.last_error_class is None else None
+        if trigger and waiting:
+            # A move into a wait (a held registration): nothing happens until what it waits
+            # for changes, so say what that is, once.
+            log.warning(
+                "order %s: %s -> %s (%s): waiting for %s",
+                snap.id,
+                snap.state,
+                plan.to_state,
+                trigger,
+                waiting,
+                extra=extra,
+            )
+        elif trigger:
             log.info(
                 "order %s: %s -> %s (%s)", snap.id, snap.state, plan.to_state, trigger, extra=extra
             )
@@ -554,6 +592,7 @@ class Worker:
                 plan.next_run_at,
                 problem=plan.last_problem,
                 step_seconds=step_seconds,
+                waiting_for=waiting,
             )
         )
 

@@ -426,6 +426,27 @@ class Store:
         async with self.engine.begin() as conn:
             return int((await conn.execute(statement)).rowcount)
 
+    async def make_due_off_directory(
+        self, *, now: datetime, directory_url: str, peers: Collection[str] | None = None
+    ) -> int:
+        """Make active orders whose account belongs to another ACME directory than
+        ``directory_url`` due ``now``: the operator switched CA, and a worker moves them to
+        that CA at once (``ca_changed``) rather than at their next renewal. Returns how many."""
+        elsewhere = select(accounts.c.id).where(accounts.c.directory_url != directory_url)
+        statement = (
+            update(orders)
+            .where(
+                orders.c.state.not_in(INACTIVE_STATES),
+                orders.c.account_id.in_(elsewhere),
+                orders.c.next_run_at > now,
+            )
+            .values(next_run_at=now)
+        )
+        if peers is not None:
+            statement = statement.where(orders.c.peer_id.in_(list(peers)))
+        async with self.engine.begin() as conn:
+            return int((await conn.execute(statement)).rowcount)
+
     # -- reads ----------------------------------------------------------------------------
 
     async def get_order(self, order_id: int) -> OrderSnapshot:

@@ -50,7 +50,7 @@ from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
 from autotls.fsm.clock import SystemClock
 from autotls.fsm.errors import TransientError
 from autotls.fsm.machine import State
-from autotls.fsm.ports import BrokerHealthView, EngineSettings, Ports
+from autotls.fsm.ports import BrokerHealthView, EngineSettings, Ports, ReachabilityView
 from autotls.fsm.steps import txt_name
 from autotls.fsm.worker import Worker
 from autotls.install import Installer, load_trust_roots
@@ -88,6 +88,10 @@ class FakeTxtPublishingBroker:
 
     async def health(self) -> BrokerHealthView:
         return BrokerHealthView(healthy=True)
+
+    async def reachability(self, peer_id: str) -> ReachabilityView:
+        # No node behind it, and nobody dials back: nothing to hold the orders for.
+        return ReachabilityView(("/ip4/203.0.113.7/tcp/4001",), "fleet test: not dialed")
 
     async def register(self, peer_id: str, value: str) -> Sequence[str]:
         try:

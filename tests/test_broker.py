@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from autotls.adapters import BrokerAdapter
 from autotls.broker import (
     BrokerClient,
     BrokerDialError,
@@ -29,6 +30,7 @@ from autotls.broker import (
     health_wait,
     validate_challenge_value,
 )
+from autotls.fsm.clock import ManualClock
 from autotls.fsm.errors import ConfigurationError, ErrorClass
 from autotls.http import DEFAULT_USER_AGENT, Exchange
 from autotls.peerid import PrivateKey
@@ -49,6 +51,7 @@ class FakeBroker:
     health_status: int = 204
     health_headers: dict[str, str] = field(default_factory=dict)
     pre_auth_status: int | None = None  # answer before auth (denylist, outage)
+    pre_auth_headers: dict[str, str] = field(default_factory=lambda: {"Retry-After": "120"})
     requests: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
     server: PeerIdAuthServer | None = None
@@ -68,7 +71,7 @@ class FakeBroker:
         async def register(request: web.Request) -> web.StreamResponse:
             if self.pre_auth_status is not None:
                 return web.Response(
-                    status=self.pre_auth_status, text="go away", headers={"Retry-After": "120"}
+                    status=self.pre_auth_status, text="go away", headers=self.pre_auth_headers
                 )
             assert self.server is not None  # tests may swap the server between requests
             return await self.server.protect(registered)(request)
@@ -388,3 +391,56 @@ async def test_health_down_with_http_date(broker: FakeBroker) -> None:
         health = await client.health()
     assert not health.healthy
     assert 5 * 3600 - 60 < health.wait_s <= 5 * 3600
+
+
+# --- Retry-After dates on the engine's clock ---------------------------------------------------
+
+# Far from the wall clock: a date Retry-After measured from the wall clock would read as years.
+ENGINE_NOW = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def _http_date(moment: datetime) -> str:
+    return format_datetime(moment, usegmt=True)
+
+
+async def test_health_retry_after_date_is_measured_on_the_injected_clock(
+    broker: FakeBroker,
+) -> None:
+    clock = ManualClock(ENGINE_NOW)
+    broker.health_status = 503
+    broker.health_headers = {"Retry-After": _http_date(ENGINE_NOW + timedelta(hours=5))}
+    async with client_for(broker, now=clock.now) as client:
+        health = await client.health()
+    assert not health.healthy
+    assert health.wait_s == 5 * 3600
+
+
+@pytest.mark.parametrize("pre_auth", [False, True])
+async def test_registration_retry_after_date_is_measured_on_the_injected_clock(
+    broker: FakeBroker, pre_auth: bool
+) -> None:
+    clock = ManualClock(ENGINE_NOW)
+    headers = {"Retry-After": _http_date(ENGINE_NOW + timedelta(minutes=2))}
+    if pre_auth:  # the load balancer answers before the PeerID-auth handshake
+        broker.pre_auth_status = 503
+        broker.pre_auth_headers = headers
+    else:  # the broker, after it
+        broker.handler = respond(503, "busy", headers)
+    async with client_for(broker, now=clock.now) as client:
+        with pytest.raises(BrokerUnavailable) as info:
+            await client.register(VALUE, PUBLIC)
+    assert info.value.retry_after == 120
+
+
+async def test_the_broker_adapter_hands_its_clock_to_its_clients(broker: FakeBroker) -> None:
+    clock = ManualClock(ENGINE_NOW)
+    broker.health_status = 503
+    broker.health_headers = {"Retry-After": _http_date(ENGINE_NOW + timedelta(hours=3))}
+    adapter = BrokerAdapter(
+        identity=lambda _p: None, addresses=lambda _p: [], base_url=broker.url, clock=clock
+    )
+    try:
+        health = await adapter.health()
+    finally:
+        await adapter.close()
+    assert not health.healthy and health.wait_s == 3 * 3600

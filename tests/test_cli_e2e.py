@@ -303,7 +303,8 @@ async def test_signals_stop_cleanly_and_a_restart_resumes_the_order(
     data_dir = tmp_path / "node"
     db = data_dir / "autotls.db"
     roots = write_roots(stack, tmp_path / "roots.pem")
-    # The broker is down: the order is placed at the CA, then waits in Challenged.
+    # The broker is down: its health check fails before any ACME order is placed, and the
+    # order waits in Registered.
     down = stack_env(stack, broker_url=_dead_broker_url())
     attempts_seen = 0
 
@@ -311,20 +312,21 @@ async def test_signals_stop_cleanly_and_a_restart_resumes_the_order(
         snap = await read_order(db)
         return (
             snap is not None
-            and snap.state == "Challenged"
+            and snap.state == "Registered"
             and snap.attempts > attempts_seen
             and snap.last_error_class == "transient"
         )
 
     for signum, expected in ((signal.SIGINT, 130), (signal.SIGTERM, 0)):
         process = await start_autotls(*run_argv(stack, data_dir, roots), env=down)
-        await poll(broker_attempted, "a failed broker attempt in Challenged")
+        await poll(broker_attempted, "a failed broker health check in Registered")
         process.send_signal(signum)
         stopped = await finish(process)
         assert stopped.code == expected, stopped.err
         assert f"stopped on {signum.name}" in stopped.err
         snap = await read_order(db)
-        assert snap is not None and snap.id == 1 and snap.state == "Challenged"
+        assert snap is not None and snap.id == 1 and snap.state == "Registered"
+        assert not snap.data.get("order_url")  # no order while the broker is down
         assert snap.lease_owner is None  # the worker let go of it
         attempts_seen = snap.attempts
 

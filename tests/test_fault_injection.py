@@ -108,13 +108,15 @@ SCENARIOS: list[Any] = [
     Scenario(K.RESET, "order", S.REGISTERED, T),
     Scenario(K.HTML_502, "authz", S.REGISTERED, T),
     Scenario(K.TRUNCATED, "authz", S.REGISTERED, T),
-    # Challenged: the broker.
-    Scenario(K.HTML_502, "health", S.CHALLENGED, R, waits=OUTAGE_WAIT, lapses=True),
-    Scenario(
-        K.RETRY_AFTER_503, "health", S.CHALLENGED, R, retry_after=7200, waits=7200, lapses=True
-    ),
-    Scenario(K.RESET, "health", S.CHALLENGED, T, times=2, absorbed=1),
-    Scenario(K.HANG, "health", S.CHALLENGED, T),
+    # Registered, before the order: the broker's health. An outage starts no authorization
+    # clock, so none lapses and no order is placed twice.
+    Scenario(K.HTML_502, "health", S.REGISTERED, R, waits=OUTAGE_WAIT),
+    Scenario(K.RETRY_AFTER_503, "health", S.REGISTERED, R, retry_after=7200, waits=7200),
+    Scenario(K.RESET, "health", S.REGISTERED, T, times=2, absorbed=1),
+    Scenario(K.HANG, "health", S.REGISTERED, T),
+    # Challenged: the broker. Its health again (an outage that began after the order: a wait
+    # of an hour outlives Pebble's pending authorization), then the registration.
+    Scenario(K.HTML_502, "health", S.CHALLENGED, R, after=1, waits=OUTAGE_WAIT, lapses=True),
     Scenario(K.HTML_502, "challenge_leg", S.CHALLENGED, T),
     Scenario(K.RETRY_AFTER_503, "challenge_leg", S.CHALLENGED, T, waits=120),
     Scenario(K.JSON_500, "challenge_leg", S.CHALLENGED, T),

@@ -306,18 +306,26 @@ def lapse_watch(le: LetsEncrypt) -> Callable[[OrderSnapshot], None]:
 
 class ClockedBroker(FakeBroker):
     """A broker in trouble until ``until`` on the clock: unhealthy, or registering with
-    ``error`` (a transient failure, or a bug)."""
+    ``error`` (a transient failure, or a bug). ``healthy_checks``: health checks answered
+    well before the trouble shows (1: the outage begins once the order is placed)."""
 
     def __init__(
-        self, clock: ManualClock, until: datetime, *, error: BaseException | None = None
+        self,
+        clock: ManualClock,
+        until: datetime,
+        *,
+        error: BaseException | None = None,
+        healthy_checks: int = 0,
     ) -> None:
         super().__init__(FakeDns())
         self.clock = clock
         self.until = until
         self.error = error
+        self.healthy_checks = healthy_checks
 
     async def health(self) -> Any:
-        self.healthy = self.error is not None or self.clock.now() >= self.until
+        early = self.health_checks < self.healthy_checks
+        self.healthy = early or self.error is not None or self.clock.now() >= self.until
         return await super().health()
 
     async def register(self, peer_id: str, value: str) -> Sequence[str]:
@@ -332,7 +340,7 @@ SHORT_START = datetime(2027, 6, 1, tzinfo=UTC)
 @pytest.mark.parametrize(
     "trouble",
     [
-        "broker unhealthy for 90 min",
+        "broker unhealthy for 90 min once the order is placed",
         "broker registration times out for 2 h",
         "a bug in the broker step for 2 h",
         "CA answers 503 with Retry-After 1 h",
@@ -345,7 +353,10 @@ async def test_shortlived_retry_schedule_never_outlives_the_authorization(
     clock_for_broker = ManualClock(SHORT_START)  # replaced below by the stack's own clock
     broker: FakeBroker | None = None
     if trouble.startswith("broker unhealthy"):
-        broker = ClockedBroker(clock_for_broker, SHORT_START + timedelta(minutes=90))
+        # The check before the order passes; the one in Challenged meets the outage.
+        broker = ClockedBroker(
+            clock_for_broker, SHORT_START + timedelta(minutes=90), healthy_checks=1
+        )
         broker.wait_s = 3600.0
     elif trouble.startswith("broker registration"):
         broker = ClockedBroker(
@@ -386,6 +397,30 @@ async def test_shortlived_retry_schedule_never_outlives_the_authorization(
     assert len(le.ca.orders) == len(reorders) + 1
     # Nothing failed at the CA: no failed validation counted against the budget.
     assert not snap.data.get("validation_failures")
+
+
+async def test_a_broker_outage_before_the_order_costs_no_order(
+    lets_encrypt: MakeLetsEncrypt,
+) -> None:
+    """The broker's health is checked before newOrder: an outage longer than a shortlived
+    pending authorization (1 h) starts no authorization clock, so no order lapses and none
+    is placed again."""
+    broker = ClockedBroker(ManualClock(SHORT_START), SHORT_START + timedelta(minutes=150))
+    broker.wait_s = 3600.0
+    le = await lets_encrypt(SHORT_START, profile="shortlived", broker=broker)
+    broker.clock = le.clock
+    order_id = await le.order()
+    await le.drive(order_id, lambda s: s.state == State.INSTALLED.value)
+    journal = await le.store.journal(order_id)
+    waits = [j for j in journal if j.detail.get("error_class") == "rate_limited"]
+    assert [(j.from_state, j.detail["retry_after"]) for j in waits] == [
+        (State.REGISTERED.value, 3600.0)
+    ] * 3
+    assert not [j for j in journal if j.trigger == "reorder"]
+    assert len(le.ca.orders) == 1
+    [order] = le.ca.orders.values()
+    assert le.clock.now() >= SHORT_START + timedelta(minutes=150)
+    assert order.expires > SHORT_START + timedelta(minutes=150), "ordered after the outage"
 
 
 async def test_an_order_that_lapses_while_the_ca_rate_limits_finalize_is_placed_again(
@@ -506,6 +541,34 @@ async def test_unknown_challenge_types_are_ignored_and_dns_01_does_the_work(
     answered = [p for e, p in le.ca.payloads if e == "challenge" and p is not None]
     assert answered == [{}]
     assert not le.ca.problems
+
+
+async def test_a_valid_authorization_that_lists_only_dns_persist_01_is_reused(
+    lets_encrypt: MakeLetsEncrypt,
+) -> None:
+    """Boulder shows a valid authorization with the challenge that validated it only; when
+    that was dns-persist-01 there is no dns-01 to take, and none is needed: the order goes
+    from Challenged straight to Validated, bothering neither the broker nor DNS."""
+    le = await lets_encrypt(datetime(2027, 3, 1, tzinfo=UTC))
+    le.ca.extra_challenges = [DNS_PERSIST_01]
+    le.ca.standing_validation = "dns-persist-01"
+    order_id = await le.order()
+    await le.drive(order_id, lambda s: s.state == State.INSTALLED.value)
+    assert len(await le.certificates(order_id)) == 1
+    triggers = [j.trigger for j in await le.store.journal(order_id)]
+    assert triggers == [
+        "create",
+        "account_ready",
+        "order_placed",
+        "authorization_reused",
+        "certificate_issued",
+        "certificate_installed",
+    ]
+    assert le.broker.registrations == []
+    assert not [e for e, _ in le.ca.payloads if e == "challenge"], "no challenge answered"
+    [authz] = le.ca.authorizations.values()
+    body = le.ca._authz_json(authz)
+    assert [c["type"] for c in body["challenges"]] == ["dns-persist-01"]
 
 
 async def test_the_fake_ca_lists_the_unknown_challenges_first() -> None:

@@ -69,8 +69,11 @@ def test_every_trigger_is_declared_once_and_says_who_fires_it() -> None:
 
 def test_what_each_state_requires_is_derived_from_the_data_declaration() -> None:
     assert set(STATE_REQUIRES[State.CHALLENGED]) == data.keys(
-        data.OrderPlaced, data.ChallengeFound
+        data.OrderPlaced, data.AuthorizationFound
     )
+    # A valid (reused) authorization brings no challenge: only BrokerNotified implies one.
+    assert not set(STATE_REQUIRES[State.CHALLENGED]) & data.keys(data.ChallengeFound)
+    assert data.keys(data.ChallengeFound) <= set(STATE_REQUIRES[State.BROKER_NOTIFIED])
     assert set(STATE_REQUIRES[State.INSTALLED]) == data.keys(data.CertificateInstalled)
     required = {key for keys in STATE_REQUIRES.values() for key in keys}
     assert required <= data.ALL_KEYS

@@ -137,7 +137,8 @@ async def test_run_serves_metrics_and_health_before_and_after_issuance(
     db = data_dir / "autotls.db"
     roots = write_roots(stack, tmp_path / "roots.pem")
     async with aiohttp.ClientSession() as http:
-        # 1. The broker is down: the order waits in Challenged, the node is not healthy.
+        # 1. The broker is down: the order waits in Registered (its health check fails before
+        # any ACME order is placed), the node is not healthy.
         down = stack_env(stack, broker_url=_dead_broker_url())
         argv = run_argv(stack, data_dir, roots, "--metrics-listen", "127.0.0.1:0")
         process = await start_autotls(*argv, env=down)
@@ -146,9 +147,9 @@ async def test_run_serves_metrics_and_health_before_and_after_issuance(
 
             async def broker_failed() -> bool:
                 snap = await read_order(db)
-                return snap is not None and snap.state == "Challenged" and snap.attempts > 0
+                return snap is not None and snap.state == "Registered" and snap.attempts > 0
 
-            await poll(broker_failed, "a failed broker attempt in Challenged")
+            await poll(broker_failed, "a failed broker health check in Registered")
             status, body = await health(http, f"{base}/healthz")
             assert status == 503, body
             assert body["status"] == "unavailable" and body["worker"] == "running"
@@ -163,15 +164,17 @@ async def test_run_serves_metrics_and_health_before_and_after_issuance(
         waiting.check_names()
         assert waiting.value("autotls_broker_healthy") == 0
         errors = waiting.value(
-            "autotls_step_errors_total", state="Challenged", error_class="transient"
+            "autotls_step_errors_total", state="Registered", error_class="transient"
         )
         assert errors is not None and errors >= 1
-        assert waiting.value("autotls_orders", state="Challenged") == 1
+        assert waiting.value("autotls_orders", state="Registered") == 1
         assert waiting.value("autotls_orders", state="Installed") == 0
         assert waiting.samples("autotls_certificate_expiry_timestamp_seconds") == []
         assert waiting.value("autotls_acme_requests_total", endpoint="newAccount", status="201")
-        assert waiting.value("autotls_acme_requests_total", endpoint="newOrder", status="201") == 1
-        for state in ("New", "Registered", "Challenged"):  # a state may take several steps
+        # No order while the broker is down: no authorization clock runs for nothing.
+        placed = waiting.value("autotls_acme_requests_total", endpoint="newOrder", status="201")
+        assert placed is None
+        for state in ("New", "Registered"):  # a state may take several steps
             count = waiting.value("autotls_step_duration_seconds_count", state=state)
             assert count is not None and count >= 1, state
 
@@ -233,7 +236,7 @@ async def test_run_serves_metrics_and_health_before_and_after_issuance(
     }
     assert acme[("finalize", "200")] == 1 and acme[("certificate", "200")] == 1
     assert acme[("challenge", "200")] >= 1 and acme[("directory", "200")] >= 1
-    assert ("newOrder", "201") not in acme  # this process resumed the order of the first
+    assert acme[("newOrder", "201")] == 1  # placed by this process: the first one had none
     for state in ("Challenged", "BrokerNotified", "DNSPropagated", "Validated", "Finalized"):
         count = installed.value("autotls_step_duration_seconds_count", state=state)
         assert count is not None and count >= 1, state

@@ -511,3 +511,51 @@ async def test_plain_websocket_listener_and_dial_back_over_it() -> None:
         (address,) = node.listen_addresses
         assert address.endswith("/ws") and _port(address) > 0
         assert await dial_back(key.peer_id, [address], timeout=10) == address
+
+
+def _ask_py_libp2p_autonat_about(address: str) -> tuple[int, str | None]:
+    """A py-libp2p AutoNAT v1 server and a client asking it to dial ``address`` (each host
+    on loopback, in one trio.run in this worker thread): the server's verdict."""
+    import trio
+    from libp2p import new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.host.autonat import AutoNATService
+    from libp2p.peer.peerinfo import PeerInfo
+    from multiaddr import Multiaddr as PyMultiaddr
+
+    from autotls.libp2p_host import muxer_options, running, security_options
+
+    def host() -> Any:
+        pair = create_new_key_pair()
+        options = security_options(pair, with_tls=False)
+        return new_host(key_pair=pair, sec_opt=options, muxer_opt=muxer_options())
+
+    async def main() -> tuple[int, str | None]:
+        server, client = host(), host()
+        loopback = [PyMultiaddr("/ip4/127.0.0.1/tcp/0")]
+        async with running(server, loopback), running(client, loopback):
+            AutoNATService(server, serve=True)
+            asking = AutoNATService(client, serve=False, confirmations=1)
+            with trio.fail_after(10):
+                await client.connect(PeerInfo(server.get_id(), server.get_addrs()))
+                status, dialed = await asking.query_server(
+                    server.get_id(), addrs=[PyMultiaddr(address).to_bytes()]
+                )
+        return status, str(PyMultiaddr(dialed)) if dialed else None
+
+    return trio.run(main)
+
+
+async def test_py_libp2p_autonat_confirms_an_address_nobody_listens_on() -> None:
+    """Why autotls does not confirm reachability with py-libp2p's AutoNAT (autotls/node.py,
+    "AutoNAT"): its server answers OK, and names the address as dialed, for a port nothing
+    listens on -- it reuses the connection the request came over instead of dialing. When
+    this fails, py-libp2p's server dials for real and AutoNAT is worth a second look."""
+    from libp2p.host.autonat.pb.autonat_pb2 import Message
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"/ip4/127.0.0.1/tcp/{sock.getsockname()[1]}"
+    status, dialed = await asyncio.to_thread(_ask_py_libp2p_autonat_about, closed)
+    assert status == Message.OK
+    assert dialed == closed

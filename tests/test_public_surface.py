@@ -126,6 +126,7 @@ def test_the_facade_clock_reaches_every_part(tmp_path: Path) -> None:
     clock = ManualClock()
     auto = _facade(tmp_path, clock)
     assert auto.installer.clock is clock and auto.acme.clock is clock and auto.dns.clock is clock
+    assert auto.broker.clock is clock  # Retry-After dates of the broker's answers
 
 
 @pytest.fixture

@@ -27,6 +27,9 @@ class BlockingBroker:
     async def health(self):  # type: ignore[no-untyped-def]
         return await self.inner.health()  # type: ignore[attr-defined]
 
+    async def reachability(self, peer_id: str):  # type: ignore[no-untyped-def]
+        return await self.inner.reachability(peer_id)  # type: ignore[attr-defined]
+
     async def register(self, peer_id: str, value: str) -> Sequence[str]:
         self.entered.set()
         try:

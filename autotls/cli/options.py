@@ -270,6 +270,13 @@ def _add_run(run: argparse.ArgumentParser) -> None:
         kind="bool",
         help="register private and loopback addresses (private test networks only)",
     )
+    option(
+        run,
+        "--registration-delay",
+        metavar="DURATION",
+        help="place no ACME order until the node has been up this long (Kubo's "
+        "AutoTLS.RegistrationDelay; e.g. 90s, 10m, 1h; default 0)",
+    )
     option(run, "--profile", metavar="NAME", help="ACME certificate profile")
     option(run, "--eab-kid", metavar="KID", help="External Account Binding key id")
     option(

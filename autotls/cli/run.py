@@ -174,6 +174,7 @@ async def _run_node(settings: NodeSettings, stop: Stop) -> None:
         forge_auth=settings.forge_auth,
         dns_servers=settings.dns_servers,
         allow_private_addresses=settings.allow_private_addresses,
+        registration_delay=settings.registration_delay,
         trust_roots=settings.trust_roots,
         eab=settings.eab,
         profile=settings.profile,

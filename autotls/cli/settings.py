@@ -41,9 +41,10 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``10m``, ``1h30m``, ``500ms``, ``2d`` (Go's notation, plus days), or a bare
-    number of seconds. Raises ValueError naming what is wrong."""
+def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
+    """``90s``, ``10m``, ``1h30m``, ``500ms``, ``2d`` (Go's notation, as Kubo's config takes
+    it, plus days), or a bare number of seconds; ``0`` only with ``allow_zero``. Raises
+    ValueError naming what is wrong."""
     raw = text.strip().lower()
     if not raw:
         raise ValueError("empty duration")
@@ -60,8 +61,10 @@ def parse_duration(text: str) -> timedelta:
             raise ValueError(
                 f"{text!r} is not a duration (e.g. 90s, 10m, 1h30m, or seconds)"
             ) from None
-    if not 0 < seconds < 10 * 365 * 86400:  # also refuses nan and inf
-        raise ValueError(f"{text!r}: a duration must be positive (and under ten years)")
+    low_ok = seconds >= 0 if allow_zero else seconds > 0
+    if not (low_ok and seconds < 10 * 365 * 86400):  # also refuses nan and inf
+        what = "not be negative" if allow_zero else "be positive"
+        raise ValueError(f"{text!r}: a duration must {what} (and under ten years)")
     return timedelta(seconds=seconds)
 
 
@@ -86,6 +89,17 @@ def log_format(args: argparse.Namespace) -> str:
             f"{source(args, 'log_format')}: {value!r} is not a log format (human or json)"
         )
     return chosen
+
+
+def registration_delay(args: argparse.Namespace) -> timedelta:
+    """``--registration-delay`` (0 unless given)."""
+    value = getattr(args, "registration_delay", None)
+    if value is None:
+        return timedelta(0)
+    try:
+        return parse_duration(str(value), allow_zero=True)
+    except ValueError as exc:
+        raise UsageError(f"{source(args, 'registration_delay')}: {exc}") from None
 
 
 def default_data_dir() -> Path:
@@ -137,6 +151,7 @@ class NodeSettings:
     once: bool
     deadline: timedelta = DEFAULT_DEADLINE  # with once: from start to the last useful attempt
     store_poll: timedelta = DEFAULT_STORE_POLL
+    registration_delay: timedelta = timedelta(0)
     metrics_listen: ListenAddress | None = None
     record: Path | None = None
     notes: list[str] = field(default_factory=list)
@@ -337,6 +352,7 @@ def node_settings(args: argparse.Namespace) -> NodeSettings:
         once=once,
         deadline=deadline,
         store_poll=store_poll,
+        registration_delay=registration_delay(args),
         metrics_listen=listen_address(args, "metrics_listen", args.metrics_listen)
         if args.metrics_listen
         else None,

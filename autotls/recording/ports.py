@@ -28,6 +28,7 @@ from autotls.fsm.ports import (
     DnsPort,
     InstalledCertificate,
     InstallerPort,
+    ReachabilityView,
     RegisteredAccount,
     RenewalWindow,
     TxtCheck,
@@ -240,6 +241,17 @@ class RoutedBroker(_Routed):
         return cast(
             BrokerHealthView,
             await self._call("health", {}, BrokerHealthView, lambda p: p.health()),
+        )
+
+    async def reachability(self, peer_id: str) -> ReachabilityView:
+        return cast(
+            ReachabilityView,
+            await self._call(
+                "reachability",
+                {"peer_id": peer_id},
+                ReachabilityView,
+                lambda p: p.reachability(peer_id),
+            ),
         )
 
     async def register(self, peer_id: str, value: str) -> Sequence[str]:

@@ -17,7 +17,9 @@ What it fakes, each behaviour switchable from a test:
   or, through a cross-sign, to the old one ("FakeAcmeServer Root"); which is the default chain
   is switchable;
 * challenge types the client does not know (``dns-persist-01``...), listed next to ``dns-01``
-  with fields of their own;
+  with fields of their own; a valid authorization lists only the challenge that validated it,
+  as Boulder's do, and ``standing_validation`` makes new authorizations valid at once through
+  a standing record of such a type (dns-persist-01's point);
 * ``Retry-After`` on pending authorizations and processing orders (Boulder sends 3 s), with a
   configurable number of polls before they move on;
 * order reuse: the same account asking again for the same identifiers, profile and
@@ -280,6 +282,7 @@ class FakeAuthorization:
     pending_polls_left: int = 0
     error: dict[str, Any] | None = None
     validated: datetime | None = None
+    validated_by: str = "dns-01"
 
 
 @dataclass
@@ -351,6 +354,9 @@ class FakeAcmeServer:
         # Challenges of types the client does not use, listed before dns-01 in every
         # authorization (each gets its own URL; answering one is refused).
         self.extra_challenges: list[dict[str, Any]] = []
+        # A challenge type (one of extra_challenges) through which every new authorization is
+        # valid at once: a standing dns-persist-01 record naming this CA and the account.
+        self.standing_validation: str | None = None
         # Polling behaviour. authz_pending_polls: authorization fetches after the challenge
         # answer that still see "pending"; order_processing_polls: order fetches after finalize
         # that still see "processing" (Let's Encrypt answers those with Retry-After: 3).
@@ -751,6 +757,13 @@ class FakeAcmeServer:
         return body
 
     def _authz_json(self, authz: FakeAuthorization) -> dict[str, Any]:
+        body = self._authz_body(authz)
+        if body["status"] == "valid":
+            # Boulder shows a valid authorization with the one challenge that validated it.
+            body["challenges"] = [c for c in body["challenges"] if c["type"] == authz.validated_by]
+        return body
+
+    def _authz_body(self, authz: FakeAuthorization) -> dict[str, Any]:
         challenge: dict[str, Any] = {
             "type": "dns-01",
             "url": self._url(f"/chall/{authz.id}"),
@@ -765,6 +778,9 @@ class FakeAcmeServer:
             {**extra, "url": self._url(f"/chall/{authz.id}/{n}")}
             for n, extra in enumerate(self.extra_challenges)
         ]
+        for extra in extras:
+            if extra["type"] == authz.validated_by and authz.validated is not None:
+                extra.update(status="valid", validated=_rfc3339(authz.validated))
         body: dict[str, Any] = {
             "status": self._authz_status(authz),
             "expires": _rfc3339(authz.expires),
@@ -917,6 +933,10 @@ class FakeAcmeServer:
                 token=_b64(secrets.token_bytes(32)),
                 expires=now + PENDING_AUTHZ_LIFETIMES.get(profile or "", DEFAULT_PENDING_LIFETIME),
             )
+            if self.standing_validation is not None:
+                authz.status = "valid"
+                authz.validated, authz.validated_by = now, self.standing_validation
+                authz.expires = now + VALID_AUTHZ_LIFETIME
             self.authorizations[authz.id] = authz
             order.authz_ids.append(authz.id)
         self.orders[order.id] = order

@@ -39,6 +39,7 @@ from autotls.fsm.ports import (
     ChainView,
     ChallengeView,
     InstalledCertificate,
+    ReachabilityView,
     RegisteredAccount,
     RenewalWindow,
     TxtCheck,
@@ -430,6 +431,10 @@ class FakeBroker:
         self.zone = zone
         self.healthy = True
         self.wait_s = 3600.0
+        # What the node offers the broker (reachability); empty: nothing it could dial.
+        self.addresses: tuple[str, ...] = ("/ip4/203.0.113.7/tcp/4001",)
+        self.online_since: datetime | None = None
+        self.health_checks = 0
         self.registrations: list[tuple[str, str]] = []
         self._errors: deque[BaseException] = deque()
         self._peer_errors: dict[str, deque[BaseException]] = defaultdict(deque)
@@ -444,9 +449,14 @@ class FakeBroker:
         self.healthy = True
 
     async def health(self) -> BrokerHealthView:
+        self.health_checks += 1
         if self.healthy:
             return BrokerHealthView(True)
         return BrokerHealthView(False, self.wait_s, "503 from /v1/health")
+
+    async def reachability(self, peer_id: str) -> ReachabilityView:
+        detail = f"{len(self.addresses)} public" if self.addresses else "no public address"
+        return ReachabilityView(self.addresses, detail, self.online_since)
 
     async def register(self, peer_id: str, value: str) -> Sequence[str]:
         if self._peer_errors[peer_id]:
@@ -455,7 +465,7 @@ class FakeBroker:
             raise self._errors.popleft()
         self.registrations.append((peer_id, value))
         self.dns.publish(f"_acme-challenge.{peer_id}.{self.zone}", value)
-        return ["/ip4/203.0.113.7/tcp/4001"]
+        return list(self.addresses)
 
 
 class FakeInstaller:
