@@ -12,6 +12,7 @@ __all__ = [
     "HandshakeRefused",
     "HeaderError",
     "PeerIdAuthError",
+    "PeerIdAuthRefused",
     "PeerIdAuthUnauthorized",
     "ResponseTooLarge",
     "ServerAuthenticationError",
@@ -34,25 +35,24 @@ class ServerAuthenticationError(PeerIdAuthError):
     match the PeerId we expected. We refuse to trust its answer."""
 
 
-class HandshakeRefused(PeerIdAuthError):
+class PeerIdAuthRefused(PeerIdAuthError):
+    """The server answered without letting the request through. Carries the response
+    (``status``, ``headers``, ``body``) for the caller to classify."""
+
+    def __init__(self, message: str, *, status: int, headers: Mapping[str, str], body: bytes):
+        super().__init__(message)
+        self.status = status
+        self.headers = dict(headers)
+        self.body = body
+
+
+class HandshakeRefused(PeerIdAuthRefused):
     """The server answered with something other than 401 before it authenticated itself (a
-    400 for our header, a 403, a 5xx...). Carries the response for the caller to classify."""
-
-    def __init__(self, message: str, *, status: int, headers: Mapping[str, str], body: bytes):
-        super().__init__(message)
-        self.status = status
-        self.headers = dict(headers)
-        self.body = body
+    400 for our header, a 403, a 5xx...)."""
 
 
-class PeerIdAuthUnauthorized(PeerIdAuthError):
+class PeerIdAuthUnauthorized(PeerIdAuthRefused):
     """The server kept answering 401 after the bounded number of handshakes."""
-
-    def __init__(self, message: str, *, status: int, headers: Mapping[str, str], body: bytes):
-        super().__init__(message)
-        self.status = status
-        self.headers = dict(headers)
-        self.body = body
 
 
 class ResponseTooLarge(PeerIdAuthError):
