@@ -38,7 +38,7 @@ from autotls.persistence.records import AccountRecord, OrderSnapshot
 from autotls.persistence.store import Store
 from tests.fakes.acme_server import FakeAcmeServer
 from tests.fakes.ports import FakeBroker, FakeDns
-from tests.fixtures.engine import identifier_for, new_peer
+from tests.fixtures.engine import claimed_snapshot, identifier_for, new_peer
 from tests.fixtures.pebble import PebbleFactory
 from tests.fixtures.realstack import RealStack
 
@@ -261,24 +261,15 @@ FULL_DATA = {
 
 def _snap(state: State, directory: str) -> OrderSnapshot:
     now = datetime(2027, 3, 1, tzinfo=UTC)
-    return OrderSnapshot(
-        id=1,
-        peer_id="k51x",
-        identifier="*.k51x.libp2p.direct",
-        state=state.value,
+    return claimed_snapshot(
+        state,
+        now,
         data=FULL_DATA,
-        fence=1,
         attempts=2,
-        next_run_at=now,
         account=AccountRecord(1, directory, b"k", f"{directory}/acct/1", "valid"),
         cert_key_pem=b"in-flight key",
-        certificate=None,
         last_error_class="transient",
         last_error_message="x",
-        lease_owner="w",
-        lease_until=now,
-        created_at=now,
-        updated_at=now,
     )
 
 
