@@ -39,10 +39,9 @@ from autotls.http import (
 from autotls.multiaddrs import select_dialable
 from autotls.peerid import PrivateKey
 from autotls.peeridauth import (
-    HandshakeRefused,
     PeerIdAuthClient,
     PeerIdAuthError,
-    PeerIdAuthUnauthorized,
+    PeerIdAuthRefused,
     ServerAuthenticationError,
 )
 
@@ -384,7 +383,7 @@ class BrokerClient(HttpClient):
                 headers=self._headers(),
                 request_class="registration_leg",
             )
-        except (HandshakeRefused, PeerIdAuthUnauthorized) as exc:
+        except PeerIdAuthRefused as exc:
             refusal = _not_a_challenge(exc.status, exc.body, exc.headers, self.now)
             log.info("broker refused %s: %s", peer, refusal)
             raise refusal from None

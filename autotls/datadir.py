@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -26,6 +27,18 @@ def prepare_data_dir(path: Path) -> None:
         problem = directory_problem(directory)
         if problem is not None:
             raise ConfigurationError(f"refusing the data directory: {problem}")
+
+
+def resolve_trust_roots(
+    trust_roots: Sequence[x509.Certificate] | str | Path | None,
+) -> list[x509.Certificate]:
+    """The trust roots as given: certificates, a PEM bundle's path, or (``None``) the
+    system's."""
+    if isinstance(trust_roots, (str, Path)):
+        return load_trust_roots(trust_roots)
+    if trust_roots is None:
+        return system_trust_roots()
+    return list(trust_roots)
 
 
 def system_trust_roots() -> list[x509.Certificate]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from autotls.fsm.errors import AutoTLSError, ErrorClass
 
 if TYPE_CHECKING:
+    from autotls.fsm.worker import OrderEvent
     from autotls.persistence.records import OrderSnapshot
 
 log = logging.getLogger("autotls.service")
@@ -54,6 +55,16 @@ class Failure:
     error_class: str | None
     message: str | None
     problem: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of_order(cls, order: OrderSnapshot) -> Failure:
+        """The failure a failed order's row records."""
+        return cls(order.id, order.last_error_class, order.last_error_message, order.last_problem)
+
+
+CertificateCallback = Callable[[CertificateInfo], Awaitable[None] | None]
+FailureCallback = Callable[[Failure], Awaitable[None] | None]
+TransitionCallback = Callable[["OrderEvent"], Awaitable[None] | None]
 
 
 class Subscribers:

@@ -15,7 +15,9 @@ What this module owns, and nothing else:
   them into its own classified errors, so the classification stays with its protocol;
 * the observer: every exchange, answered or failed, passes through one place and is handed
   to the transport's observer as an :class:`Exchange` (method, URL, request class, status,
-  headers, bodies, elapsed time). Request metrics and recordings hook in there;
+  headers, bodies, elapsed time). Request metrics and recordings hook in there, several at
+  once through :class:`ServiceObservers`; an observer's bug is logged and never costs an
+  exchange its answer;
 * the pure helpers around it: :func:`ssl_context` and :func:`parse_retry_after`.
 
 Nothing here logs request or response bodies.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import os
 import ssl
@@ -56,6 +59,8 @@ __all__ = [
     "IncompleteAnswer",
     "Observer",
     "RequestTimedOut",
+    "ServiceObserver",
+    "ServiceObservers",
     "UnusableCaFile",
     "parse_retry_after",
     "ssl_context",
@@ -225,6 +230,33 @@ class Exchange:
 
 
 Observer = Callable[[Exchange], None]
+# ``observer(service, exchange)``: which client's transport saw the exchange ("acme", "broker").
+ServiceObserver = Callable[[str, Exchange], None]
+
+
+def _tell(observer: Observer, exchange: Exchange) -> None:
+    try:
+        observer(exchange)
+    except Exception:  # an observer's bug must not cost an exchange its answer
+        log.exception("HTTP observer failed on %s %s", exchange.method, exchange.url)
+
+
+class ServiceObservers:
+    """Several :data:`ServiceObserver` behind the transports of several services: the
+    :data:`Observer` :meth:`of` a service tells each of them in turn."""
+
+    def __init__(self) -> None:
+        self._observers: list[ServiceObserver] = []
+
+    def add(self, observer: ServiceObserver) -> None:
+        self._observers.append(observer)
+
+    def of(self, service: str) -> Observer:
+        def observe(exchange: Exchange) -> None:
+            for observer in self._observers:
+                _tell(functools.partial(observer, service), exchange)
+
+        return observe
 
 
 def _describe(exc: BaseException) -> str:
@@ -341,10 +373,7 @@ class HttpTransport:
 
     def _observe(self, exchange: Exchange) -> None:
         assert self.observer is not None
-        try:
-            self.observer(exchange)
-        except Exception:  # an observer's bug must not cost an exchange its answer
-            log.exception("HTTP observer failed on %s %s", exchange.method, exchange.url)
+        _tell(self.observer, exchange)
 
     async def _exchange(
         self,

@@ -1,8 +1,9 @@
 """This machine's IP addresses, and listen addresses expanded to them.
 
 What this module owns, and nothing else: turning ``/ip4/0.0.0.0/...`` (``/ip6/::/...``) —
-"every interface" — into the concrete addresses a broker can be told about. The interface
-list comes from :func:`psutil.net_if_addrs` (``getifaddrs`` on Linux and the BSDs,
+"every interface" — into the concrete addresses a broker can be told about, and where those
+come from (:class:`DialBackAddresses`: the ones given, else a node's listen addresses). The
+interface list comes from :func:`psutil.net_if_addrs` (``getifaddrs`` on Linux and the BSDs,
 ``GetAdaptersAddresses`` on Windows), not from our own ``ioctl`` calls.
 
 IPv6 link-local addresses are left out: they need a zone id (``%eth0``), which a multiaddr
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
-__all__ = ["expand_unspecified", "interface_addresses"]
+__all__ = ["DialBackAddresses", "ListeningNode", "expand_unspecified", "interface_addresses"]
 
 _UNSPECIFIED = (("ip4", "0.0.0.0"), ("ip6", "::"))  # noqa: S104 - recognising, not binding
 
@@ -72,3 +74,28 @@ def expand_unspecified(
         else:
             out.append(str(ma))
     return list(dict.fromkeys(out))
+
+
+class ListeningNode(Protocol):
+    """What :meth:`autotls.AutoTLS.attach` reads: the addresses a node is bound to (a
+    :class:`autotls.node.Libp2pNode` is one)."""
+
+    @property
+    def listen_addresses(self) -> Sequence[str]: ...
+
+
+class DialBackAddresses:
+    """What the broker is told to dial back: ``given`` (a list, or a callable read at each
+    call) when there is one, else the listen addresses of the attached :attr:`node` with
+    ``0.0.0.0`` / ``::`` expanded to this machine's interface addresses; else nothing."""
+
+    def __init__(self, given: Sequence[str] | Callable[[], Sequence[str]] | None) -> None:
+        self.given = given
+        self.node: ListeningNode | None = None
+
+    def __call__(self) -> list[str]:
+        if self.given is not None:
+            return list(self.given() if callable(self.given) else self.given)
+        if self.node is None:
+            return []
+        return expand_unspecified(list(self.node.listen_addresses))

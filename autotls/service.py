@@ -37,50 +37,54 @@ With ``record=DIR`` every step of the order is written to ``DIR/order-<id>.jsonl
 and capped at ``record_limit`` bytes (:mod:`autotls.recording`; ``autotls replay`` plays it
 back).
 
-Every error the facade raises is an :class:`~autotls.fsm.errors.AutoTLSError`.
+Every error the facade raises is an :class:`~autotls.fsm.errors.AutoTLSError`. Its rooms:
+:mod:`autotls.events` (events, payloads, errors), :mod:`autotls.served` (which certificate is
+served; the store watcher), :mod:`autotls.datadir` (the data directory, the trust roots).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, overload
+from typing import Any, Literal, overload
 
 from cryptography import x509
 
 from autotls.acme import ExternalAccountBinding
 from autotls.adapters import LETS_ENCRYPT, AcmeAdapter, BrokerAdapter
 from autotls.broker import DEFAULT_BROKER_URL
-from autotls.datadir import prepare_data_dir, restore_files, system_trust_roots
+from autotls.datadir import prepare_data_dir, resolve_trust_roots
 from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
 from autotls.events import (
+    CertificateCallback,
     CertificateInfo,
     DeadlineExceeded,
     EventName,
     Failure,
+    FailureCallback,
     IssuanceFailed,
     NotStartedError,
     Signal,
     Subscribers,
+    TransitionCallback,
 )
 from autotls.fsm import operator
 from autotls.fsm.clock import Clock, SystemClock
 from autotls.fsm.errors import ConfigurationError
 from autotls.fsm.machine import State, Trigger
-from autotls.fsm.ports import EngineSettings, InstalledCertificate, Ports
+from autotls.fsm.ports import EngineSettings, Ports
 from autotls.fsm.worker import OrderEvent, Worker, order_fields
-from autotls.http import Exchange
-from autotls.install import Installer, LiveTlsContext, load_trust_roots
-from autotls.interfaces import expand_unspecified
+from autotls.http import ServiceObserver, ServiceObservers
+from autotls.install import Installer, LiveTlsContext
+from autotls.interfaces import DialBackAddresses, ListeningNode
 from autotls.multiaddrs import (
     DEFAULT_ZONE,
     advertised_forge_addresses,
@@ -88,16 +92,13 @@ from autotls.multiaddrs import (
     wildcard_name,
 )
 from autotls.peerid import PrivateKey
-from autotls.persistence.changes import Change
-from autotls.persistence.errors import (
-    OrderBusyError,
-    OrderStateError,
-    describe_database_error,
-)
-from autotls.persistence.records import CertificateRecord, OrderSnapshot
+from autotls.persistence.errors import OrderBusyError, OrderStateError
+from autotls.persistence.records import OrderSnapshot
 from autotls.persistence.store import Store
 from autotls.persistence.urls import DATABASE_FILE
 from autotls.recording import DEFAULT_LIMIT, Recorder
+from autotls.recording.sanitize import configured_secrets
+from autotls.served import ServedCertificate, watch_store
 
 __all__ = [
     "AutoTLS",
@@ -113,22 +114,6 @@ log = logging.getLogger(__name__)
 
 # How long start() waits for the ACME directory before going on without the check.
 DIRECTORY_CHECK_TIMEOUT_S = 10.0
-
-CertificateCallback = Callable[[CertificateInfo], Awaitable[None] | None]
-FailureCallback = Callable[[Failure], Awaitable[None] | None]
-TransitionCallback = Callable[[OrderEvent], Awaitable[None] | None]
-
-
-class ListeningNode(Protocol):
-    """What :meth:`AutoTLS.attach` reads: the addresses a node is bound to (a
-    :class:`autotls.node.Libp2pNode` is one)."""
-
-    @property
-    def listen_addresses(self) -> Sequence[str]: ...
-
-
-# ``observer(service, exchange)``: service is "acme" or "broker" (see AutoTLS.observe_http).
-HttpObserver = Callable[[str, Exchange], None]
 
 
 class AutoTLS:
@@ -174,8 +159,7 @@ class AutoTLS:
         self.zone = zone
         self.data_dir = Path(data_dir)
         self.database_url = database_url or f"sqlite:///{self.data_dir / DATABASE_FILE}"
-        self._addresses = addresses
-        self._node: ListeningNode | None = None
+        self._addresses = DialBackAddresses(addresses)
         self.allow_private_addresses = allow_private_addresses
         self.clock = clock or SystemClock()
         self.settings = settings or EngineSettings()
@@ -187,13 +171,8 @@ class AutoTLS:
             self.settings = replace(self.settings, registration_delay=registration_delay)
         # When this node came up, as far as AutoTLS can tell: start() sets it.
         self._online_since: datetime | None = None
-        if isinstance(trust_roots, (str, Path)):
-            roots = load_trust_roots(trust_roots)
-        elif trust_roots is None:
-            roots = system_trust_roots()
-        else:
-            roots = list(trust_roots)
-        self._http_observers: list[HttpObserver] = []
+        roots = resolve_trust_roots(trust_roots)
+        self._http_observers = ServiceObservers()
         self.acme = AcmeAdapter(
             directory_url,
             ca_file=ca_file,
@@ -202,7 +181,7 @@ class AutoTLS:
             preferred_chain=preferred_chain,
             trust_roots=roots,
             clock=self.clock,
-            observer=functools.partial(self._observe_http, "acme"),
+            observer=self._http_observers.of("acme"),
         )
         self.broker = BrokerAdapter(
             identity=lambda peer: self.identity if peer == self.peer_id else None,
@@ -212,7 +191,7 @@ class AutoTLS:
             ca_file=broker_ca_file,
             forge_auth=forge_auth,
             allow_private_addresses=allow_private_addresses,
-            observer=functools.partial(self._observe_http, "broker"),
+            observer=self._http_observers.of("broker"),
             clock=self.clock,
         )
         self.dns = AuthoritativeTxtChecker(
@@ -229,24 +208,23 @@ class AutoTLS:
         self._recorder: Recorder | None = None
         if record is not None:
             self._recorder = Recorder(
-                record, limit=record_limit, secrets=_configured_secrets(forge_auth, eab)
+                record,
+                limit=record_limit,
+                secrets=configured_secrets(forge_auth, eab.hmac_key if eab else None),
             )
             self.observe_http(self._recorder.observe_http)
         self._subscribers = Subscribers()
+        self._serving = ServedCertificate(
+            self.peer_id, self.domain, self.installer, self.tls, self._subscribers
+        )
         self._store: Store | None = None
         self._worker: Worker | None = None
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        self._certificate: CertificateInfo | None = None
-        self._served: CertificateInfo | None = None  # installed, not yet committed
         self._changes = Signal()  # every commit, refresh and worker end
         self._failed: Failure | None = None
         self._worker_error: BaseException | None = None
-        # Serials an operator revoked (``autotls revoke`` records them on the certificate's
-        # row): a revoked certificate is still served until its replacement arrives, but no
-        # longer advertised.
-        self._revoked: frozenset[str] = frozenset()
         self.order_id: int | None = None
 
     # -- public surface ---------------------------------------------------------------------
@@ -261,17 +239,14 @@ class AutoTLS:
     def certificate(self) -> CertificateInfo | None:
         """The certificate being served, while it is valid: ``None`` before the first one,
         once it expired, and once it is known to be revoked."""
-        cert = self._certificate
-        if cert is None or cert.not_after <= self.clock.now() or cert.serial in self._revoked:
-            return None
-        return cert
+        return self._serving.valid(self.clock.now())
 
     @property
     def served_certificate(self) -> CertificateInfo | None:
         """The certificate new handshakes get, also once it expired or was revoked (until its
         replacement arrives): what monitoring watches. :attr:`certificate` is the one to
         announce."""
-        return self._certificate
+        return self._serving.current
 
     @property
     def worker_running(self) -> bool:
@@ -280,12 +255,12 @@ class AutoTLS:
         ``run_worker=False``."""
         return self._task is not None and not self._task.done()
 
-    def observe_http(self, observer: HttpObserver) -> None:
+    def observe_http(self, observer: ServiceObserver) -> None:
         """Call ``observer(service, exchange)`` for every HTTP exchange with the ACME server
         (``service`` ``"acme"``) and the broker (``"broker"``), answered or failed; request
         metrics hook in here (:mod:`autotls.metrics`). It runs inside the request path: keep
         it quick, and never write down the exchange's secrets (:class:`autotls.http.Exchange`)."""
-        self._http_observers.append(observer)
+        self._http_observers.add(observer)
 
     @property
     def store(self) -> Store:
@@ -301,16 +276,11 @@ class AutoTLS:
         """Register ``node``'s listen addresses with the broker (read at each registration,
         ``0.0.0.0`` / ``::`` expanded to this machine's interface addresses), unless
         ``addresses`` was given. ``Libp2pNode(..., autotls=auto)`` calls it."""
-        self._node = node
+        self._addresses.node = node
 
     def addresses(self) -> list[str]:
         """What the broker is told to dial back."""
-        source = self._addresses
-        if source is not None:
-            return list(source() if callable(source) else source)
-        if self._node is None:
-            return []
-        return expand_unspecified(list(self._node.listen_addresses))
+        return self._addresses()
 
     def forge_addresses(self, addresses: Sequence[str] | None = None) -> list[str]:
         """The ``*.libp2p.direct`` addresses to announce: only while a valid cert is held."""
@@ -393,7 +363,7 @@ class AutoTLS:
                     if cert is not None and snap.state == State.INSTALLED.value:
                         return cert
                     if snap.state == State.FAILED.value:
-                        raise IssuanceFailed(self._failed or _failure(snap))
+                        raise IssuanceFailed(self._failed or Failure.of_order(snap))
                     if deadline is not None and (
                         self.clock.now() >= deadline or snap.next_run_at > deadline
                     ):
@@ -467,7 +437,7 @@ class AutoTLS:
             self._recorder.prepare()
         self._store = await Store.open(self.database_url)
         try:
-            self.installer.subscribe(self._on_install)
+            self.installer.subscribe(self._serving.on_install)
             await self.refresh(announce=True)
             self.installer.serve(self.peer_id, self.tls, load_existing=not self.tls.loaded)
             if not self.tls.loaded:
@@ -505,7 +475,17 @@ class AutoTLS:
                 self._worker_error = None
                 self._task = asyncio.create_task(self._worker.run(self._stop), name="autotls")
                 self._task.add_done_callback(self._worker_ended)
-            self._watcher = asyncio.create_task(self._watch_store(), name="autotls-store")
+            self._watcher = asyncio.create_task(
+                watch_store(
+                    self._store,
+                    self.clock,
+                    self.store_poll,
+                    peer_id=self.peer_id,
+                    own_actor=self._worker.id,
+                    refresh=self.refresh,
+                ),
+                name="autotls-store",
+            )
         except BaseException:
             await self._close_clients()
             raise
@@ -542,37 +522,12 @@ class AutoTLS:
         have moved it or let go of its lease). Returns the newly served certificate, if any.
         Runs every ``store_poll`` by itself."""
         try:
-            return await self._refresh(announce)
+            certificates = await self.store.certificates(peer_id=self.peer_id)
+            return await self._serving.load_newest(
+                certificates, now=self.clock.now(), announce=announce
+            )
         finally:
             self._changes.notify()
-
-    async def _refresh(self, announce: bool) -> CertificateInfo | None:
-        certs = await self.store.certificates(peer_id=self.peer_id)
-        self._note_revoked(c for c in certs if c.revoked_at is not None)
-        now = self.clock.now()
-        valid = [c for c in certs if c.not_after > now]
-        if not valid:
-            return None
-        newest = max(valid, key=lambda c: c.id)  # the last issued (a renewal may be shorter)
-        current = self._certificate
-        if current is not None and current.serial == newest.serial:
-            return None
-        chain_path, key_path = self.installer.paths(self.peer_id)
-        restore_files(chain_path, key_path, newest)
-        self.tls.load_pem(newest.chain_pem, newest.key_pem, None)
-        info = CertificateInfo(
-            self.peer_id,
-            self.domain,
-            newest.serial,
-            newest.not_before,
-            newest.not_after,
-            chain_path,
-            key_path,
-        )
-        self._certificate = info
-        if announce:
-            await self._subscribers.emit("loaded" if current is None else "renewed", info)
-        return info
 
     async def __aenter__(self) -> AutoTLS:
         return await self.start()
@@ -592,13 +547,6 @@ class AutoTLS:
         return self._worker
 
     # -- internals --------------------------------------------------------------------------
-
-    def _observe_http(self, service: str, exchange: Exchange) -> None:
-        for observer in self._http_observers:
-            try:
-                observer(service, exchange)
-            except Exception:  # an observer's bug must not cost an exchange its answer
-                log.exception("HTTP observer failed on %s %s", exchange.method, exchange.url)
 
     def _settings_with_profile(self) -> EngineSettings:
         if self._profile is None:
@@ -625,29 +573,6 @@ class AutoTLS:
                 DIRECTORY_CHECK_TIMEOUT_S,
             )
 
-    async def _watch_store(self) -> None:
-        told = asyncio.Event()
-        peers = frozenset({self.peer_id})
-
-        def on_change(changes: Sequence[Change]) -> None:
-            # Another process moved our order (installed a certificate, an operator acted).
-            if any(c.concerns(peers) and c.actor != self.worker.id for c in changes):
-                told.set()
-
-        unsubscribe = self.store.on_change(on_change)
-        try:
-            while True:
-                await self.clock.sleep_until(self.clock.now() + self.store_poll, told)
-                told.clear()
-                try:
-                    await self.refresh()  # waiters re-read the order: another process moved it
-                except Exception as exc:
-                    log.warning(
-                        "reading certificates from the store: %s", describe_database_error(exc)
-                    )
-        finally:
-            unsubscribe()
-
     def _worker_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
             return
@@ -660,63 +585,19 @@ class AutoTLS:
         )
         self._changes.notify()
 
-    async def _on_install(self, peer_id: str, installed: InstalledCertificate) -> None:
-        """The installer already serves the new certificate; it becomes ours (events,
-        :attr:`certificate`, forge addresses) once the worker commits it as Installed."""
-        chain_path, key_path = self.installer.paths(peer_id)
-        self._served = CertificateInfo(
-            peer_id,
-            self.domain,
-            installed.serial,
-            installed.not_before,
-            installed.not_after,
-            chain_path,
-            key_path,
-        )
-
-    def _note_revoked(self, certificates: Iterable[CertificateRecord]) -> None:
-        for cert in certificates:
-            if cert.serial not in self._revoked:
-                self._revoked = self._revoked | {cert.serial}
-                log.info(
-                    "certificate %s of %s was revoked: no longer advertised",
-                    cert.serial,
-                    self.domain,
-                    extra=order_fields(cert.order_id, self.peer_id, None),
-                )
-
     async def _on_event(self, event: OrderEvent) -> None:
         if event.from_state == State.RENEW_DUE.value:
             # A renewal begins: an operator's revoke (recorded on the certificate's row with
             # the forced renewal) takes effect here at the latest.
             cert = (await self.order()).certificate
             if cert is not None and cert.revoked_at is not None:
-                self._note_revoked([cert])
+                self._serving.note_revoked([cert])
         await self._subscribers.emit("transition", event)
-        if event.trigger is Trigger.CERTIFICATE_INSTALLED and self._served is not None:
-            previous, self._certificate, self._served = self._certificate, self._served, None
-            if previous is None:
-                await self._subscribers.emit("loaded", self._certificate)
-            elif previous.serial != self._certificate.serial:
-                await self._subscribers.emit("renewed", self._certificate)
+        if event.trigger is Trigger.CERTIFICATE_INSTALLED:
+            await self._serving.adopt_installed()
         if event.to_state != State.FAILED.value:
             self._failed = None
         elif event.from_state != State.FAILED.value:
             self._failed = Failure(event.order_id, event.error_class, event.message, event.problem)
             await self._subscribers.emit("failed", self._failed)
         self._changes.notify()
-
-
-def _configured_secrets(forge_auth: str | None, eab: ExternalAccountBinding | None) -> list[str]:
-    """What a transcript must never hold, in the forms it could appear in."""
-    import base64
-
-    found = [forge_auth] if forge_auth else []
-    if eab is not None:
-        found.append(base64.urlsafe_b64encode(eab.hmac_key).rstrip(b"=").decode("ascii"))
-        found.append(base64.b64encode(eab.hmac_key).decode("ascii"))
-    return found
-
-
-def _failure(snap: OrderSnapshot) -> Failure:
-    return Failure(snap.id, snap.last_error_class, snap.last_error_message, snap.last_problem)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -128,13 +127,8 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(pebble: PebbleStack, tmp_path: Path) -> AsyncIterator[Stack]:
-    broker = LocalBroker(challtestsrv_url=pebble.challtestsrv_url)
-    await broker.start()
-    try:
-        yield Stack(pebble, broker, tmp_path)
-    finally:
-        await broker.stop()
+def stack(pebble: PebbleStack, pebble_broker: LocalBroker, tmp_path: Path) -> Stack:
+    return Stack(pebble, pebble_broker, tmp_path)
 
 
 async def _served_serial(wss: str, server_name: str, roots_pem: list[str]) -> str:

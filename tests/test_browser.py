@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,16 +41,6 @@ FAST = EngineSettings(
 LISTEN = ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/tcp/0/tls/sni/*.libp2p.direct/ws"]
 
 
-@pytest.fixture
-async def broker(pebble: PebbleStack) -> AsyncIterator[LocalBroker]:
-    broker = LocalBroker(challtestsrv_url=pebble.challtestsrv_url)
-    await broker.start()
-    try:
-        yield broker
-    finally:
-        await broker.stop()
-
-
 async def _served_serial(port: int, server_name: str, roots_pem: list[str]) -> str:
     """The serial a fresh TLS handshake of our own gets from the node's listener."""
     context = ssl.create_default_context(cadata="".join(roots_pem))
@@ -75,7 +64,7 @@ def _report(label: str, probe: Probe, browser_serials: list[str], served: str) -
 
 
 async def test_a_browser_dials_the_advertised_forge_address_before_and_after_renewal(
-    browser_tools: BrowserTools, pebble: PebbleStack, broker: LocalBroker, tmp_path: Path
+    browser_tools: BrowserTools, pebble: PebbleStack, pebble_broker: LocalBroker, tmp_path: Path
 ) -> None:
     key = PrivateKey.generate()
     peer_b36, peer_b58 = key.peer_id.to_base36(), key.peer_id.to_base58()
@@ -85,7 +74,7 @@ async def test_a_browser_dials_the_advertised_forge_address_before_and_after_ren
         data_dir=tmp_path / "data",
         directory_url=pebble.directory_url,
         ca_file=str(pebble.ca_file),
-        broker_url=broker.url,
+        broker_url=pebble_broker.url,
         dns_servers=["{}:{}".format(*pebble.dns_address)],
         allow_private_addresses=True,  # loopback is all this machine may use
         trust_roots=[c for pem in roots_pem for c in x509.load_pem_x509_certificates(pem.encode())],

@@ -11,7 +11,6 @@ order" is the proof, with no timing assertion. The real-process version (``autot
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 
@@ -19,15 +18,12 @@ import pytest
 from sqlalchemy import text
 
 from autotls.fsm import operator
-from autotls.fsm.clock import ManualClock
 from autotls.fsm.machine import State
-from autotls.fsm.ports import EngineSettings, Ports
 from autotls.fsm.worker import Worker
 from autotls.persistence.changes import ANYTHING, Change, notify_payload, parse_payload
 from autotls.persistence.records import CommitPlan, JournalNote
 from autotls.persistence.store import Store
-from tests.fakes.ports import FakeBroker, FakeCA, FakeDns, FakeInstaller
-from tests.fixtures.engine import Engine, identifier_for, new_peer
+from tests.fixtures.engine import Engine, identifier_for, new_peer, open_engine
 
 WITHIN_S = 15.0  # turns a notification that never comes into a failure, never a pass
 
@@ -59,26 +55,9 @@ async def journaled_by(store: Store, order_id: int, worker: str, after: str) -> 
 
 @pytest.fixture
 async def engine_on(database_url: str) -> AsyncIterator[Engine]:
-    """The fake-ports engine on either backend (tests/fixtures/engine.py is SQLite only)."""
-    clock = ManualClock()
-    ca = FakeCA(clock)
-    dns = FakeDns()
-    broker = FakeBroker(dns)
-    installer = FakeInstaller()
-    ports = Ports(
-        acme=ca,
-        broker=broker,
-        dns=dns,
-        installer=installer,
-        clock=clock,
-        settings=EngineSettings(),
-        rng=random.Random(7),
-    )
-    store = await Store.open(database_url)
-    try:
-        yield Engine(store, clock, ca, dns, broker, installer, ports)
-    finally:
-        await store.close()
+    """The fake-ports engine on either backend."""
+    async with open_engine(database_url) as engine:
+        yield engine
 
 
 class Heard:
@@ -99,9 +78,7 @@ def test_payloads_round_trip_and_garbage_means_anything() -> None:
     assert not Change(1, "b", None).concerns(frozenset({"a"}))
 
 
-async def test_commits_through_another_store_are_told(
-    database_url: str, engine_on: Engine
-) -> None:
+async def test_commits_through_another_store_are_told(database_url: str, engine_on: Engine) -> None:
     heard = Heard()
     unsubscribe = engine_on.store.on_change(heard)
     await engine_on.store.changes_told()
@@ -239,7 +216,6 @@ async def operator_touch(store: Store, order_id: int) -> None:
         now=snap.next_run_at,
         worker="toucher",
     )
-
 
 
 async def test_a_wake_up_during_a_claim_is_not_lost(engine: Engine) -> None:

@@ -309,18 +309,8 @@ async def test_addresses_that_appear_later_get_the_order_placed_without_restart(
     assert sent == announced
 
 
-@pytest.fixture
-async def local_broker(pebble: PebbleStack) -> AsyncIterator[LocalBroker]:
-    broker = LocalBroker(challtestsrv_url=pebble.challtestsrv_url)
-    await broker.start()
-    try:
-        yield broker
-    finally:
-        await broker.stop()
-
-
 async def test_the_facade_holds_for_its_registration_delay_on_its_clock(
-    pebble: PebbleStack, local_broker: LocalBroker, tmp_path: Path, libp2p_installed: None
+    pebble: PebbleStack, pebble_broker: LocalBroker, tmp_path: Path, libp2p_installed: None
 ) -> None:
     # The clock starts at real time (Pebble's expiries are real) and only jumps forward.
     clock = ManualClock(datetime.now(UTC) - timedelta(seconds=1))
@@ -336,7 +326,7 @@ async def test_the_facade_holds_for_its_registration_delay_on_its_clock(
         data_dir=tmp_path / "data",
         directory_url=pebble.directory_url,
         ca_file=str(pebble.ca_file),
-        broker_url=local_broker.url,
+        broker_url=pebble_broker.url,
         dns_servers=["{}:{}".format(*pebble.dns_address)],
         allow_private_addresses=True,
         trust_roots=roots,

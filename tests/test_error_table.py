@@ -25,9 +25,9 @@ from autotls.fsm.errors import (
 from autotls.fsm.machine import State
 from autotls.fsm.policy import plan_error
 from autotls.fsm.ports import AcmeAccount, EngineSettings
-from autotls.persistence.records import AccountRecord, OrderSnapshot
 from tests.fakes.acme_server import FakeAcmeServer
 from tests.fakes.ports import FakeCA, acme_problem
+from tests.fixtures.engine import claimed_snapshot
 
 T, R, INV, P = (
     ErrorClass.TRANSIENT,
@@ -125,25 +125,7 @@ async def _fake(name: str, replaces: str | None) -> AutoTLSError:
 def _decision(error: AutoTLSError) -> tuple[str, str | None]:
     """Where the engine sends an order in Registered on this error."""
     now = datetime(2030, 1, 1, tzinfo=UTC)
-    snap = OrderSnapshot(
-        id=1,
-        peer_id="peer",
-        identifier=IDENTIFIER,
-        state=State.REGISTERED.value,
-        data={},
-        fence=1,
-        attempts=0,
-        next_run_at=now,
-        account=AccountRecord(1, "https://ca/dir", b"k", "https://ca/acct/1", "valid"),
-        cert_key_pem=None,
-        certificate=None,
-        last_error_class=None,
-        last_error_message=None,
-        lease_owner="w",
-        lease_until=now,
-        created_at=now,
-        updated_at=now,
-    )
+    snap = claimed_snapshot(State.REGISTERED, now, peer_id="peer", identifier=IDENTIFIER)
     plan = plan_error(snap, error, now, EngineSettings(), random.Random(1))
     return plan.to_state, plan.last_error_class
 

@@ -52,7 +52,7 @@ from autotls.fsm.renewal import backstop_time
 from autotls.fsm.steps import AUTHZ_EXPIRY_MARGIN
 from autotls.fsm.worker import Worker, run_until_idle
 from autotls.install import Installer
-from autotls.persistence.records import AccountRecord, CertificateRecord, OrderSnapshot
+from autotls.persistence.records import CertificateRecord, OrderSnapshot
 from autotls.persistence.store import Store
 from tests.fakes.acme_server import (
     DNS_PERSIST_01,
@@ -62,7 +62,7 @@ from tests.fakes.acme_server import (
     classic_lifetime,
 )
 from tests.fakes.ports import FakeBroker, FakeDns
-from tests.fixtures.engine import identifier_for, new_peer
+from tests.fixtures.engine import claimed_snapshot, identifier_for, new_peer
 
 BACKDATE = timedelta(minutes=1)  # the fake, like Boulder, backdates notBefore
 PRE_VALIDATION = (State.CHALLENGED.value, State.BROKER_NOTIFIED.value, State.DNS_PROPAGATED.value)
@@ -606,24 +606,11 @@ IN_FLIGHT = {
 
 
 def in_flight(state: State, authz_left: timedelta, attempts: int) -> OrderSnapshot:
-    return OrderSnapshot(
-        id=1,
-        peer_id="k51x",
-        identifier="*.k51x.libp2p.direct",
-        state=state.value,
+    return claimed_snapshot(
+        state,
+        NOW,
         data={**IN_FLIGHT, "authz_expires": (NOW + authz_left).isoformat()},
-        fence=1,
         attempts=attempts,
-        next_run_at=NOW,
-        account=AccountRecord(1, "https://ca/dir", b"k", "https://ca/acct/1", "valid"),
-        cert_key_pem=None,
-        certificate=None,
-        last_error_class=None,
-        last_error_message=None,
-        lease_owner="w",
-        lease_until=NOW,
-        created_at=NOW,
-        updated_at=NOW,
     )
 
 

@@ -290,28 +290,10 @@ def test_a_step_cannot_fire_an_operators_trigger() -> None:
 
     from autotls.fsm.outcomes import Advance
     from autotls.fsm.policy import plan_outcome
-    from autotls.persistence.records import OrderSnapshot
+    from tests.fixtures.engine import claimed_snapshot
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    snap = OrderSnapshot(
-        id=1,
-        peer_id="k51x",
-        identifier="*.k51x.libp2p.direct",
-        state="Installed",
-        data=FULL,
-        fence=1,
-        attempts=0,
-        next_run_at=now,
-        account=None,
-        cert_key_pem=None,
-        certificate=None,
-        last_error_class=None,
-        last_error_message=None,
-        lease_owner="w",
-        lease_until=now,
-        created_at=now,
-        updated_at=now,
-    )
+    snap = claimed_snapshot(State.INSTALLED, now, data=FULL, account=None)
     with pytest.raises(InvalidTransitionError, match="a move of the operator, not of the step"):
         plan_outcome(snap, Advance(Trigger.FORCE_RENEWAL), now)
     assert plan_outcome(snap, Advance(Trigger.RENEWAL_DUE), now).to_state == State.RENEW_DUE.value

@@ -14,7 +14,6 @@ import ssl
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -86,13 +85,8 @@ class Setup:
 
 
 @pytest.fixture
-async def setup(pebble: PebbleStack, tmp_path: Path) -> AsyncIterator[Setup]:
-    broker = LocalBroker(challtestsrv_url=pebble.challtestsrv_url)
-    await broker.start()
-    try:
-        yield Setup(pebble, broker, tmp_path)
-    finally:
-        await broker.stop()
+def setup(pebble: PebbleStack, pebble_broker: LocalBroker, tmp_path: Path) -> Setup:
+    return Setup(pebble, pebble_broker, tmp_path)
 
 
 async def served_fingerprint(node: Libp2pNode, peer: str, roots_pem: list[str]) -> str:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from typing import TYPE_CHECKING, Any
 
 from autotls.cli.database import database_exists, opened_store, require_existing, schema_call
 from autotls.cli.exits import EXIT_OK
-from autotls.cli.output import one_line, out
+from autotls.cli.output import listed_whole, one_line, out
 from autotls.cli.settings import database_url
 
 if TYPE_CHECKING:
@@ -50,11 +49,7 @@ async def cmd_account(args: argparse.Namespace, stop: Stop) -> int:
     async with opened_store(database_url(args)) as store:
         accounts = await store.accounts()
     records = [_account_record(a.id, a.directory_url, a.url, a.status, a.key_pem) for a in accounts]
-    if args.json:
-        out(json.dumps(records, indent=2, sort_keys=True))
-        return EXIT_OK
-    if not records:
-        out("no accounts")
+    if listed_whole(records, as_json=args.json, none="no accounts"):
         return EXIT_OK
     for rec in records:
         out(f"account {rec['id']}")

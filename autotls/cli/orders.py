@@ -11,7 +11,6 @@ commands creates or upgrades a database.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from datetime import UTC, datetime
@@ -19,7 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from autotls.cli.database import actor, opened_store, pick_order
 from autotls.cli.exits import EXIT_OK, OperationFailed, UsageError
-from autotls.cli.output import err, iso, one_line, out, relative, short_peer, table, when
+from autotls.cli.output import (
+    err,
+    iso,
+    listed_whole,
+    one_line,
+    out,
+    relative,
+    short_peer,
+    table,
+    when,
+)
 from autotls.cli.settings import check_ca_file, database_url
 from autotls.persistence.errors import OrderNotFoundError
 
@@ -38,11 +47,7 @@ async def cmd_status(args: argparse.Namespace, stop: Stop) -> int:
         rows = await store.list_orders()
     now = datetime.now(UTC)
     records = [_order_record(row) for row in rows]
-    if args.json:
-        out(json.dumps(records, indent=2, sort_keys=True))
-        return EXIT_OK
-    if not records:
-        out("no orders")
+    if listed_whole(records, as_json=args.json, none="no orders"):
         return EXIT_OK
     lines = [["ID", "PEER", "STATE", "NOT AFTER", "NEXT", "ATTEMPTS", "WAITING / ERROR"]]
     for rec in records:

@@ -66,6 +66,18 @@ def err(line: str, *, level: str = "info", **fields: object) -> None:
     sys.stderr.flush()
 
 
+def listed_whole(records: Sequence[Mapping[str, object]], *, as_json: bool, none: str) -> bool:
+    """What every listing command starts with: with ``--json``, the records as one JSON
+    array; else, when there are none, the line ``none``. True when that said it all."""
+    if as_json:
+        out(json.dumps(records, indent=2, sort_keys=True))
+        return True
+    if not records:
+        out(none)
+        return True
+    return False
+
+
 def when(moment: datetime | None) -> str:
     if moment is None:
         return "-"

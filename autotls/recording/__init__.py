@@ -13,8 +13,8 @@
 The rooms: :mod:`~autotls.recording.sanitize` (what is never written),
 :mod:`~autotls.recording.codec` (port values and errors as JSON),
 :mod:`~autotls.recording.transcript` (the file), :mod:`~autotls.recording.ports` (the ports
-with every call routed through one place), :mod:`~autotls.recording.recorder` and
-:mod:`~autotls.recording.replay`.
+with every call routed through one place), :mod:`~autotls.recording.recorder`,
+:mod:`~autotls.recording.replay` and :mod:`~autotls.recording.report` (what a replay says).
 """
 
 from __future__ import annotations

@@ -63,6 +63,16 @@ def mask(value: str) -> str:
     return (_PATTERN * (len(core) // len(_PATTERN) + 1))[: len(core)] + padding
 
 
+def configured_secrets(forge_auth: str | None, eab_hmac_key: bytes | None) -> list[str]:
+    """The configured secrets (the ``Forge-Authorization`` token, the EAB HMAC key) in the
+    forms a transcript could hold them in."""
+    found = [forge_auth] if forge_auth else []
+    if eab_hmac_key is not None:
+        found.append(base64.urlsafe_b64encode(eab_hmac_key).rstrip(b"=").decode("ascii"))
+        found.append(base64.b64encode(eab_hmac_key).decode("ascii"))
+    return found
+
+
 class SecretValues:
     """Secret values to scrub from every written string: the configured ones, always, and the
     most recent ones met in exchanges."""
