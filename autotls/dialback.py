@@ -11,6 +11,7 @@ import logging
 import re
 import ssl
 from collections.abc import Sequence
+from typing import cast
 
 from autotls.libp2p_host import (
     STOP_TIMEOUT,
@@ -22,6 +23,7 @@ from autotls.libp2p_host import (
     require_libp2p,
     running,
     security_options,
+    unwrap,
 )
 from autotls.multiaddrs import Multiaddr, MultiaddrError
 from autotls.peerid import PeerId, PeerIdError
@@ -42,6 +44,9 @@ class DialBackError(Exception):
         detail = "; ".join(f"{addr}: {why}" for addr, why in self.failures.items())
         super().__init__(f"{reason} ({detail})" if detail else reason)
 
+
+# (the address that proved the peer or None, failures, mismatches, timed out)
+_Result = tuple[str | None, dict[str, str], dict[str, str], bool]
 
 _DIALABLE_TAILS = frozenset({(), ("ws",), ("tls", "ws"), ("tls", "sni", "ws"), ("wss",)})
 _MISMATCH_GOT = re.compile(r"(?:remote_peer_id_from_pubkey=|got )([1-9A-HJ-NP-Za-km-z]+)")
@@ -106,7 +111,7 @@ async def _dial_main(
     plan: list[tuple[str, Multiaddr]],
     dial_seconds: float,
     tls_client_context: ssl.SSLContext | None,
-) -> tuple[str | None, dict[str, str], dict[str, str], bool]:
+) -> _Result:
     """Runs in the dial-back's trio thread: (winner, failures, mismatches, timed out)."""
     import trio
     from libp2p import new_swarm
@@ -161,6 +166,10 @@ async def _dial_main(
 
                     nursery.start_soon(attempt)
         timed_out = dials.cancelled_caught and winner is None and not portal.stop.is_set()
+        # The answer is known: hand it over now. Closing the throw-away host takes another
+        # 0.1-0.2 s (py-libp2p 0.8.1's Yamux close ends with a fixed 0.1 s sleep, per
+        # connection) that a caller who lets it close in the background need not wait for.
+        portal.ready((winner, failures, mismatches, timed_out))
         watch.cancel_scope.cancel()
     return winner, failures, mismatches, timed_out
 
@@ -171,6 +180,7 @@ async def dial_back(
     *,
     timeout: float = 15.0,  # noqa: ASYNC109 - the broker's dial timeout is part of the contract
     tls_client_context: ssl.SSLContext | None = None,
+    closing: set[asyncio.Task[None]] | None = None,
 ) -> str:
     """Prove that ``peer_id`` is reachable at one of ``addresses``, as the broker does.
 
@@ -181,6 +191,13 @@ async def dial_back(
     dial timeout); starting and closing the throw-away host adds a few milliseconds. Secure
     WebSocket certificates are verified with ``tls_client_context`` (default: the system
     trust store) against the dialed host.
+
+    By default the throw-away host is closed, and its thread gone, when this returns. With
+    ``closing`` (a set the caller owns) the answer comes as soon as the dials are over, as a
+    go-libp2p broker answers, and the host closes in its own thread afterwards (py-libp2p
+    0.8.1 takes 0.1-0.2 s for that); the task that waits for it is in ``closing`` until it
+    is done, and the caller awaits what is left there before its event loop ends (the local
+    broker does so when it stops).
 
     Raises :class:`DialBackError` with the reason: malformed address, no dialable address,
     peer id mismatch, timeout, or no address answered. Raises :class:`NodeError` when
@@ -202,20 +219,29 @@ async def dial_back(
         raise DialBackError("no dialable address", skipped)
     require_libp2p()
 
-    async def main(portal: Portal) -> tuple[str | None, dict[str, str], dict[str, str], bool]:
+    async def main(portal: Portal) -> _Result:
         return await _dial_main(portal, peer_id, plan, timeout, tls_client_context)
 
-    runner: TrioThread[tuple[str | None, dict[str, str], dict[str, str], bool]]
+    runner: TrioThread[_Result]
     runner = TrioThread(f"autotls-dial-back-{peer_id}")
     runner.launch(main)
     try:
-        winner, failures, mismatches, timed_out = (await asyncio.shield(runner.done)).unwrap()
+        if closing is None:
+            result = (await asyncio.shield(runner.done)).unwrap()
+        else:
+            answered = await asyncio.shield(runner.ready)
+            if answered.ok:
+                task = asyncio.ensure_future(_closed(runner))
+                closing.add(task)
+                task.add_done_callback(closing.discard)
+            result = cast(_Result, answered.unwrap())
     except asyncio.CancelledError:
         with contextlib.suppress(BaseException):
             await runner.finish(STOP_TIMEOUT)
         raise
     except Exception as exc:
         raise as_node_error(exc, "dial-back host failed") from exc
+    winner, failures, mismatches, timed_out = result
     failures = {**skipped, **failures}
     if winner is not None:
         log.info("dial-back to %s succeeded at %s", peer_id, winner)
@@ -228,3 +254,10 @@ async def dial_back(
     if timed_out:
         raise DialBackError(f"timeout after {timeout:g}s", failures)
     raise DialBackError("no address answered", failures)
+
+
+async def _closed(runner: TrioThread[_Result]) -> None:
+    """Wait for a dial-back's host to finish closing (after its answer was given)."""
+    outcome = await asyncio.shield(runner.done)
+    if not outcome.ok:
+        log.debug("dial-back host failed while closing: %s", unwrap(outcome.value))

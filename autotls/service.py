@@ -54,7 +54,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from cryptography import x509
 
@@ -96,9 +96,11 @@ from autotls.persistence.errors import OrderBusyError, OrderStateError
 from autotls.persistence.records import OrderSnapshot
 from autotls.persistence.store import Store
 from autotls.persistence.urls import DATABASE_FILE
-from autotls.recording import DEFAULT_LIMIT, Recorder
-from autotls.recording.sanitize import configured_secrets
+from autotls.recording.transcript import DEFAULT_LIMIT
 from autotls.served import ServedCertificate, watch_store
+
+if TYPE_CHECKING:
+    from autotls.recording import Recorder
 
 __all__ = [
     "AutoTLS",
@@ -207,6 +209,10 @@ class AutoTLS:
         self.store_poll = store_poll
         self._recorder: Recorder | None = None
         if record is not None:
+            # loaded only for --record: the recorder and replay are not needed otherwise
+            from autotls.recording import Recorder
+            from autotls.recording.sanitize import configured_secrets
+
             self._recorder = Recorder(
                 record,
                 limit=record_limit,

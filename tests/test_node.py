@@ -130,6 +130,29 @@ async def test_dial_back_proves_the_peer_id(libp2p_node: RunningNode) -> None:
     assert worked == libp2p_node.tcp_address
 
 
+async def test_dial_back_with_closing_answers_before_its_host_has_closed(
+    libp2p_node: RunningNode,
+) -> None:
+    """As a go-libp2p broker does (the local broker passes ``closing``): the answer comes
+    when the dial is over; the throw-away host closes afterwards and its task, left in the
+    caller's set, ends with its thread."""
+    closing: set[asyncio.Task[None]] = set()
+    peer = libp2p_node.key.peer_id
+    worked = await dial_back(peer, [libp2p_node.tcp_address], timeout=10, closing=closing)
+    assert worked == libp2p_node.tcp_address
+    (task,) = closing
+    assert not task.done()  # returned before the host's close was even waited for
+    await asyncio.gather(*closing)
+    assert task.result() is None and not closing
+    assert not [t for t in threading.enumerate() if t.name.startswith("autotls-dial-back-")]
+    with pytest.raises(DialBackError, match="peer id mismatch"):
+        await dial_back(
+            PrivateKey.generate().peer_id, [libp2p_node.tcp_address], timeout=10, closing=closing
+        )
+    await asyncio.gather(*closing)
+    assert not closing
+
+
 async def test_dial_back_accepts_a_matching_p2p_suffix_and_returns_the_address_as_given(
     libp2p_node: RunningNode,
 ) -> None:

@@ -4,14 +4,20 @@ Each command runs in a fresh interpreter that reports the modules it ended up wi
 (``sys.modules``), so the checks are about imports, never about time (bench/cli.py prints
 the times). ``--help`` loads neither SQLAlchemy nor cryptography; ``status``, ``diagram``,
 ``db current`` and ``account show`` load neither Alembic nor the network stack; an outdated
-schema is still upgraded, by Alembic, where it was before. Also: the lazy public names of
-``autotls`` and ``autotls.acme`` (PEP 562) resolve to the same objects as before.
+schema is still upgraded, by Alembic, where it was before. ``run --once`` as a process loads
+Alembic only to create a new database, and neither the broker's server side nor the
+recorder; its garbage collector is off while it starts, back on (start-up frozen) once the
+node is up, and left alone in process. Also: the lazy public names of ``autotls``,
+``autotls.acme``, ``autotls.peeridauth`` and ``autotls.recording`` (PEP 562) resolve to the
+same objects as before.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import asyncio
+import gc
 import importlib
 import json
 import os
@@ -22,7 +28,11 @@ from typing import Any
 
 import pytest
 
+from autotls.cli import dispatch
+from autotls.cli.options import parse_arguments
 from autotls.fsm.machine import State
+from autotls.localstack.broker import LocalBroker
+from autotls.localstack.pebble import PebbleStack
 from autotls.persistence import schema
 from autotls.persistence.urls import parse_database_url
 from tests.fixtures.engine import Engine
@@ -49,12 +59,14 @@ def _environment(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def python(tmp_path: Path, *argv: object) -> subprocess.CompletedProcess[str]:
+def python(
+    tmp_path: Path, *argv: object, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``python ARGV`` in a new process, in the repository, with no AUTOTLS_* variable."""
     return subprocess.run(
         [sys.executable, *map(str, argv)],
         cwd=ROOT,
-        env=_environment(tmp_path),
+        env={**_environment(tmp_path), **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,
@@ -165,6 +177,90 @@ def test_a_new_database_is_created_and_migrated_with_alembic(tmp_path: Path) -> 
     assert f"upgraded from (empty) to {schema.HEAD_REVISION}" in out
 
 
+# -- run as a process ---------------------------------------------------------------------------
+
+# The console script's way (main() reads sys.argv and the process ends when it returns); at
+# exit, after autotls's own atexit handlers, what was loaded and the collector's state.
+_RUN_PROBE = """
+import atexit, gc, json, os, sys
+from autotls.cli import main
+
+def report():
+    with open(os.environ["PROBE_REPORT"], "w") as out:
+        json.dump({"modules": sorted(sys.modules), "collecting": gc.isenabled(),
+                   "frozen": gc.get_freeze_count()}, out)
+
+atexit.register(report)
+sys.exit(main())
+"""
+
+
+async def test_run_once_loads_alembic_only_to_create_the_database(
+    libp2p_installed: None, pebble: PebbleStack, pebble_broker: LocalBroker, tmp_path: Path
+) -> None:
+    roots = tmp_path / "roots.pem"
+    roots.write_text("".join(pebble.issuer_roots_pem()))
+    host, port = pebble.dns_address
+
+    def run_once(key: Path) -> tuple[str, dict[str, Any]]:
+        report = tmp_path / f"{key.stem}.json"
+        result = python(
+            tmp_path, "-c", _RUN_PROBE,
+            "run", "--once", "--data-dir", tmp_path / "node", "--key", key,
+            "--ca", pebble.directory_url, "--ca-bundle", pebble.ca_file, "--trust-roots", roots,
+            "--broker", pebble_broker.url, "--dns-server", f"{host}:{port}",
+            "--allow-private-addresses",
+            "--listen", "/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/tcp/0/tls/sni/*.libp2p.direct/ws",
+            env={"PROBE_REPORT": str(report)},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout, json.loads(report.read_text())
+
+    out, created = await asyncio.to_thread(run_once, tmp_path / "first.key")
+    assert "certificate loaded: " in out
+    assert "alembic" in created["modules"]  # a new database: Alembic creates the schema
+    # the collector is back on, and what was alive at the end is frozen out of the exit's
+    # collections (dispatch._execute)
+    assert created["collecting"] and created["frozen"] > 0
+
+    out, current = await asyncio.to_thread(run_once, tmp_path / "second.key")
+    assert "certificate loaded: " in out
+    loaded = set(current["modules"])
+    assert "libp2p" in loaded and "autotls.service" in loaded
+    assert not {"alembic", "autotls.peeridauth.server", "autotls.recording.recorder"} & loaded
+
+
+def test_run_settles_the_collector_once_started_only_as_the_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the process (dispatch._execute with process_ends): no collection while starting,
+    start-up frozen and the collector back on once the node is up (run.py calls
+    args.on_started), all frozen at the end. In process: the collector is left alone."""
+    seen: list[tuple[str, bool, int]] = []
+
+    async def run(args: argparse.Namespace, stop: dispatch.Stop) -> int:
+        seen.append(("starting", gc.isenabled(), gc.get_freeze_count()))
+        args.on_started()
+        seen.append(("started", gc.isenabled(), gc.get_freeze_count()))
+        return 0
+
+    monkeypatch.setattr(dispatch, "commands", lambda: {"run": run})
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert dispatch._execute(parse_arguments(["run", "--once"]), process_ends=False) == 0
+    assert seen == [("starting", True, 0), ("started", True, 0)]
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+    seen.clear()
+    try:
+        assert dispatch._execute(parse_arguments(["run", "--once"]), process_ends=True) == 0
+        (_, on_while_starting, _), (_, on_once_started, frozen_once_started) = seen
+        assert not on_while_starting and on_once_started and frozen_once_started > 0
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # this process goes on: back to how it was
+        gc.enable()
+
+
 # -- lazy public names -----------------------------------------------------------------------
 
 
@@ -190,7 +286,9 @@ def _type_checking_imports(module_name: str) -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("package", ["autotls", "autotls.acme"])
+@pytest.mark.parametrize(
+    "package", ["autotls", "autotls.acme", "autotls.peeridauth", "autotls.recording"]
+)
 def test_lazy_public_names_are_declared_once_and_resolve(package: str) -> None:
     module = importlib.import_module(package)
     exports: dict[str, str] = module._EXPORTS

@@ -119,19 +119,40 @@ def _execute(args: argparse.Namespace, *, process_ends: bool) -> int:
 
     collecting = gc.isenabled()
     quick = args.command not in _LONG_RUNNING
-    if quick:
+    # `run` as the process: the collector is off while it starts too (its passes over the
+    # hundreds of thousands of objects that importing py-libp2p, SQLAlchemy and aiohttp
+    # creates cost a sixth of an `autotls run --once`, bench/peers.py) and back on, with
+    # start-up's objects frozen out of its way, once the node is up (run.py calls
+    # args.on_started). In process (tests, embedders) the collector is left alone.
+    settling = args.command == "run" and process_ends and collecting
+    args.on_started = _settle_collector if settling else _nothing
+    if quick or settling:
         gc.disable()
     try:
         return _run_command(args)
     finally:
-        if quick and process_ends:
-            # Python's exit runs one more full collection over every object still alive
-            # (hundreds of thousands once SQLAlchemy is loaded) only to free memory that the
-            # process gives back a moment later anyway; frozen objects are skipped. That is
-            # a sixth of `autotls status` (bench/cli.py). atexit handlers still run.
+        if process_ends:
+            # Python's exit runs full collections over every object still alive (hundreds
+            # of thousands once SQLAlchemy or py-libp2p is loaded) only to free memory that
+            # the process gives back a moment later anyway; frozen objects are skipped. That
+            # is a sixth of `autotls status` (bench/cli.py) and a quarter of a second of
+            # `autotls run --once` (bench/peers.py). atexit handlers still run.
             gc.freeze()
         if collecting:
             gc.enable()
+
+
+def _settle_collector() -> None:
+    """The node is running: what start-up created (modules, classes, settings) lives as long
+    as the process, so the collector need not look at it again; then it is back on."""
+    import gc
+
+    gc.freeze()
+    gc.enable()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _run_command(args: argparse.Namespace) -> int:

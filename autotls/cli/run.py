@@ -20,7 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -68,7 +68,7 @@ async def cmd_demo(args: argparse.Namespace, stop: Stop) -> int:
 async def cmd_run(args: argparse.Namespace, stop: Stop) -> int:
     settings = node_settings(args)
     quiet_libp2p(args.verbose)
-    return await run_node(settings, stop)
+    return await run_node(settings, stop, on_started=getattr(args, "on_started", None))
 
 
 async def load_identity(path: Path) -> PrivateKey | None:
@@ -131,9 +131,13 @@ async def _unless_stopped(stop: Stop, awaitable: Awaitable[_T]) -> _T:
     raise _Stopped
 
 
-async def run_node(settings: NodeSettings, stop: Stop) -> int:
+async def run_node(
+    settings: NodeSettings, stop: Stop, *, on_started: Callable[[], None] | None = None
+) -> int:
+    """Run the node until it is done (see :func:`_run_node`); ``on_started`` is called once the
+    node and its worker are up (the process's garbage collector settles then, dispatch.py)."""
     with contextlib.suppress(_Stopped):
-        await _run_node(settings, stop)
+        await _run_node(settings, stop, on_started)
     if stop.signal_name is not None:
         err(f"stopped on {stop.signal_name}")
         if stop.signal_name == "SIGTERM" and not settings.once:
@@ -142,7 +146,9 @@ async def run_node(settings: NodeSettings, stop: Stop) -> int:
     return EXIT_OK
 
 
-async def _run_node(settings: NodeSettings, stop: Stop) -> None:
+async def _run_node(
+    settings: NodeSettings, stop: Stop, on_started: Callable[[], None] | None = None
+) -> None:
     """Start the node and AutoTLS, then wait: for a certificate (``--once``: returns, or
     raises why there is none by the deadline), or for a stop request (returns) or the worker
     giving up on the database (raises it)."""
@@ -225,6 +231,8 @@ async def _run_node(settings: NodeSettings, stop: Stop) -> None:
             metrics = await serve_metrics(auto, settings.metrics_listen)
         err(f"listening on {', '.join(node.listen_addresses)}")
         await _unless_stopped(stop, auto.start())
+        if on_started is not None:
+            on_started()
         try:
             if settings.once:
                 deadline = started + settings.deadline

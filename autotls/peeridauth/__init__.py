@@ -30,39 +30,78 @@ Bearer tokens are secrets: they never reach a log line or an exception message.
 
 from __future__ import annotations
 
-from autotls.peeridauth.client import (
-    CHALLENGE_LEG,
-    DEFAULT_MAX_BODY,
-    AuthenticatedResponse,
-    ClientHandshake,
-    PeerIdAuthClient,
-)
-from autotls.peeridauth.errors import (
-    HandshakeRefused,
-    HeaderError,
-    PeerIdAuthError,
-    PeerIdAuthRefused,
-    PeerIdAuthUnauthorized,
-    ResponseTooLarge,
-    ServerAuthenticationError,
-)
-from autotls.peeridauth.protocol import (
-    CHALLENGE_BYTES,
-    MAX_HEADER_SIZE,
-    MIN_CHALLENGE_CHARS,
-    SCHEME,
-    RandomBytes,
-    b64decode,
-    b64encode,
-    client_sig_parts,
-    data_to_sign,
-    format_header,
-    new_challenge,
-    parse_header,
-    request_hostname,
-    server_sig_parts,
-)
-from autotls.peeridauth.server import AuthDecision, AuthResult, PeerIdAuthServer
+from typing import TYPE_CHECKING
+
+from autotls._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from autotls.peeridauth.client import (
+        CHALLENGE_LEG,
+        DEFAULT_MAX_BODY,
+        AuthenticatedResponse,
+        ClientHandshake,
+        PeerIdAuthClient,
+    )
+    from autotls.peeridauth.errors import (
+        HandshakeRefused,
+        HeaderError,
+        PeerIdAuthError,
+        PeerIdAuthRefused,
+        PeerIdAuthUnauthorized,
+        ResponseTooLarge,
+        ServerAuthenticationError,
+    )
+    from autotls.peeridauth.protocol import (
+        CHALLENGE_BYTES,
+        MAX_HEADER_SIZE,
+        MIN_CHALLENGE_CHARS,
+        SCHEME,
+        RandomBytes,
+        b64decode,
+        b64encode,
+        client_sig_parts,
+        data_to_sign,
+        format_header,
+        new_challenge,
+        parse_header,
+        request_hostname,
+        server_sig_parts,
+    )
+    from autotls.peeridauth.server import AuthDecision, AuthResult, PeerIdAuthServer
+
+# Each public name and its module, loaded on first use (autotls._lazy): a node needs the
+# client, not the server side (aiohttp.web), which only the local broker uses.
+_EXPORTS: dict[str, str] = {
+    "CHALLENGE_LEG": "autotls.peeridauth.client",
+    "DEFAULT_MAX_BODY": "autotls.peeridauth.client",
+    "AuthenticatedResponse": "autotls.peeridauth.client",
+    "ClientHandshake": "autotls.peeridauth.client",
+    "PeerIdAuthClient": "autotls.peeridauth.client",
+    "HandshakeRefused": "autotls.peeridauth.errors",
+    "HeaderError": "autotls.peeridauth.errors",
+    "PeerIdAuthError": "autotls.peeridauth.errors",
+    "PeerIdAuthRefused": "autotls.peeridauth.errors",
+    "PeerIdAuthUnauthorized": "autotls.peeridauth.errors",
+    "ResponseTooLarge": "autotls.peeridauth.errors",
+    "ServerAuthenticationError": "autotls.peeridauth.errors",
+    "CHALLENGE_BYTES": "autotls.peeridauth.protocol",
+    "MAX_HEADER_SIZE": "autotls.peeridauth.protocol",
+    "MIN_CHALLENGE_CHARS": "autotls.peeridauth.protocol",
+    "SCHEME": "autotls.peeridauth.protocol",
+    "RandomBytes": "autotls.peeridauth.protocol",
+    "b64decode": "autotls.peeridauth.protocol",
+    "b64encode": "autotls.peeridauth.protocol",
+    "client_sig_parts": "autotls.peeridauth.protocol",
+    "data_to_sign": "autotls.peeridauth.protocol",
+    "format_header": "autotls.peeridauth.protocol",
+    "new_challenge": "autotls.peeridauth.protocol",
+    "parse_header": "autotls.peeridauth.protocol",
+    "request_hostname": "autotls.peeridauth.protocol",
+    "server_sig_parts": "autotls.peeridauth.protocol",
+    "AuthDecision": "autotls.peeridauth.server",
+    "AuthResult": "autotls.peeridauth.server",
+    "PeerIdAuthServer": "autotls.peeridauth.server",
+}
 
 __all__ = [
     "CHALLENGE_BYTES",
@@ -95,3 +134,5 @@ __all__ = [
     "request_hostname",
     "server_sig_parts",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -19,16 +19,36 @@ with every call routed through one place), :mod:`~autotls.recording.recorder`,
 
 from __future__ import annotations
 
-from autotls.recording.codec import TranscriptError
-from autotls.recording.recorder import Recorder
-from autotls.recording.replay import (
-    Divergence,
-    ReplayMismatch,
-    ReplayReport,
-    assert_replays,
-    replay_transcript,
-)
-from autotls.recording.transcript import DEFAULT_LIMIT, read_transcript, transcript_path
+from typing import TYPE_CHECKING
+
+from autotls._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from autotls.recording.codec import TranscriptError
+    from autotls.recording.recorder import Recorder
+    from autotls.recording.replay import (
+        Divergence,
+        ReplayMismatch,
+        ReplayReport,
+        assert_replays,
+        replay_transcript,
+    )
+    from autotls.recording.transcript import DEFAULT_LIMIT, read_transcript, transcript_path
+
+# Each public name and its module, loaded on first use (autotls._lazy): `autotls run`
+# without --record needs only DEFAULT_LIMIT, not the recorder and the replay.
+_EXPORTS: dict[str, str] = {
+    "TranscriptError": "autotls.recording.codec",
+    "Recorder": "autotls.recording.recorder",
+    "Divergence": "autotls.recording.replay",
+    "ReplayMismatch": "autotls.recording.replay",
+    "ReplayReport": "autotls.recording.replay",
+    "assert_replays": "autotls.recording.replay",
+    "replay_transcript": "autotls.recording.replay",
+    "DEFAULT_LIMIT": "autotls.recording.transcript",
+    "read_transcript": "autotls.recording.transcript",
+    "transcript_path": "autotls.recording.transcript",
+}
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -42,3 +62,5 @@ __all__ = [
     "replay_transcript",
     "transcript_path",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
