@@ -132,9 +132,13 @@ class TxtResent(TypedDict, total=False):
 
 
 class TxtSeen(TypedDict, total=False):
-    """BrokerNotified -> DNSPropagated: every authoritative server serves the value."""
+    """BrokerNotified -> DNSPropagated: every authoritative server serves the value; and the
+    fence of the claim that saw it: the next claim (fence + 1) is the first that may answer
+    the challenge, so it answers without asking the CA first. Any later claim might follow
+    one that answered and crashed, and asks the CA before answering."""
 
     txt_seen_at: str | None
+    txt_seen_fence: int | None
 
 
 class ChallengeAnswered(TypedDict, total=False):

@@ -23,6 +23,7 @@ from autotls.fsm.errors import (
 )
 from autotls.fsm.journal import is_valid_journal
 from autotls.fsm.machine import InvalidTransitionError, State, Trigger
+from autotls.fsm.ports import EngineSettings
 from tests.fakes.ports import acme_problem
 from tests.fixtures.engine import HAPPY_TRIGGERS, Engine
 
@@ -179,7 +180,8 @@ async def test_failed_validation_reorders_within_budget(engine: Engine) -> None:
     await engine.drive_to(order.id, State.DNS_PROPAGATED)
     worker = engine.worker()
     await worker.run_once()  # answer
-    await worker.run_once()  # authz invalid -> reorder
+    engine.clock.advance(EngineSettings().first_poll_interval.total_seconds())  # first poll due
+    await worker.run_once()  # order and authz invalid -> reorder
     snap = await engine.store.get_order(order.id)
     assert snap.state == State.REGISTERED.value
     assert snap.last_error_class == "order_invalid"
@@ -290,7 +292,11 @@ async def test_pending_authorization_honours_retry_after(engine: Engine) -> None
     order = await engine.order()
     await engine.drive_to(order.id, State.DNS_PROPAGATED)
     worker = engine.worker()
-    await worker.run_once()  # answer
+    await worker.run_once()  # answer; the first poll on our schedule (no Retry-After yet)
+    first = EngineSettings().first_poll_interval
+    snap = await engine.store.get_order(order.id)
+    assert snap.next_run_at == engine.clock.now() + first
+    engine.clock.advance(first.total_seconds())
     await worker.run_once()  # pending, Retry-After 17
     snap = await engine.store.get_order(order.id)
     assert snap.next_run_at == engine.clock.now() + timedelta(seconds=17)
@@ -328,9 +334,10 @@ async def test_a_bug_is_class_internal_on_the_slow_schedule_and_never_fails_the_
     # Let's Encrypt's 7-day pending authorization outlives the whole schedule below (a
     # shorter one makes the engine order anew instead: test_lets_encrypt_2027.py).
     engine.ca.authz_lifetime = timedelta(days=7)
-    bad, good = await engine.order(), await engine.order()
+    good = await engine.order()
+    await engine.drive_to(good.id, State.INSTALLED)  # its polls move the clock: first
+    bad = await engine.order()
     engine.broker.fail(*[ZeroDivisionError("bug")] * 6, peer=bad.peer_id)
-    await engine.drive_to(good.id, State.INSTALLED)
     await engine.drive_to(bad.id, State.CHALLENGED)
     worker = engine.worker()
     delays = []
@@ -383,7 +390,12 @@ async def test_error_classes_from_every_port_reach_the_row(engine: Engine) -> No
     await engine.drive_to(order.id, State.REGISTERED)
     worker = engine.worker()
     await worker.run_once()  # intent
-    await worker.run_once()  # newOrder
+    engine.ca.fail("get_authorization", TransientError("timeout"))
+    await worker.run_once()  # newOrder: its authorization is fetched in the same step...
+    snap = await engine.store.get_order(order.id)
+    # ...and when that fails, the order's URL is kept all the same; the next run fetches it.
+    assert (snap.state, snap.last_error_class) == (State.REGISTERED.value, None)
+    assert snap.data["order_url"] and "authz_url" not in snap.data
     for operation, error, klass in cases:
         engine.ca.fail(operation, error)
         await worker.run_once()
@@ -436,7 +448,8 @@ async def test_a_dead_stored_order_is_replaced_after_a_pause_not_in_a_loop(engin
     await engine.drive_to(order.id, State.REGISTERED)
     worker = engine.worker()
     await worker.run_once()  # intent
-    await worker.run_once()  # newOrder: the URL is stored
+    engine.ca.fail("get_authorization", TransientError("timeout"))
+    await worker.run_once()  # newOrder: the URL is stored (its authorization is not fetched)
     snap = await engine.store.get_order(order.id)
     engine.ca.orders[snap.data["order_url"]].status = "invalid"  # e.g. expired during an outage
     await worker.run_once()
