@@ -36,6 +36,7 @@ from autotls.fsm.data import (
 )
 from autotls.fsm.errors import (
     AutoTLSError,
+    ErrorClass,
     OrderInvalidError,
     PermanentError,
     RateLimitedError,
@@ -160,10 +161,10 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
             return Wait(now, "order placed", updates=_placed(order))  # refused below
         try:
             authz = await ports.acme.get_authorization(account, order.authorizations[0])
-        except AutoTLSError:
-            # The order URL must outlive this step whatever happens next: record it, and let
-            # the next run fetch the authorization (and meet its error, classified).
-            return Wait(now, "order placed", updates=_placed(order))
+        except AutoTLSError as exc:
+            # The order's URL outlives the error: the policy writes it with the retry.
+            exc.keep = _placed(order)
+            raise
         return _found(order.url, _placed(order), order.expires, authz, ports, account, now)
     # Back after the authorization could not be fetched with the order (or a crash): the
     # order first, which may have died meanwhile. Dropping a dead order waits like a
@@ -462,6 +463,8 @@ async def _answer(account: AcmeAccount, data: OrderData, ports: Ports) -> None:
     try:
         await ports.acme.answer_challenge(account, _need(data["challenge_url"], "challenge_url"))
     except AutoTLSError as refused:
+        if refused.error_class in (ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED):
+            raise  # not a refusal: the next claim asks the CA first (see txt_seen_fence)
         try:
             authz = await ports.acme.get_authorization(
                 account, _need(data["authz_url"], "authz_url")
