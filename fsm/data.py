@@ -282,6 +282,8 @@ ORDER_KEYS = keys(
     ChainRejected,
 )
 WAIT_KEYS = keys(WaitNote)
+# Keys that hold a claim's fence (a replay's store counts claims from its own start).
+FENCE_KEYS = frozenset({"txt_seen_fence"})
 
 
 _ABSENT: dict[str, None] = dict.fromkeys(ALL_KEYS)
