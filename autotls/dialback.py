@@ -11,6 +11,7 @@ import logging
 import re
 import ssl
 from collections.abc import Sequence
+from typing import cast
 
 from autotls.libp2p_host import (
     STOP_TIMEOUT,
@@ -100,6 +101,10 @@ def _explain(exc: BaseException) -> tuple[str, str | None]:
     return (messages[-1] if messages else type(exc).__name__)[:200], None
 
 
+# (the winning address, failures, peer id mismatches, timed out)
+_Verdict = tuple[str | None, dict[str, str], dict[str, str], bool]
+
+
 async def _dial_main(
     portal: Portal,
     peer_id: PeerId,
@@ -161,6 +166,9 @@ async def _dial_main(
 
                     nursery.start_soon(attempt)
         timed_out = dials.cancelled_caught and winner is None and not portal.stop.is_set()
+        # The verdict is known: the caller has it now, while the host closes (py-libp2p's
+        # close sleeps 0.2 s in yamux and the swarm connection; no caller should wait on it).
+        portal.ready((winner, failures, mismatches, timed_out))
         watch.cancel_scope.cancel()
     return winner, failures, mismatches, timed_out
 
@@ -177,8 +185,9 @@ async def dial_back(
     A throw-away py-libp2p host with a fresh Ed25519 key dials every supported address at
     once (TCP, ``/ws``, ``/tls/ws``, ``/wss``; security Noise or libp2p-TLS; Yamux) and
     requires the secure channel to authenticate ``peer_id``. The first address that does is
-    returned and the host is torn down. ``timeout`` bounds the dialing (15 s, the broker's
-    dial timeout); starting and closing the throw-away host adds a few milliseconds. Secure
+    returned at once, and the host is torn down in the background (py-libp2p's close takes
+    0.2 s); a failure is raised once it is torn down. ``timeout`` bounds the dialing (15 s,
+    the broker's dial timeout). Secure
     WebSocket certificates are verified with ``tls_client_context`` (default: the system
     trust store) against the dialed host.
 
@@ -209,7 +218,12 @@ async def dial_back(
     runner = TrioThread(f"autotls-dial-back-{peer_id}")
     runner.launch(main)
     try:
-        winner, failures, mismatches, timed_out = (await asyncio.shield(runner.done)).unwrap()
+        # ready: the verdict, reported before the throw-away host has closed; after a
+        # success the thread closes it in the background and ends by itself.
+        verdict = (await asyncio.shield(runner.ready)).unwrap()
+        winner, failures, mismatches, timed_out = cast(_Verdict, verdict)
+        if winner is None:  # a failure returns with every abandoned dial closed
+            await asyncio.shield(runner.done)
     except asyncio.CancelledError:
         with contextlib.suppress(BaseException):
             await runner.finish(STOP_TIMEOUT)
