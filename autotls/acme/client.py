@@ -368,6 +368,9 @@ class AcmeClient(HttpClient):
             )
             if not stale:
                 raise
+            current = self._shared.directory
+            if current is not None and current is not directory:
+                return await call(current)  # fetched anew meanwhile (for a nonce, say)
             log.info("cached ACME directory looks stale (%s): fetching it again", exc)
             return await call(await self._fetch_directory())
 
