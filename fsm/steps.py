@@ -385,22 +385,20 @@ async def step_dns_propagated(snap: OrderSnapshot, ports: Ports) -> Outcome:
     account = _account(snap)
     settings = ports.settings
     if not data["answered_at"]:
-        first_claim = (
-            data["txt_seen_fence"] is not None and snap.fence == data["txt_seen_fence"] + 1
-        )
-        if not first_claim:
+        answer_now = data["txt_seen_fence"] is not None and snap.fence == data["txt_seen_fence"] + 1
+        if not answer_now:
             # A claim since the TXT was seen may have answered and crashed before its commit:
             # the CA's view decides (the answer is never sent twice).
             authz = await ports.acme.get_authorization(
                 account, _need(data["authz_url"], "authz_url")
             )
             challenge = authz.challenge("dns-01")
-            first_claim = (
+            answer_now = (
                 authz.status == "pending"
                 and challenge is not None
                 and challenge.status == "pending"
             )
-        if first_claim:
+        if answer_now:
             await _answer(account, data, ports)
         updates: OrderData = {"answered_at": iso(now)}
         effects = Effects()
