@@ -22,8 +22,8 @@ Challenged      ``OrderPlaced``, ``AuthorizationFound`` | ``ChallengeFound`` (a 
                 authorization; a valid one needs no challenge), ``OrderLifetime``,
                 ``TxtResent`` after a ``txt_timeout``
 BrokerNotified  ``ChallengeFound``, ``BrokerSent`` |
-DNSPropagated   ``TxtSeen`` | ``ChallengeAnswered``
-Validated       ``AuthorizationValid`` | ``CsrRecorded``
+DNSPropagated   ``TxtSeen`` | ``ChallengeAnswered`` and ``CsrRecorded`` (with the answer)
+Validated       ``AuthorizationValid`` | ``CsrRecorded`` (a reused authorization's)
 Finalized       ``CertificateIssued`` | ``ChainDownloaded``
 Installed       ``CertificateInstalled`` | ``RenewalPlanned``
 RenewDue        | ``RenewalTarget``
@@ -154,7 +154,8 @@ class AuthorizationValid(TypedDict, total=False):
 
 
 class CsrRecorded(TypedDict, total=False):
-    """Validated, before finalize: the CSR of the key in ``orders.cert_key_pem``."""
+    """DNSPropagated, with the answer (or Validated, for a reused authorization), before
+    finalize: the CSR of the key in ``orders.cert_key_pem``."""
 
     csr_der: str | None  # base64
 
