@@ -465,3 +465,16 @@ async def test_a_dead_stored_order_is_replaced_after_a_pause_not_in_a_loop(engin
     await engine.drive_to(order.id, State.INSTALLED)
     assert engine.ca.count("new_order") == 2
     assert is_valid_journal(await engine.store.journal(order.id))
+
+
+async def test_happy_path_asks_the_ca_nothing_twice(engine: Engine) -> None:
+    # newOrder's authorization is fetched once; the answer goes without a fetch (the first
+    # claim after the TXT was seen); the order is polled once to find it ready (and finalized
+    # in that step) and once to find it valid.
+    order = await engine.order()
+    await engine.drive_to(order.id, State.INSTALLED)
+    calls = {op: engine.ca.count(op) for op in ("get_authorization", "get_order", "new_order")}
+    assert calls == {"get_authorization": 1, "get_order": 2, "new_order": 1}
+    assert engine.ca.count("answer_challenge") == 1 and engine.ca.count("finalize") == 1
+    journal = await engine.store.journal(order.id)
+    assert [j.trigger for j in journal if j.kind != "error"] == list(HAPPY_TRIGGERS)
