@@ -11,7 +11,7 @@ import logging
 import re
 import ssl
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 from autotls.libp2p_host import (
     STOP_TIMEOUT,
@@ -173,6 +173,19 @@ async def _dial_main(
     return winner, failures, mismatches, timed_out
 
 
+# The runs of successful dial-backs still closing their throw-away hosts.
+_closing: set[asyncio.Future[Any]] = set()
+
+
+async def dial_backs_closed(timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Wait until every successful :func:`dial_back` of this event loop has closed its
+    throw-away host and its thread has ended (what a broker does when it stops)."""
+    loop = asyncio.get_running_loop()
+    pending = [f for f in _closing if not f.done() and f.get_loop() is loop]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+
+
 async def dial_back(
     peer_id: PeerId,
     addresses: Sequence[str],
@@ -186,8 +199,8 @@ async def dial_back(
     once (TCP, ``/ws``, ``/tls/ws``, ``/wss``; security Noise or libp2p-TLS; Yamux) and
     requires the secure channel to authenticate ``peer_id``. The first address that does is
     returned at once, and the host is torn down in the background (py-libp2p's close takes
-    0.2 s); a failure is raised once it is torn down. ``timeout`` bounds the dialing (15 s,
-    the broker's dial timeout). Secure
+    0.2 s; :func:`dial_backs_closed` waits for it); a failure is raised once it is torn
+    down. ``timeout`` bounds the dialing (15 s, the broker's dial timeout). Secure
     WebSocket certificates are verified with ``tls_client_context`` (default: the system
     trust store) against the dialed host.
 
@@ -224,6 +237,9 @@ async def dial_back(
         winner, failures, mismatches, timed_out = cast(_Verdict, verdict)
         if winner is None:  # a failure returns with every abandoned dial closed
             await asyncio.shield(runner.done)
+        else:
+            _closing.add(runner.done)
+            runner.done.add_done_callback(_closing.discard)
     except asyncio.CancelledError:
         with contextlib.suppress(BaseException):
             await runner.finish(STOP_TIMEOUT)

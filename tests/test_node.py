@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import trustme
 
+from autotls.dialback import dial_backs_closed
 from autotls.fsm.errors import ErrorClass
 from autotls.multiaddrs import Multiaddr, MultiaddrError, forge_addresses
 from autotls.node import DialBackError, Libp2pNode, NodeError, dial_back
@@ -307,6 +308,7 @@ async def test_start_stop_twice_leaves_no_thread_or_socket_behind(node_ca: trust
         assert len(_node_threads()) == 1
         ports.append(tuple(_port(a) for a in node.listen_addresses))
         assert await dial_back(key.peer_id, node.listen_addresses[:1], timeout=10)
+        await dial_backs_closed()  # its throw-away host closes after the verdict
         await node.stop()
         await node.stop()  # idempotent
         assert set(threading.enumerate()) == threads_before

@@ -189,6 +189,9 @@ class LocalBroker:
             await http.close()
         if runner is not None:
             await runner.cleanup()
+            from autotls.dialback import dial_backs_closed
+
+            await dial_backs_closed()  # its dial-backs' hosts close after their verdicts
             log.info("local broker %s stopped", self.peer_id)
 
     async def __aenter__(self) -> LocalBroker:
