@@ -18,15 +18,18 @@ The DNS port is :class:`autotls.dnscheck.AuthoritativeTxtChecker` and the instal
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from autotls._files import write_atomic
 from autotls.acme import (
     AcmeClient,
     Authorization,
@@ -40,6 +43,7 @@ from autotls.acme import (
     load_account_key,
     make_csr,
 )
+from autotls.acme.client import SharedCa
 from autotls.acme.jws import dns01_value
 from autotls.acme.problems import (
     AcmeNetworkError,
@@ -71,6 +75,8 @@ log = logging.getLogger(__name__)
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+# The CA's directory as last fetched, in the data directory (AcmeAdapter's directory_cache).
+DIRECTORY_CACHE_FILE = "acme-directory.json"
 
 
 def _order_view(order: Order) -> AcmeOrderView:
@@ -126,10 +132,13 @@ class AcmeAdapter:
         clock: Clock | None = None,
         timeout: float = 30.0,
         observer: Observer | None = None,
+        directory_cache: str | Path | None = None,
     ) -> None:
         """``preferred_chain``: the common name of the top issuer of the chain to prefer among
         the CA's alternates; ``trust_roots``: the roots the installer verifies chains against
-        (a chain that does not build to them is never chosen over one that does)."""
+        (a chain that does not build to them is never chosen over one that does).
+        ``directory_cache``: a file to keep the CA's directory in, so that a process with a
+        known account sends no directory GET (a stale one is fetched anew on a 404)."""
         self.directory_url = directory_url
         self.ca_file = ca_file
         self.eab = eab
@@ -146,6 +155,32 @@ class AcmeAdapter:
             raise ConfigurationError(f"the ACME {exc.message}") from None
         self._clients: dict[bytes, AcmeClient] = {}
         self._unsigned: AcmeClient | None = None
+        # One directory and one nonce pool for every account's client and the unsigned one.
+        self._cache = Path(directory_cache) if directory_cache is not None else None
+        cached = self._read_cached_directory()
+        self._shared = SharedCa(
+            cached, cached=True, on_fetch=self._write_cached_directory if self._cache else None
+        )
+
+    def _read_cached_directory(self) -> Directory | None:
+        if self._cache is None:
+            return None
+        try:
+            stored = json.loads(self._cache.read_bytes())
+            if not isinstance(stored, dict) or stored.get("url") != self.directory_url:
+                return None
+            return Directory.parse(stored["directory"], url=self.directory_url)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # unreadable or not a directory: fetch it as if none
+            log.info("ignoring the cached ACME directory %s: %s", self._cache, exc)
+            return None
+
+    def _write_cached_directory(self, raw: Mapping[str, Any]) -> None:
+        assert self._cache is not None
+        if self._cache.parent.is_dir():
+            body = {"url": self.directory_url, "directory": raw}
+            write_atomic(self._cache, json.dumps(body, sort_keys=True).encode())
 
     @property
     def request_count(self) -> int:
@@ -164,6 +199,7 @@ class AcmeAdapter:
                 account_url=account.url,
                 http=self._http,
                 now=self.clock.now,  # Retry-After dates on the engine's clock
+                shared=self._shared,
             )
             self._clients[account.key_pem] = client
         return client
@@ -174,7 +210,9 @@ class AcmeAdapter:
         if self._clients:
             return next(iter(self._clients.values()))
         if self._unsigned is None:
-            self._unsigned = AcmeClient(self.directory_url, http=self._http, now=self.clock.now)
+            self._unsigned = AcmeClient(
+                self.directory_url, http=self._http, now=self.clock.now, shared=self._shared
+            )
         return self._unsigned
 
     async def close(self) -> None:

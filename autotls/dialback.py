@@ -11,7 +11,7 @@ import logging
 import re
 import ssl
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 from autotls.libp2p_host import (
     STOP_TIMEOUT,
@@ -23,7 +23,6 @@ from autotls.libp2p_host import (
     require_libp2p,
     running,
     security_options,
-    unwrap,
 )
 from autotls.multiaddrs import Multiaddr, MultiaddrError
 from autotls.peerid import PeerId, PeerIdError
@@ -44,9 +43,6 @@ class DialBackError(Exception):
         detail = "; ".join(f"{addr}: {why}" for addr, why in self.failures.items())
         super().__init__(f"{reason} ({detail})" if detail else reason)
 
-
-# (the address that proved the peer or None, failures, mismatches, timed out)
-_Result = tuple[str | None, dict[str, str], dict[str, str], bool]
 
 _DIALABLE_TAILS = frozenset({(), ("ws",), ("tls", "ws"), ("tls", "sni", "ws"), ("wss",)})
 _MISMATCH_GOT = re.compile(r"(?:remote_peer_id_from_pubkey=|got )([1-9A-HJ-NP-Za-km-z]+)")
@@ -105,13 +101,17 @@ def _explain(exc: BaseException) -> tuple[str, str | None]:
     return (messages[-1] if messages else type(exc).__name__)[:200], None
 
 
+# (the winning address, failures, peer id mismatches, timed out)
+_Verdict = tuple[str | None, dict[str, str], dict[str, str], bool]
+
+
 async def _dial_main(
     portal: Portal,
     peer_id: PeerId,
     plan: list[tuple[str, Multiaddr]],
     dial_seconds: float,
     tls_client_context: ssl.SSLContext | None,
-) -> _Result:
+) -> tuple[str | None, dict[str, str], dict[str, str], bool]:
     """Runs in the dial-back's trio thread: (winner, failures, mismatches, timed out)."""
     import trio
     from libp2p import new_swarm
@@ -166,12 +166,24 @@ async def _dial_main(
 
                     nursery.start_soon(attempt)
         timed_out = dials.cancelled_caught and winner is None and not portal.stop.is_set()
-        # The answer is known: hand it over now. Closing the throw-away host takes another
-        # 0.1-0.2 s (py-libp2p 0.8.1's Yamux close ends with a fixed 0.1 s sleep, per
-        # connection) that a caller who lets it close in the background need not wait for.
+        # The verdict is known: the caller has it now, while the host closes (py-libp2p's
+        # close sleeps 0.2 s in yamux and the swarm connection; no caller should wait on it).
         portal.ready((winner, failures, mismatches, timed_out))
         watch.cancel_scope.cancel()
     return winner, failures, mismatches, timed_out
+
+
+# The runs of successful dial-backs still closing their throw-away hosts.
+_closing: set[asyncio.Future[Any]] = set()
+
+
+async def dial_backs_closed(timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Wait until every successful :func:`dial_back` of this event loop has closed its
+    throw-away host and its thread has ended (what a broker does when it stops)."""
+    loop = asyncio.get_running_loop()
+    pending = [f for f in _closing if not f.done() and f.get_loop() is loop]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
 
 
 async def dial_back(
@@ -180,24 +192,17 @@ async def dial_back(
     *,
     timeout: float = 15.0,  # noqa: ASYNC109 - the broker's dial timeout is part of the contract
     tls_client_context: ssl.SSLContext | None = None,
-    closing: set[asyncio.Task[None]] | None = None,
 ) -> str:
     """Prove that ``peer_id`` is reachable at one of ``addresses``, as the broker does.
 
     A throw-away py-libp2p host with a fresh Ed25519 key dials every supported address at
     once (TCP, ``/ws``, ``/tls/ws``, ``/wss``; security Noise or libp2p-TLS; Yamux) and
     requires the secure channel to authenticate ``peer_id``. The first address that does is
-    returned and the host is torn down. ``timeout`` bounds the dialing (15 s, the broker's
-    dial timeout); starting and closing the throw-away host adds a few milliseconds. Secure
+    returned at once, and the host is torn down in the background (py-libp2p's close takes
+    0.2 s; :func:`dial_backs_closed` waits for it); a failure is raised once it is torn
+    down. ``timeout`` bounds the dialing (15 s, the broker's dial timeout). Secure
     WebSocket certificates are verified with ``tls_client_context`` (default: the system
     trust store) against the dialed host.
-
-    By default the throw-away host is closed, and its thread gone, when this returns. With
-    ``closing`` (a set the caller owns) the answer comes as soon as the dials are over, as a
-    go-libp2p broker answers, and the host closes in its own thread afterwards (py-libp2p
-    0.8.1 takes 0.1-0.2 s for that); the task that waits for it is in ``closing`` until it
-    is done, and the caller awaits what is left there before its event loop ends (the local
-    broker does so when it stops).
 
     Raises :class:`DialBackError` with the reason: malformed address, no dialable address,
     peer id mismatch, timeout, or no address answered. Raises :class:`NodeError` when
@@ -219,29 +224,28 @@ async def dial_back(
         raise DialBackError("no dialable address", skipped)
     require_libp2p()
 
-    async def main(portal: Portal) -> _Result:
+    async def main(portal: Portal) -> tuple[str | None, dict[str, str], dict[str, str], bool]:
         return await _dial_main(portal, peer_id, plan, timeout, tls_client_context)
 
-    runner: TrioThread[_Result]
+    runner: TrioThread[tuple[str | None, dict[str, str], dict[str, str], bool]]
     runner = TrioThread(f"autotls-dial-back-{peer_id}")
     runner.launch(main)
     try:
-        if closing is None:
-            result = (await asyncio.shield(runner.done)).unwrap()
+        # ready: the verdict, reported before the throw-away host has closed; after a
+        # success the thread closes it in the background and ends by itself.
+        verdict = (await asyncio.shield(runner.ready)).unwrap()
+        winner, failures, mismatches, timed_out = cast(_Verdict, verdict)
+        if winner is None:  # a failure returns with every abandoned dial closed
+            await asyncio.shield(runner.done)
         else:
-            answered = await asyncio.shield(runner.ready)
-            if answered.ok:
-                task = asyncio.ensure_future(_closed(runner))
-                closing.add(task)
-                task.add_done_callback(closing.discard)
-            result = cast(_Result, answered.unwrap())
+            _closing.add(runner.done)
+            runner.done.add_done_callback(_closing.discard)
     except asyncio.CancelledError:
         with contextlib.suppress(BaseException):
             await runner.finish(STOP_TIMEOUT)
         raise
     except Exception as exc:
         raise as_node_error(exc, "dial-back host failed") from exc
-    winner, failures, mismatches, timed_out = result
     failures = {**skipped, **failures}
     if winner is not None:
         log.info("dial-back to %s succeeded at %s", peer_id, winner)
@@ -254,10 +258,3 @@ async def dial_back(
     if timed_out:
         raise DialBackError(f"timeout after {timeout:g}s", failures)
     raise DialBackError("no address answered", failures)
-
-
-async def _closed(runner: TrioThread[_Result]) -> None:
-    """Wait for a dial-back's host to finish closing (after its answer was given)."""
-    outcome = await asyncio.shield(runner.done)
-    if not outcome.ok:
-        log.debug("dial-back host failed while closing: %s", unwrap(outcome.value))

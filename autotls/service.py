@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from cryptography import x509
 
 from autotls.acme import ExternalAccountBinding
-from autotls.adapters import LETS_ENCRYPT, AcmeAdapter, BrokerAdapter
+from autotls.adapters import DIRECTORY_CACHE_FILE, LETS_ENCRYPT, AcmeAdapter, BrokerAdapter
 from autotls.broker import DEFAULT_BROKER_URL
 from autotls.datadir import prepare_data_dir, resolve_trust_roots
 from autotls.dnscheck import AuthoritativeTxtChecker, parse_nameserver
@@ -184,6 +184,7 @@ class AutoTLS:
             trust_roots=roots,
             clock=self.clock,
             observer=self._http_observers.of("acme"),
+            directory_cache=self.data_dir / DIRECTORY_CACHE_FILE,
         )
         self.broker = BrokerAdapter(
             identity=lambda peer: self.identity if peer == self.peer_id else None,

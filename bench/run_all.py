@@ -48,7 +48,8 @@ def collect(names: Sequence[str], quick: bool) -> list[Report]:
             reports.append(asyncio.run(dns.run(200 if quick else 1000, 16)))
         elif name == "issuance":
             runs, peers = (3, [4]) if quick else (10, [4, 16])
-            reports.extend(asyncio.run(issuance.run(runs, peers, ["product", "fast"])))
+            rejects = [0, 20] if quick else [0, 20, 50]
+            reports.extend(asyncio.run(issuance.run(runs, peers, ["product"], rejects)))
         elif name == "peers":
             try:
                 tools = peers_bench.find_tools(

@@ -22,8 +22,8 @@ Challenged      ``OrderPlaced``, ``AuthorizationFound`` | ``ChallengeFound`` (a 
                 authorization; a valid one needs no challenge), ``OrderLifetime``,
                 ``TxtResent`` after a ``txt_timeout``
 BrokerNotified  ``ChallengeFound``, ``BrokerSent`` |
-DNSPropagated   ``TxtSeen`` | ``ChallengeAnswered``
-Validated       ``AuthorizationValid`` | ``CsrRecorded``
+DNSPropagated   ``TxtSeen`` | ``ChallengeAnswered`` and ``CsrRecorded`` (with the answer)
+Validated       ``AuthorizationValid`` | ``CsrRecorded`` (a reused authorization's)
 Finalized       ``CertificateIssued`` | ``ChainDownloaded``
 Installed       ``CertificateInstalled`` | ``RenewalPlanned``
 RenewDue        | ``RenewalTarget``
@@ -132,9 +132,13 @@ class TxtResent(TypedDict, total=False):
 
 
 class TxtSeen(TypedDict, total=False):
-    """BrokerNotified -> DNSPropagated: every authoritative server serves the value."""
+    """BrokerNotified -> DNSPropagated: every authoritative server serves the value; and the
+    fence of the claim that saw it: the next claim (fence + 1) is the first that may answer
+    the challenge, so it answers without asking the CA first. Any later claim might follow
+    one that answered and crashed, and asks the CA before answering."""
 
     txt_seen_at: str | None
+    txt_seen_fence: int | None
 
 
 class ChallengeAnswered(TypedDict, total=False):
@@ -150,7 +154,8 @@ class AuthorizationValid(TypedDict, total=False):
 
 
 class CsrRecorded(TypedDict, total=False):
-    """Validated, before finalize: the CSR of the key in ``orders.cert_key_pem``."""
+    """DNSPropagated, with the answer (or Validated, for a reused authorization), before
+    finalize: the CSR of the key in ``orders.cert_key_pem``."""
 
     csr_der: str | None  # base64
 
@@ -278,6 +283,8 @@ ORDER_KEYS = keys(
     ChainRejected,
 )
 WAIT_KEYS = keys(WaitNote)
+# Keys that hold a claim's fence (a replay's store counts claims from its own start).
+FENCE_KEYS = frozenset({"txt_seen_fence"})
 
 
 _ABSENT: dict[str, None] = dict.fromkeys(ALL_KEYS)

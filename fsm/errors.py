@@ -57,9 +57,13 @@ class AutoTLSError(Exception):
     Retry-After, already converted from an HTTP date by the adapter); ``problem`` is the
     server's problem document (RFC 7807) when there was one, kept verbatim for the
     journal and the operator. Neither may contain secrets.
+
+    ``keep``: order data a step learnt before the error and must not lose with it (the URL
+    of an order the CA just made); the policy writes it with whatever the error leads to.
     """
 
     error_class: ErrorClass = ErrorClass.TRANSIENT
+    keep: Mapping[str, Any] | None = None
 
     def __init__(
         self,

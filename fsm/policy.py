@@ -315,6 +315,8 @@ def plan_error(
     settings: EngineSettings,
     rng: random.Random,
 ) -> CommitPlan:
+    if error.keep:
+        snap = dataclasses.replace(snap, data={**snap.data, **error.keep})
     state = State(snap.state)
     if isinstance(error, AccountUnknownError) and state in (State.REGISTERED, *ORDERING_STATES):
         return _advance_on_error(

@@ -197,12 +197,18 @@ class InstallerPort(Protocol):
 class EngineSettings:
     profile: str | None = None
     zone: str = "libp2p.direct"
-    dns_poll_interval: timedelta = timedelta(seconds=5)
+    # Polls (TXT visibility, the order while the CA validates, the order while it is
+    # processing) go at the CA's pace (autotls.fsm.schedule): a Retry-After is honoured up to
+    # max_poll_interval; without one the first re-check comes first_poll_interval after the
+    # wait began, and the interval doubles up to the poll's cap below (never more often than
+    # the cap once there: polite to Let's Encrypt, near-instant on a fast CA).
+    first_poll_interval: timedelta = timedelta(milliseconds=25)
+    dns_poll_interval: timedelta = timedelta(seconds=5)  # cap of the TXT checks
     dns_deadline_cap: timedelta = timedelta(minutes=15)
     txt_resend_limit: int = 3
-    authz_poll_interval: timedelta = timedelta(seconds=2)
-    order_poll_interval: timedelta = timedelta(seconds=1)  # Boulder sends Retry-After: 3
-    max_poll_interval: timedelta = timedelta(minutes=5)
+    authz_poll_interval: timedelta = timedelta(seconds=2)  # cap while the CA validates
+    order_poll_interval: timedelta = timedelta(seconds=1)  # cap while processing (Boulder: 3 s)
+    max_poll_interval: timedelta = timedelta(minutes=5)  # cap of any Retry-After
     # Let's Encrypt allows 5 failed authorizations per identifier per account per hour.
     validation_budget: int = 3
     validation_window: timedelta = timedelta(hours=1)

@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import TypeVar
 
 from autotls.fsm.data import (
     ORDER_KEYS,
@@ -31,12 +31,12 @@ from autotls.fsm.data import (
     OrderData,
     RegistrationHeld,
     RegistrationHold,
-    RenewalPlan,
     keys,
     order_data,
-    renewal_plan,
 )
 from autotls.fsm.errors import (
+    AutoTLSError,
+    ErrorClass,
     OrderInvalidError,
     PermanentError,
     RateLimitedError,
@@ -45,31 +45,16 @@ from autotls.fsm.errors import (
 )
 from autotls.fsm.machine import State, Trigger
 from autotls.fsm.outcomes import Advance, Effects, Outcome, Wait
-from autotls.fsm.ports import AcmeAccount, AcmeOrderView, Ports
-from autotls.fsm.renewal import pick_in_window, plan_renewal
+from autotls.fsm.ports import AcmeAccount, AcmeOrderView, AuthorizationView, Ports
+from autotls.fsm.renewal_steps import step_installed, step_renew_due
+from autotls.fsm.schedule import iso, parse_time, poll_at, stored_time
 from autotls.persistence.records import AccountUpdate, NewAccount, NewCertificate, OrderSnapshot
+
+__all__ = ["AUTHZ_EXPIRY_MARGIN", "STEPS", "Step", "iso", "parse_time", "txt_name"]
 
 Step = Callable[[OrderSnapshot, Ports], Awaitable[Outcome]]
 
 AUTHZ_EXPIRY_MARGIN = timedelta(minutes=2)
-
-
-def iso(moment: datetime) -> str:
-    return moment.isoformat()
-
-
-def parse_time(value: Any, key: str) -> datetime:
-    if value is None or value == "":
-        raise PermanentError(f"order data lacks {key!r} (was the row edited by hand?)")
-    if not isinstance(value, str):
-        raise PermanentError(f"order data {key!r} is not a timestamp: {value!r}")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise PermanentError(f"order data {key!r} is not a timestamp: {value!r}") from None
-    if parsed.tzinfo is None:
-        raise PermanentError(f"order data {key!r} has no timezone: {value!r}")
-    return parsed
 
 
 _V = TypeVar("_V")
@@ -89,10 +74,13 @@ def _account(snap: OrderSnapshot) -> AcmeAccount:
     return AcmeAccount(snap.account.key_pem, snap.account.url)
 
 
-def _later(now: datetime, seconds: float | None, default: timedelta, cap: timedelta) -> datetime:
-    if seconds is None or seconds <= 0:
-        return now + default
-    return now + min(timedelta(seconds=seconds), cap)
+def _poll_at(
+    now: datetime, since: datetime | None, retry_after: float | None, cap: timedelta, ports: Ports
+) -> datetime:
+    s = ports.settings
+    return poll_at(
+        now, since, retry_after, first=s.first_poll_interval, cap=cap, max_wait=s.max_poll_interval
+    )
 
 
 # -- New: the ACME account ----------------------------------------------------------------
@@ -169,25 +157,47 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
                 updates={"replaces": None},
                 note={"replaces": replaces, "refused": str(exc)},
             )
-        return Wait(now, "order placed", updates=_placed(order))
+        if len(order.authorizations) != 1:
+            return Wait(now, "order placed", updates=_placed(order))  # refused below
+        try:
+            authz = await ports.acme.get_authorization(account, order.authorizations[0])
+        except AutoTLSError as exc:
+            # The order's URL outlives the error: the policy writes it with the retry.
+            exc.keep = _placed(order)
+            raise
+        return _found(order.url, _placed(order), order.expires, authz, ports, account, now)
+    # Back after the authorization could not be fetched with the order (or a crash): the
+    # order first, which may have died meanwhile. Dropping a dead order waits like a
+    # re-order does: a CA that kept handing back dead orders must not make a tight loop.
     order = await ports.acme.get_order(account, order_url)
-    # Dropping a dead order waits like a re-order does: a CA that kept handing back dead
-    # orders must not turn this into a tight loop.
-    retry_at = now + ports.settings.reorder_backoff[0]
     if order.status in ("invalid", "expired") or _expired(order, now):
-        return _abandon(order.url, f"stored order is {order.status}", retry_at)
+        return _abandon(order.url, f"stored order is {order.status}", ports, now)
     if len(order.authorizations) != 1:
         raise PermanentError(
             f"order {order.url} has {len(order.authorizations)} authorizations, expected 1"
         )
     authz = await ports.acme.get_authorization(account, order.authorizations[0])
+    return _found(order.url, _placed(order), order.expires, authz, ports, account, now)
+
+
+def _found(
+    order_url: str,
+    placed: OrderData,
+    order_expires: datetime | None,
+    authz: AuthorizationView,
+    ports: Ports,
+    account: AcmeAccount,
+    now: datetime,
+) -> Outcome:
+    """The order's authorization, as the CA just showed it: on to Challenged, or drop the
+    order when the authorization can no longer be won."""
     if authz.status not in ("pending", "valid"):
-        return _abandon(order.url, f"its authorization is {authz.status}", retry_at)
-    expires = authz.expires or order.expires
+        return _abandon(order_url, f"its authorization is {authz.status}", ports, now)
+    expires = authz.expires or order_expires
     if expires is None:
         raise TransientError(f"authorization {authz.url} has no expiry")
     updates: OrderData = {
-        **_placed(order),
+        **placed,
         "authz_url": authz.url,
         "authz_expires": iso(expires),
         "authz_status": authz.status,
@@ -204,7 +214,7 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
         Trigger.ORDER_PLACED,
         updates=updates,
         clear=keys(RegistrationHeld),
-        note={"order_url": order.url, "authz_status": authz.status},
+        note={"order_url": order_url, "authz_status": authz.status},
     )
 
 
@@ -274,14 +284,14 @@ def _placed(order: AcmeOrderView) -> OrderData:
     }
 
 
-def _abandon(order_url: str, why: str, retry_at: datetime) -> Advance:
+def _abandon(order_url: str, why: str, ports: Ports, now: datetime) -> Advance:
     """Drop a stored ACME order the CA made unusable; a new one is placed at ``retry_at``.
     Nothing failed at the CA, so the validation budget is not touched."""
     return Advance(
         Trigger.ABANDON_ORDER,
         clear=ORDER_KEYS,
         note={"order_url": order_url, "reason": why},
-        run_at=retry_at,
+        run_at=now + ports.settings.reorder_backoff[0],
     )
 
 
@@ -331,13 +341,15 @@ async def step_broker_notified(snap: OrderSnapshot, ports: Ports) -> Outcome:
     if check.visible:
         return Advance(
             Trigger.TXT_VISIBLE,
-            updates={"txt_seen_at": iso(now)},
+            updates={"txt_seen_at": iso(now), "txt_seen_fence": snap.fence},
             note={"servers": dict(check.servers)},
         )
     deadline = parse_time(data["txt_deadline"], "txt_deadline")
     if now < deadline:
+        # No Retry-After in DNS: the geometric schedule from the broker's answer.
+        sent = stored_time(data["broker_sent_at"], "broker_sent_at")
         return Wait(
-            min(now + ports.settings.dns_poll_interval, deadline),
+            min(_poll_at(now, sent, None, ports.settings.dns_poll_interval, ports), deadline),
             "waiting for the TXT record on the authoritative servers",
         )
     resends = int(data["txt_resends"] or 0)
@@ -359,46 +371,108 @@ async def step_broker_notified(snap: OrderSnapshot, ports: Ports) -> Outcome:
     )
 
 
-# -- DNSPropagated: answer the challenge, await validation ---------------------------------
+# -- DNSPropagated: answer the challenge, await validation, finalize --------------------------
 
 
 async def step_dns_propagated(snap: OrderSnapshot, ports: Ports) -> Outcome:
+    """Answer the challenge (once), then poll the order: it is ``ready`` once the CA has
+    validated the authorization, and is finalized in the same step. The certificate key and
+    CSR are recorded with the answer, so finalizing needs no intent of its own: a run that
+    crashed after finalize finds the order ``processing`` or ``valid`` and just moves on
+    (the CA refuses to finalize anything but a ``ready`` order)."""
     now = ports.clock.now()
     data = order_data(snap.data)
     account = _account(snap)
-    authz = await ports.acme.get_authorization(account, _need(data["authz_url"], "authz_url"))
-    answered: OrderData = {}
+    settings = ports.settings
     if not data["answered_at"]:
-        challenge = authz.challenge("dns-01")
-        if authz.status == "pending" and challenge is not None and challenge.status == "pending":
-            challenge_url = _need(data["challenge_url"], "challenge_url")
-            await ports.acme.answer_challenge(account, challenge_url)
-            return Wait(now, "challenge answered", updates={"answered_at": iso(now)})
-        # Answered by a run that crashed before its commit: the CA's view decides from here
-        # (Pebble refuses a second answer once the challenge has left "pending").
-        answered = {"answered_at": iso(now)}
-    if authz.status == "valid":
-        return Advance(
-            Trigger.AUTHORIZATION_VALID, updates={**answered, "authz_valid_at": iso(now)}
-        )
-    if authz.status == "pending":
+        answer_now = data["txt_seen_fence"] is not None and snap.fence == data["txt_seen_fence"] + 1
+        if not answer_now:
+            # A claim since the TXT was seen may have answered and crashed before its commit:
+            # the CA's view decides (the answer is never sent twice).
+            authz = await ports.acme.get_authorization(
+                account, _need(data["authz_url"], "authz_url")
+            )
+            challenge = authz.challenge("dns-01")
+            answer_now = (
+                authz.status == "pending"
+                and challenge is not None
+                and challenge.status == "pending"
+            )
+        if answer_now:
+            await _answer(account, data, ports)
+        updates: OrderData = {"answered_at": iso(now)}
+        effects = Effects()
+        if snap.cert_key_pem is None or not data["csr_der"]:
+            key = ports.acme.generate_certificate_key()
+            csr = ports.acme.make_csr(key, [snap.identifier])
+            updates["csr_der"] = base64.b64encode(csr).decode("ascii")
+            effects = Effects(cert_key_pem=key)
         return Wait(
-            _later(
-                now,
-                authz.retry_after,
-                ports.settings.authz_poll_interval,
-                ports.settings.max_poll_interval,
-            ),
+            _poll_at(now, now, None, settings.authz_poll_interval, ports),
+            "challenge answered; waiting for the CA to validate",
+            updates=updates,
+            effects=effects,
+        )
+    order = await ports.acme.get_order(account, _need(data["order_url"], "order_url"))
+    answered = stored_time(data["answered_at"], "answered_at")
+    if order.status == "pending":
+        return Wait(
+            _poll_at(now, answered, order.retry_after, settings.authz_poll_interval, ports),
             "waiting for the CA to validate",
-            updates=answered,
+        )
+    valid: OrderData = {"authz_valid_at": iso(now)}
+    csr_b64 = data["csr_der"]
+    if order.status == "ready" and snap.cert_key_pem is not None and csr_b64:
+        order = await ports.acme.finalize(
+            account, order.url, order.finalize, base64.b64decode(csr_b64)
+        )
+    if order.status in ("ready", "processing", "valid"):
+        # ready: no CSR recorded (a row from an older version): Validated records one.
+        # processing or valid: finalized, by this run or by one that crashed before its commit.
+        wait = order.status == "processing"
+        return Advance(
+            Trigger.AUTHORIZATION_VALID,
+            updates=valid,
+            note={"order_status": order.status},
+            run_at=_poll_at(now, now, order.retry_after, settings.order_poll_interval, ports)
+            if wait
+            else None,
+        )
+    # The order is invalid (or gone): the authorization's challenge says why.
+    authz = await ports.acme.get_authorization(account, _need(data["authz_url"], "authz_url"))
+    if authz.status == "valid":
+        # Validated, but the order died (expired): Validated decides, as after a finalize.
+        return Advance(
+            Trigger.AUTHORIZATION_VALID, updates=valid, note={"order_status": order.status}
         )
     challenge = authz.challenge("dns-01")
-    problem = challenge.error if challenge is not None else None
+    problem = (challenge.error if challenge is not None else None) or order.error
     detail = problem.get("detail") if isinstance(problem, Mapping) else None
     raise OrderInvalidError(
-        f"authorization {authz.status}" + (f": {detail}" if detail else ""),
+        f"authorization {authz.status}, order {order.status}" + (f": {detail}" if detail else ""),
         problem=problem,
     )
+
+
+async def _answer(account: AcmeAccount, data: OrderData, ports: Ports) -> None:
+    """Answer the challenge from its stored URL (no fetch first). A refusal is reconciled
+    from the CA's view: a run that crashed before committing ``answered_at`` may have
+    answered already, and Pebble refuses a second answer once the challenge left pending."""
+    try:
+        await ports.acme.answer_challenge(account, _need(data["challenge_url"], "challenge_url"))
+    except AutoTLSError as refused:
+        if refused.error_class in (ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED):
+            raise  # not a refusal: the next claim asks the CA first (see txt_seen_fence)
+        try:
+            authz = await ports.acme.get_authorization(
+                account, _need(data["authz_url"], "authz_url")
+            )
+        except AutoTLSError:
+            raise refused from None
+        challenge = authz.challenge("dns-01")
+        if authz.status == "pending" and (challenge is None or challenge.status == "pending"):
+            raise
+        # Answered by a run that crashed before its commit: the CA's view decides from here.
 
 
 # -- Validated: key, CSR, finalize ------------------------------------------------------------
@@ -410,6 +484,7 @@ async def step_validated(snap: OrderSnapshot, ports: Ports) -> Outcome:
     account = _account(snap)
     csr_b64 = data["csr_der"]
     if snap.cert_key_pem is None or not csr_b64:
+        # A reused authorization (no challenge answered), or a row from an older version.
         key = ports.acme.generate_certificate_key()
         csr = ports.acme.make_csr(key, [snap.identifier])
         return Wait(
@@ -422,10 +497,13 @@ async def step_validated(snap: OrderSnapshot, ports: Ports) -> Outcome:
     if order.status == "ready":
         csr = base64.b64decode(csr_b64)
         order = await ports.acme.finalize(account, order.url, order.finalize, csr)
-    return _after_finalize(order, now, ports)
+    since = stored_time(data["authz_valid_at"], "authz_valid_at")
+    return _after_finalize(order, now, since, ports)
 
 
-def _after_finalize(order: AcmeOrderView, now: datetime, ports: Ports) -> Outcome:
+def _after_finalize(
+    order: AcmeOrderView, now: datetime, since: datetime | None, ports: Ports
+) -> Outcome:
     if order.status == "valid":
         if not order.certificate:
             raise TransientError(f"order {order.url} is valid but has no certificate URL yet")
@@ -436,12 +514,7 @@ def _after_finalize(order: AcmeOrderView, now: datetime, ports: Ports) -> Outcom
         )
     if order.status in ("processing", "ready"):
         return Wait(
-            _later(
-                now,
-                order.retry_after,
-                ports.settings.order_poll_interval,
-                ports.settings.max_poll_interval,
-            ),
+            _poll_at(now, since, order.retry_after, ports.settings.order_poll_interval, ports),
             f"order {order.status}",
         )
     if order.status == "invalid" and order.error is None and _expired(order, now):
@@ -501,117 +574,6 @@ async def step_finalized(snap: OrderSnapshot, ports: Ports) -> Outcome:
                 replaces_cert_id=data["replaces"],
             ),
         ),
-    )
-
-
-# -- Installed: wait for renewal time ---------------------------------------------------------
-
-
-async def step_installed(snap: OrderSnapshot, ports: Ports) -> Outcome:
-    now = ports.clock.now()
-    cert = snap.certificate
-    if cert is None:
-        raise PermanentError("order is Installed but has no certificate record")
-    settings = ports.settings
-    renewal = renewal_plan(order_data(snap.data)["renewal"])
-    if now >= cert.not_after:
-        return Advance(
-            Trigger.RENEWAL_DUE,
-            updates={"replaces": None},
-            note={"reason": "expired", "not_after": iso(cert.not_after)},
-        )
-    supports_ari = await ports.acme.supports_ari()
-    if supports_ari and cert.cert_id:
-        due_check = renewal["next_ari_check"]
-        if due_check is None or parse_time(due_check, "next_ari_check") <= now:
-            renewal = await _refresh_ari(renewal, cert.chain_pem, now, ports)
-    ari = renewal["ari_time"]
-    ari_time = parse_time(ari, "ari_time") if ari else None
-    plan = plan_renewal(
-        now=now,
-        not_before=cert.not_before,
-        not_after=cert.not_after,
-        ari_time=ari_time,
-        emergency_fraction=settings.emergency_fraction,
-    )
-    if now >= plan.renew_at:
-        replaces = cert.cert_id if supports_ari and cert.cert_id else None
-        return Advance(
-            Trigger.RENEWAL_DUE,
-            updates={"replaces": replaces, "renewal": _stored(renewal)},
-            note={"reason": plan.reason, "replaces": replaces},
-        )
-    until = plan.renew_at
-    next_check = renewal["next_ari_check"]
-    if next_check:
-        until = min(until, parse_time(next_check, "next_ari_check"))
-    renewal["renew_at"], renewal["reason"] = iso(plan.renew_at), plan.reason
-    return Wait(
-        until,
-        f"renewal at {iso(plan.renew_at)} ({plan.reason})",
-        updates={"renewal": _stored(renewal)},
-    )
-
-
-def _stored(plan: RenewalPlan) -> RenewalPlan:
-    """The plan as the row keeps it: only the keys that hold something."""
-    return cast(RenewalPlan, {k: v for k, v in plan.items() if v is not None})
-
-
-async def _refresh_ari(
-    renewal: RenewalPlan, chain_pem: str, now: datetime, ports: Ports
-) -> RenewalPlan:
-    settings = ports.settings
-    try:
-        window = await ports.acme.renewal_info(chain_pem)
-    except (TransientError, RateLimitedError) as exc:
-        # ARI trouble never endangers the certificate: keep the last window (or the backstop)
-        # and ask again later.
-        retry = exc.retry_after or settings.ari_min_recheck.total_seconds()
-        return {
-            **renewal,
-            "next_ari_check": iso(_clamped_recheck(now, retry, ports)),
-            "ari_error": str(exc),
-        }
-    if window is None:
-        return {**renewal, "next_ari_check": iso(now + settings.ari_max_recheck)}
-    previous = renewal["window"]
-    current = [iso(window.start), iso(window.end)]
-    ari_time = renewal["ari_time"]
-    if previous != current or not ari_time:
-        ari_time = iso(pick_in_window(window, now, ports.rng))
-    return {
-        "window": current,
-        "ari_time": ari_time,
-        "explanation_url": window.explanation_url,
-        "next_ari_check": iso(_clamped_recheck(now, window.retry_after, ports)),
-    }
-
-
-def _clamped_recheck(now: datetime, retry_after: float | None, ports: Ports) -> datetime:
-    s = ports.settings
-    wait = timedelta(seconds=retry_after) if retry_after else timedelta(hours=6)
-    return now + max(s.ari_min_recheck, min(wait, s.ari_max_recheck))
-
-
-# -- RenewDue: back to ordering ----------------------------------------------------------------
-
-
-async def step_renew_due(snap: OrderSnapshot, ports: Ports) -> Outcome:
-    now = ports.clock.now()
-    replaces = order_data(snap.data)["replaces"]
-    cert = snap.certificate
-    if cert is not None and now >= cert.not_after:
-        # Never `replaces` an expired certificate: Let's Encrypt answers 404 and the Go
-        # client looped forever on it.
-        replaces = None
-    if replaces and not await ports.acme.supports_ari():
-        replaces = None  # RFC 9773: only to a CA that advertises renewalInfo
-    return Advance(
-        Trigger.START_RENEWAL,
-        updates={"replaces": replaces},
-        clear=ORDER_KEYS,
-        note={"replaces": replaces},
     )
 
 

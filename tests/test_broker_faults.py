@@ -149,10 +149,10 @@ async def test_a_broker_that_is_not_a_broker_is_retried_with_one_warning(
         rig.store, rig.peer, f"*.{rig.peer}.libp2p.direct", now=rig.clock.now()
     )
     worker = Worker(rig.store, rig.ports, worker_id="w")
-    for _ in range(4):  # account key, account, newOrder intent, newOrder
+    for _ in range(3):  # account key, account, newOrder intent
         await worker.run_once()
     assert (await rig.store.get_order(order.id)).state == State.REGISTERED.value
-    await worker.run_once()  # fetch the authorization: Challenged
+    await worker.run_once()  # newOrder, and its authorization: Challenged
     assert (await rig.store.get_order(order.id)).state == State.CHALLENGED.value
     caplog.clear()
     with caplog.at_level(logging.INFO):

@@ -23,6 +23,7 @@ from autotls.fsm.errors import (
 )
 from autotls.fsm.journal import is_valid_journal
 from autotls.fsm.machine import InvalidTransitionError, State, Trigger
+from autotls.fsm.ports import EngineSettings
 from tests.fakes.ports import acme_problem
 from tests.fixtures.engine import HAPPY_TRIGGERS, Engine
 
@@ -179,7 +180,8 @@ async def test_failed_validation_reorders_within_budget(engine: Engine) -> None:
     await engine.drive_to(order.id, State.DNS_PROPAGATED)
     worker = engine.worker()
     await worker.run_once()  # answer
-    await worker.run_once()  # authz invalid -> reorder
+    engine.clock.advance(EngineSettings().first_poll_interval.total_seconds())  # first poll due
+    await worker.run_once()  # order and authz invalid -> reorder
     snap = await engine.store.get_order(order.id)
     assert snap.state == State.REGISTERED.value
     assert snap.last_error_class == "order_invalid"
@@ -290,7 +292,11 @@ async def test_pending_authorization_honours_retry_after(engine: Engine) -> None
     order = await engine.order()
     await engine.drive_to(order.id, State.DNS_PROPAGATED)
     worker = engine.worker()
-    await worker.run_once()  # answer
+    await worker.run_once()  # answer; the first poll on our schedule (no Retry-After yet)
+    first = EngineSettings().first_poll_interval
+    snap = await engine.store.get_order(order.id)
+    assert snap.next_run_at == engine.clock.now() + first
+    engine.clock.advance(first.total_seconds())
     await worker.run_once()  # pending, Retry-After 17
     snap = await engine.store.get_order(order.id)
     assert snap.next_run_at == engine.clock.now() + timedelta(seconds=17)
@@ -328,9 +334,10 @@ async def test_a_bug_is_class_internal_on_the_slow_schedule_and_never_fails_the_
     # Let's Encrypt's 7-day pending authorization outlives the whole schedule below (a
     # shorter one makes the engine order anew instead: test_lets_encrypt_2027.py).
     engine.ca.authz_lifetime = timedelta(days=7)
-    bad, good = await engine.order(), await engine.order()
+    good = await engine.order()
+    await engine.drive_to(good.id, State.INSTALLED)  # its polls move the clock: first
+    bad = await engine.order()
     engine.broker.fail(*[ZeroDivisionError("bug")] * 6, peer=bad.peer_id)
-    await engine.drive_to(good.id, State.INSTALLED)
     await engine.drive_to(bad.id, State.CHALLENGED)
     worker = engine.worker()
     delays = []
@@ -383,14 +390,16 @@ async def test_error_classes_from_every_port_reach_the_row(engine: Engine) -> No
     await engine.drive_to(order.id, State.REGISTERED)
     worker = engine.worker()
     await worker.run_once()  # intent
-    await worker.run_once()  # newOrder
-    for operation, error, klass in cases:
+    for n, (operation, error, klass) in enumerate(cases):
         engine.ca.fail(operation, error)
         await worker.run_once()
         snap = await engine.store.get_order(order.id)
         assert snap.last_error_class == klass
+        if n == 0:  # the newOrder step fetches the authorization too: the order URL is kept
+            assert snap.state == State.REGISTERED.value and snap.data["order_url"]
         engine.clock.set(snap.next_run_at)
     await engine.drive_to(order.id, State.INSTALLED, worker)
+    assert engine.ca.count("new_order") == 1
 
 
 async def test_order_invalid_outside_an_order_is_retried_not_reordered(engine: Engine) -> None:
@@ -436,9 +445,11 @@ async def test_a_dead_stored_order_is_replaced_after_a_pause_not_in_a_loop(engin
     await engine.drive_to(order.id, State.REGISTERED)
     worker = engine.worker()
     await worker.run_once()  # intent
-    await worker.run_once()  # newOrder: the URL is stored
+    engine.ca.fail("get_authorization", TransientError("timeout"))
+    await worker.run_once()  # newOrder: the URL is stored (its authorization is not fetched)
     snap = await engine.store.get_order(order.id)
     engine.ca.orders[snap.data["order_url"]].status = "invalid"  # e.g. expired during an outage
+    engine.clock.set(snap.next_run_at)
     await worker.run_once()
     snap = await engine.store.get_order(order.id)
     assert snap.state == State.REGISTERED.value and "order_url" not in snap.data
@@ -454,3 +465,16 @@ async def test_a_dead_stored_order_is_replaced_after_a_pause_not_in_a_loop(engin
     await engine.drive_to(order.id, State.INSTALLED)
     assert engine.ca.count("new_order") == 2
     assert is_valid_journal(await engine.store.journal(order.id))
+
+
+async def test_happy_path_asks_the_ca_nothing_twice(engine: Engine) -> None:
+    # newOrder's authorization is fetched once; the answer goes without a fetch (the first
+    # claim after the TXT was seen); the order is polled once to find it ready (and finalized
+    # in that step) and once to find it valid.
+    order = await engine.order()
+    await engine.drive_to(order.id, State.INSTALLED)
+    calls = {op: engine.ca.count(op) for op in ("get_authorization", "get_order", "new_order")}
+    assert calls == {"get_authorization": 1, "get_order": 2, "new_order": 1}
+    assert engine.ca.count("answer_challenge") == 1 and engine.ca.count("finalize") == 1
+    journal = await engine.store.journal(order.id)
+    assert [j.trigger for j in journal if j.kind != "error"] == list(HAPPY_TRIGGERS)

@@ -105,7 +105,6 @@ SCENARIOS: list[Any] = [
     Scenario(K.LOST_RESPONSE, "newOrder", S.REGISTERED, T),
     Scenario(K.TRUNCATED, "newOrder", S.REGISTERED, T),
     Scenario(K.SLOW_LORIS, "newOrder", S.REGISTERED, T),
-    Scenario(K.RESET, "order", S.REGISTERED, T),
     Scenario(K.HTML_502, "authz", S.REGISTERED, T),
     Scenario(K.TRUNCATED, "authz", S.REGISTERED, T),
     # Registered, before the order: the broker's health. An outage starts no authorization
@@ -139,23 +138,23 @@ SCENARIOS: list[Any] = [
     Scenario(K.WRONG_VALUE, "txt", S.BROKER_NOTIFIED, WAIT, times=2),
     Scenario(K.NO_ANSWER, "txt", S.BROKER_NOTIFIED, T, times=2),
     Scenario(K.OVERWRITTEN, "txt", S.BROKER_NOTIFIED, TXT_TIMEOUT),
-    # DNSPropagated: the challenge and the authorization poll.
+    # DNSPropagated: the challenge, the order poll (ready once the CA validated), finalize.
     Scenario(K.HTML_503, "challenge", S.DNS_PROPAGATED, T),
     Scenario(K.LOST_RESPONSE, "challenge", S.DNS_PROPAGATED, T),
     Scenario(K.TRUNCATED, "challenge", S.DNS_PROPAGATED, T),
     Scenario(K.SLOW_LORIS, "challenge", S.DNS_PROPAGATED, T),
-    Scenario(K.RESET, "authz", S.DNS_PROPAGATED, T, after=1),
-    Scenario(K.HANG, "authz", S.DNS_PROPAGATED, T, after=1),
-    # Validated: finalize.
+    Scenario(K.RESET, "order", S.DNS_PROPAGATED, T),
+    Scenario(K.HANG, "order", S.DNS_PROPAGATED, T),
+    Scenario(K.HTML_502, "finalize", S.DNS_PROPAGATED, T),
+    Scenario(K.RETRY_AFTER_503, "finalize", S.DNS_PROPAGATED, T, waits=120),
+    Scenario(K.RESET, "finalize", S.DNS_PROPAGATED, T),
+    Scenario(K.HANG, "finalize", S.DNS_PROPAGATED, T),
+    Scenario(K.LOST_RESPONSE, "finalize", S.DNS_PROPAGATED, T),
+    Scenario(K.TRUNCATED, "finalize", S.DNS_PROPAGATED, T),
+    Scenario(K.SLOW_LORIS, "finalize", S.DNS_PROPAGATED, T),
+    # Validated: the order after finalize.
     Scenario(K.HTML_502, "order", S.VALIDATED, T, after=1),
     Scenario(K.TRUNCATED, "order", S.VALIDATED, T, after=1),
-    Scenario(K.HTML_502, "finalize", S.VALIDATED, T),
-    Scenario(K.RETRY_AFTER_503, "finalize", S.VALIDATED, T, waits=120),
-    Scenario(K.RESET, "finalize", S.VALIDATED, T),
-    Scenario(K.HANG, "finalize", S.VALIDATED, T),
-    Scenario(K.LOST_RESPONSE, "finalize", S.VALIDATED, T),
-    Scenario(K.TRUNCATED, "finalize", S.VALIDATED, T),
-    Scenario(K.SLOW_LORIS, "finalize", S.VALIDATED, T),
     # Finalized: the download.
     Scenario(K.HTML_502, "certificate", S.FINALIZED, T),
     Scenario(K.RESET, "certificate", S.FINALIZED, T),

@@ -380,7 +380,7 @@ async def test_shortlived_retry_schedule_never_outlives_the_authorization(
             return
         if trouble.startswith("CA answers 503") and "503" not in scripted:
             scripted.add("503")
-            le.ca.unavailable_next("authz", retry_after="3600")
+            le.ca.unavailable_next("order", retry_after="3600")  # the poll after the answer
         if trouble.startswith("validation takes") and "slow" not in scripted:
             scripted.add("slow")
             le.ca.authz_retry_after = "300"

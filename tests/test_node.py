@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import trustme
 
+from autotls import dialback
+from autotls.dialback import dial_backs_closed
 from autotls.fsm.errors import ErrorClass
 from autotls.multiaddrs import Multiaddr, MultiaddrError, forge_addresses
 from autotls.node import DialBackError, Libp2pNode, NodeError, dial_back
@@ -130,27 +132,26 @@ async def test_dial_back_proves_the_peer_id(libp2p_node: RunningNode) -> None:
     assert worked == libp2p_node.tcp_address
 
 
-async def test_dial_back_with_closing_answers_before_its_host_has_closed(
+async def test_dial_back_answers_before_its_host_has_closed(
     libp2p_node: RunningNode,
 ) -> None:
-    """As a go-libp2p broker does (the local broker passes ``closing``): the answer comes
-    when the dial is over; the throw-away host closes afterwards and its task, left in the
-    caller's set, ends with its thread."""
-    closing: set[asyncio.Task[None]] = set()
+    """As a go-libp2p broker does: the answer comes when the dial is over; the throw-away
+    host closes afterwards, and dial_backs_closed() waits for it and its thread. A failure
+    returns only once every dial is closed."""
     peer = libp2p_node.key.peer_id
-    worked = await dial_back(peer, [libp2p_node.tcp_address], timeout=10, closing=closing)
+    await dial_backs_closed()  # an earlier test's dial-back may still be closing
+    before = set(dialback._closing)
+    worked = await dial_back(peer, [libp2p_node.tcp_address], timeout=10)
     assert worked == libp2p_node.tcp_address
-    (task,) = closing
-    assert not task.done()  # returned before the host's close was even waited for
-    await asyncio.gather(*closing)
-    assert task.result() is None and not closing
+    (closing,) = dialback._closing - before
+    assert not closing.done()  # returned before the host's close was even waited for
+    await dial_backs_closed()
+    assert closing.done() and closing not in dialback._closing
     assert not [t for t in threading.enumerate() if t.name.startswith("autotls-dial-back-")]
     with pytest.raises(DialBackError, match="peer id mismatch"):
-        await dial_back(
-            PrivateKey.generate().peer_id, [libp2p_node.tcp_address], timeout=10, closing=closing
-        )
-    await asyncio.gather(*closing)
-    assert not closing
+        await dial_back(PrivateKey.generate().peer_id, [libp2p_node.tcp_address], timeout=10)
+    assert not dialback._closing - before  # a failure returns with its host closed
+    assert not [t for t in threading.enumerate() if t.name.startswith("autotls-dial-back-")]
 
 
 async def test_dial_back_accepts_a_matching_p2p_suffix_and_returns_the_address_as_given(
@@ -330,6 +331,7 @@ async def test_start_stop_twice_leaves_no_thread_or_socket_behind(node_ca: trust
         assert len(_node_threads()) == 1
         ports.append(tuple(_port(a) for a in node.listen_addresses))
         assert await dial_back(key.peer_id, node.listen_addresses[:1], timeout=10)
+        await dial_backs_closed()  # its throw-away host closes after the verdict
         await node.stop()
         await node.stop()  # idempotent
         assert set(threading.enumerate()) == threads_before

@@ -26,9 +26,9 @@ import logging
 import os
 import re
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -94,6 +94,7 @@ DEFAULT_BAD_NONCE_RETRIES = 8
 MAX_ERROR_RETRY_AFTER = 7 * 24 * 3600.0
 _NONCE = re.compile(r"[A-Za-z0-9_-]+")
 _NONCE_POOL_SIZE = 32
+_T = TypeVar("_T")
 
 
 def _utcnow() -> datetime:
@@ -127,6 +128,29 @@ def _require_location(response: HttpResponse, what: str) -> str:
     return location
 
 
+class SharedCa:
+    """What every client of one CA may share, whatever its account: the directory and the
+    nonce pool (a nonce is the server's, not an account's). One per :class:`AcmeAdapter`, so a
+    process fetches the directory once and spends every ``Replay-Nonce`` it was given.
+
+    ``cached``: the directory came from a cache (:meth:`AcmeClient` was given one), not from
+    the server in this process: an error that looks like a stale directory (404, malformed)
+    then makes the client fetch it anew and try the request once more. ``on_fetch`` is told
+    the raw directory whenever it is fetched (to write the cache)."""
+
+    def __init__(
+        self,
+        directory: Directory | None = None,
+        *,
+        cached: bool = False,
+        on_fetch: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.cached = cached and directory is not None
+        self.on_fetch = on_fetch
+        self.nonces: deque[str] = deque(maxlen=_NONCE_POOL_SIZE)
+
+
 class AcmeClient(HttpClient):
     """An ACME account's view of one CA. Usable as ``async with``; safe to share between tasks
     of one event loop. Without ``account_key`` it fetches only the directory and ARI.
@@ -150,6 +174,7 @@ class AcmeClient(HttpClient):
         now: Callable[[], datetime] = _utcnow,
         bad_nonce_retries: int = DEFAULT_BAD_NONCE_RETRIES,
         observer: Observer | None = None,
+        shared: SharedCa | None = None,
     ) -> None:
         parts = urlsplit(directory_url)
         if parts.scheme not in ("https", "http") or not parts.netloc:
@@ -174,8 +199,8 @@ class AcmeClient(HttpClient):
         self._max_chain_body = max_chain_body
         self._now = now
         self._bad_nonce_retries = bad_nonce_retries
-        self._directory: Directory | None = None
-        self._nonces: deque[str] = deque(maxlen=_NONCE_POOL_SIZE)
+        self._shared = shared if shared is not None else SharedCa()
+        self._nonces = self._shared.nonces
         self.request_count = 0
 
     @property
@@ -252,9 +277,13 @@ class AcmeClient(HttpClient):
     async def _nonce(self) -> str:
         if self._nonces:
             return self._nonces.pop()
+
+        async def fresh(directory: Directory) -> HttpResponse:
+            # _send pools a well-formed Replay-Nonce.
+            return await self._send("HEAD", directory.new_nonce, "newNonce")
+
+        await self._with_directory(fresh)
         directory = await self.directory()
-        # _send pools a well-formed Replay-Nonce.
-        await self._send("HEAD", directory.new_nonce, "newNonce")
         if not self._nonces:
             raise AcmeProtocolError(
                 "newNonce answered without a usable Replay-Nonce header", url=directory.new_nonce
@@ -305,19 +334,52 @@ class AcmeClient(HttpClient):
     # -- directory and account ------------------------------------------------------------
 
     async def directory(self) -> Directory:
-        """The CA's directory, fetched once per client."""
-        if self._directory is None:
-            response = await self._send(
-                "GET", self.directory_url, "directory", accept="application/json"
+        """The CA's directory, fetched once per client (or per :class:`SharedCa`)."""
+        if self._shared.directory is None:
+            await self._fetch_directory()
+        assert self._shared.directory is not None
+        return self._shared.directory
+
+    async def _fetch_directory(self) -> Directory:
+        response = await self._send(
+            "GET", self.directory_url, "directory", accept="application/json"
+        )
+        raw = _json_object(response, "directory")
+        directory = Directory.parse(raw, url=self.directory_url)
+        self._shared.directory, self._shared.cached = directory, False
+        if self._shared.on_fetch is not None:
+            try:
+                self._shared.on_fetch(raw)
+            except Exception:  # a cache that cannot be written costs a fetch next time
+                log.warning("could not cache the ACME directory", exc_info=True)
+        return directory
+
+    async def _with_directory(self, call: Callable[[Directory], Awaitable[_T]]) -> _T:
+        """``call`` with the directory's URLs; with a cached directory, a refusal that looks
+        like a stale one (the endpoint moved: 404, or malformed) fetches it anew, once."""
+        directory = await self.directory()
+        if not self._shared.cached:
+            return await call(directory)
+        try:
+            return await call(directory)
+        except (AcmeProblem, AcmeProtocolError) as exc:
+            stale = exc.status == 404 or (
+                isinstance(exc, AcmeProblem) and exc.type.endswith(":malformed")
             )
-            self._directory = Directory.parse(
-                _json_object(response, "directory"), url=self.directory_url
-            )
-        return self._directory
+            if not stale:
+                raise
+            current = self._shared.directory
+            if current is not None and current is not directory:
+                return await call(current)  # fetched anew meanwhile (for a nonce, say)
+            log.info("cached ACME directory looks stale (%s): fetching it again", exc)
+            return await call(await self._fetch_directory())
 
     async def _account_request(self, payload: Mapping[str, Any]) -> Account:
-        directory = await self.directory()
-        response = await self._post(directory.new_account, "newAccount", payload, embed_jwk=True)
+        response = await self._with_directory(
+            lambda directory: self._post(
+                directory.new_account, "newAccount", payload, embed_jwk=True
+            )
+        )
         url = _require_location(response, "newAccount")
         account = Account.parse(_json_object(response, "account"), url)
         self._account_url = url
@@ -390,8 +452,9 @@ class AcmeClient(HttpClient):
             payload["profile"] = profile
         if replaces is not None:
             payload["replaces"] = replaces
-        directory = await self.directory()
-        response = await self._post(directory.new_order, "newOrder", payload)
+        response = await self._with_directory(
+            lambda directory: self._post(directory.new_order, "newOrder", payload)
+        )
         url = _require_location(response, "newOrder")
         return Order.parse(
             _json_object(response, "order"), url, retry_after=response.retry_after(self._now)

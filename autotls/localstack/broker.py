@@ -143,8 +143,6 @@ class LocalBroker:
         self._runner: web.AppRunner | None = None
         self._http: HttpTransport | None = None  # to challtestsrv, while started
         self._url: str | None = None
-        # dial-backs that answered and whose throw-away host is still closing (dial_back)
-        self._closing: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -191,9 +189,9 @@ class LocalBroker:
             await http.close()
         if runner is not None:
             await runner.cleanup()
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
-        if runner is not None:
+            from autotls.dialback import dial_backs_closed
+
+            await dial_backs_closed()  # its dial-backs' hosts close after their verdicts
             log.info("local broker %s stopped", self.peer_id)
 
     async def __aenter__(self) -> LocalBroker:
@@ -283,12 +281,6 @@ class LocalBroker:
     async def _dial_back(self, peer: PeerId, addresses: Sequence[str]) -> object:
         from autotls.node import dial_back
 
-        # Answers as soon as the dial is over, as the production (go-libp2p) broker does;
-        # the throw-away host closes meanwhile and stop() waits for what is left.
         return await dial_back(
-            peer,
-            addresses,
-            timeout=self.dial_timeout,
-            tls_client_context=self.dial_tls_context,
-            closing=self._closing,
+            peer, addresses, timeout=self.dial_timeout, tls_client_context=self.dial_tls_context
         )

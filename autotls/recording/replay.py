@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from autotls.fsm.clock import ManualClock
+from autotls.fsm.data import FENCE_KEYS
 from autotls.fsm.faults import FaultPlan
 from autotls.fsm.machine import State, Trigger
 from autotls.fsm.ports import EngineSettings, Ports
@@ -393,7 +394,7 @@ async def _replay_step(
     if ended is None:
         router.diverge("decision", "the step ended without a decision", "-", "-", step.line)
         return False
-    difference = _first_difference(recorded, ended)
+    difference = _first_difference(recorded, _aligned_fences(ended, before.fence + 1 - step.fence))
     if difference is not None:
         key, was, now = difference
         router.diverge(
@@ -408,6 +409,21 @@ async def _replay_step(
         snap = await store.get_order(order_id)
         await store.release(snap.id, snap.fence)
     return True
+
+
+def _aligned_fences(ended: dict[str, Any], offset: int) -> dict[str, Any]:
+    """The decision with the claim fences it wrote into the data (``FENCE_KEYS``) counted
+    as the recording counted them: the replay's store claims once more to seed the order."""
+    data = ended.get("data")
+    written = data.get("set") if isinstance(data, dict) else None
+    if not offset or not isinstance(data, dict) or not isinstance(written, dict):
+        return ended
+    if not any(isinstance(written.get(k), int) for k in FENCE_KEYS):
+        return ended
+    fixed = {
+        k: v - offset if k in FENCE_KEYS and isinstance(v, int) else v for k, v in written.items()
+    }
+    return {**ended, "data": {**data, "set": fixed}}
 
 
 def _first_difference(recorded: Any, replayed: Any, path: str = "") -> tuple[str, Any, Any] | None:

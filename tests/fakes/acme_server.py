@@ -986,13 +986,29 @@ class FakeAcmeServer:
         if payload is not None:
             raise Problem(400, "malformed", "order fetch must be POST-as-GET")
         order = self._own_order(account, request.match_info["id"])
+        if not order.finalized:
+            for authz_id in order.authz_ids:
+                self._poll_validation(self.authorizations[authz_id])
         body = self._order_json(order)
         headers = {}
+        if body["status"] == "pending" and self.authz_retry_after is not None:
+            headers["Retry-After"] = self.authz_retry_after
         if body["status"] == "processing":
             order.processing_polls_left -= 1
             if self.order_retry_after is not None:
                 headers["Retry-After"] = self.order_retry_after
         return web.json_response(body, headers=headers)
+
+    def _poll_validation(self, authz: FakeAuthorization) -> None:
+        """A poll of the authorization, or of its order: the validation in progress ends
+        after ``authz_pending_polls`` of them (a CA validates whichever the client polls)."""
+        if authz.status == "pending" and authz.challenge_status == "processing":
+            if authz.pending_polls_left > 0:
+                authz.pending_polls_left -= 1
+            else:
+                authz.status = authz.challenge_status = "valid"
+                authz.validated = self.now()
+                authz.expires = authz.validated + VALID_AUTHZ_LIFETIME
 
     async def _authz(self, request: web.Request) -> web.Response:
         payload, account, _jwk = await self._signed(request)
@@ -1004,13 +1020,7 @@ class FakeAcmeServer:
         self._refuse_expired(authz)
         headers = {}
         if authz.status == "pending":
-            if authz.challenge_status == "processing":
-                if authz.pending_polls_left > 0:
-                    authz.pending_polls_left -= 1
-                else:
-                    authz.status = authz.challenge_status = "valid"
-                    authz.validated = self.now()
-                    authz.expires = authz.validated + VALID_AUTHZ_LIFETIME
+            self._poll_validation(authz)
             if authz.status == "pending" and self.authz_retry_after is not None:
                 headers["Retry-After"] = self.authz_retry_after
         return web.json_response(self._authz_json(authz), headers=headers)

@@ -237,6 +237,9 @@ class FakeCA:
         self._enter("get_order")
         self._check_account(account)
         order = self.orders[url]
+        authz = self.authzs[order.authz_url]
+        if order.status == "pending":
+            self._poll_validation(authz)  # a CA validates whether we poll the order or the authz
         if order.status == "processing":
             if order.processing_polls > 0:
                 order.processing_polls -= 1
@@ -248,11 +251,7 @@ class FakeCA:
         self._enter("get_authorization")
         self._check_account(account)
         authz = self.authzs[url]
-        if authz.challenge_status == "processing":
-            if authz.pending_polls > 0:
-                authz.pending_polls -= 1
-            else:
-                self._conclude(authz)
+        self._poll_validation(authz)
         return AuthorizationView(
             url=authz.url,
             status=authz.status,
@@ -285,6 +284,13 @@ class FakeCA:
         authz.challenge_status = "processing"
         authz.pending_polls = self.pending_polls
         return ChallengeView(url, "dns-01", authz.challenge_status, authz.token)
+
+    def _poll_validation(self, authz: FakeAuthz) -> None:
+        if authz.challenge_status == "processing":
+            if authz.pending_polls > 0:
+                authz.pending_polls -= 1
+            else:
+                self._conclude(authz)
 
     def _conclude(self, authz: FakeAuthz) -> None:
         if self.validation == "valid":
@@ -395,7 +401,7 @@ class FakeCA:
             error={"type": ACME + "unauthorized", "detail": "validation failed"}
             if order.status == "invalid"
             else None,
-            retry_after=self.retry_after if order.status == "processing" else None,
+            retry_after=self.retry_after if order.status in ("pending", "processing") else None,
         )
 
 
