@@ -263,7 +263,7 @@ class Worker:
             woken = await self.store.make_due(
                 now=now, last_error_class=ErrorClass.CONFIGURATION.value, peers=self.peers
             )
-            moving = await self.store.make_due_off_directory(
+            moving = await self.store.make_due(
                 now=now, directory_url=self.ports.acme.directory_url, peers=self.peers
             )
         except Exception as exc:
