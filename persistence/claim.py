@@ -66,6 +66,7 @@ def _statement(dialect: str, filtered: bool) -> Any:
             fence=orders.c.fence + 1,
         )
     )
+    statement: Any
     if postgres:
         statement = snapshot_select(claim.returning(*orders.c).cte("claimed"))
     else:

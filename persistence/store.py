@@ -563,7 +563,7 @@ def _next_due_at(conn: Connection, peers: Collection[str] | None) -> datetime | 
     rows = conn.execute(_peers(_SOONEST, peers), {"window": _NEXT_DUE_WINDOW}).all()
     if not rows:
         return None
-    best = min(max(r.next_run_at, r.lease_until or r.next_run_at) for r in rows)
+    best: datetime = min(max(r.next_run_at, r.lease_until or r.next_run_at) for r in rows)
     if len(rows) < _NEXT_DUE_WINDOW or best <= rows[-1].next_run_at:
         return best
     value: datetime | None = conn.execute(_peers(_EARLIEST, peers)).scalar_one_or_none()
