@@ -16,8 +16,17 @@ retained bytes per order for two sizes, their slope (the marginal cost of one mo
 and how much of what is retained belongs to the fakes (which keep every order, authorization
 and certificate they ever made) rather than to the engine.
 
+Multi-process (``--processes 1,4``, meant for ``--db postgresql``): N operating-system
+processes, each a worker (concurrency: the first ``--concurrency``) with fake ports of its own,
+on one shared database. Each process creates ``--orders`` orders of its own peers and works
+only on them (``Worker(peers=...)``: a fake CA cannot answer for another process's orders,
+and each process has its own fake CA, i.e. its own ACME account row), so the processes share
+the tables, indexes, claims and commits, not the orders. They start together (a barrier);
+the figure is all issuances over the time from the first start to the last finish, and the
+ratio to one process is printed beside issue 11's target (4 processes >= 3x one).
+
 ``python -m bench.engine [--orders 200] [--concurrency 1,4] [--memory-orders 100,300]
-[--db sqlite|postgresql] [--json]``
+[--db sqlite|postgresql] [--processes 1,4] [--json]``
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import math
+import multiprocessing
+import os
 import random
 import tempfile
 import time
@@ -34,6 +46,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from autotls.fsm import operator
 from autotls.fsm.clock import ManualClock
@@ -134,10 +147,21 @@ async def _issue_all(
     return outcome
 
 
-async def _drive(store: TimedStore, clock: ManualClock, orders: int, concurrency: int) -> Outcome:
+async def _drive(
+    store: TimedStore,
+    clock: ManualClock,
+    orders: int,
+    concurrency: int,
+    *,
+    peers: Collection[str] | None = None,
+    ca_name: str | None = None,
+) -> Outcome:
     dns = FakeDns()
+    ca = FakeCA(clock)
+    if ca_name is not None:  # one fake CA (and account row) per process
+        ca.directory_url = f"https://{ca_name}.test/directory"
     ports = Ports(
-        acme=FakeCA(clock),
+        acme=ca,
         broker=FakeBroker(dns),
         dns=dns,
         installer=FakeInstaller(),
@@ -145,7 +169,9 @@ async def _drive(store: TimedStore, clock: ManualClock, orders: int, concurrency
         settings=EngineSettings(),
         rng=random.Random(1),
     )
-    worker = Worker(store, ports, worker_id="bench", concurrency=concurrency)
+    worker = Worker(
+        store, ports, worker_id=ca_name or "bench", concurrency=concurrency, peers=peers
+    )
     installed: set[int] = set()
     failed: list[str] = []
 
@@ -174,6 +200,169 @@ async def _drive(store: TimedStore, clock: ManualClock, orders: int, concurrency
         gc.collect()
         outcome.retained_by_fakes = with_fakes - tracemalloc.get_traced_memory()[0]
     return outcome
+
+
+def _child(index: int, url: str, orders: int, concurrency: int, barrier: Any, results: Any) -> None:
+    """One process of the multi-process mode: its own orders, its own worker and fakes."""
+
+    async def work() -> tuple[Any, ...]:
+        store = await TimedStore.open(url, upgrade=False)
+        assert isinstance(store, TimedStore)
+        try:
+            clock = ManualClock()
+            peers = [PrivateKey.generate().peer_id.to_base36() for _ in range(orders)]
+            for peer in peers:
+                await operator.create_order(store, peer, f"*.{peer}.libp2p.direct", now=clock.now())
+            barrier.wait()
+            database = url.rsplit("/", 1)[-1] if url.startswith("postgresql") else None
+            started, cpu, busy = time.time(), time.process_time(), _machine_busy()
+            db_cpu = _postgres_cpu(database) if database else 0.0
+            out = await _drive(
+                store, clock, orders, concurrency, peers=peers, ca_name=f"fake-ca-{index}"
+            )
+            cpu = time.process_time() - cpu
+            ended = (time.time(), _machine_busy(), _postgres_cpu(database) if database else 0.0)
+            barrier.wait()  # no backend exits (taking its CPU figures along) before all end
+            return out.orders, started, ended[0], out.steps, cpu, busy, ended[1], db_cpu, ended[2]
+        finally:
+            await store.close()
+
+    results.put(asyncio.run(work()))
+
+
+def _machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine so far (Linux ``/proc/stat``)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def _postgres_cpu(database: str) -> float:
+    """CPU seconds so far of the PostgreSQL backends serving ``database`` and of the server's
+    WAL writer, from ``/proc`` (0 where that cannot be read, and on SQLite)."""
+    total = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if not cmdline.startswith("postgres: "):
+                continue
+            if database not in cmdline and "walwriter" not in cmdline:
+                continue
+            fields = (proc / "stat").read_text().partition(") ")[2].split()
+        except (OSError, UnicodeDecodeError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Fleet:
+    rate: float  # issuances/s, all processes
+    steps: int
+    issued: int
+    wall_s: float
+    worker_cpu_s: float  # CPU of the worker processes, all of them
+    machine_busy: float  # cores busy on the whole machine (workers, database, anything else)
+    database_cpu_s: float  # CPU of the PostgreSQL server's processes (0 on SQLite)
+
+
+def _processes(url: str, count: int, orders: int, concurrency: int) -> Fleet:
+    """``count`` processes on the database ``url``, from the first start to the last end."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(count)
+    results = ctx.Queue()
+    children = [
+        ctx.Process(target=_child, args=(i, url, orders, concurrency, barrier, results))
+        for i in range(count)
+    ]
+    for child in children:
+        child.start()
+    outcomes = [results.get(timeout=900) for _ in children]
+    for child in children:
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"a benchmark process exited with {child.exitcode}")
+    issued = sum(o[0] for o in outcomes)
+    first = min(outcomes, key=lambda o: o[1])
+    last = max(outcomes, key=lambda o: o[2])
+    wall = last[2] - first[1]
+    busy = last[6][0] - first[5][0]
+    total = last[6][1] - first[5][1]
+    cores = os.cpu_count() or 1
+    return Fleet(
+        issued / wall,
+        sum(o[3] for o in outcomes),
+        issued,
+        wall,
+        sum(o[4] for o in outcomes),
+        cores * busy / total if total else math.nan,
+        last[8] - first[7],
+    )
+
+
+def run_processes(orders: int, counts: Sequence[int], concurrency: int, db: str) -> Report:
+    report = Report(
+        f"engine, worker processes on one {db} database (fake ports, ManualClock each)",
+        [
+            "processes",
+            "conc",
+            "orders",
+            "issuances/s",
+            "steps/s",
+            "x one process",
+            "target",
+            "worker CPU ms/issuance",
+            "database CPU ms/issuance",
+            "cores busy",
+        ],
+        params={"orders per process": orders, "db": db},
+    )
+    single: float | None = None
+    for count in counts:
+        with contextlib.ExitStack() as stack:
+            if db == "postgresql":
+                url = stack.enter_context(pg_database())
+            else:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="autotls-bench-"))
+                url = f"sqlite:///{Path(tmp) / 'engine.db'}"
+            asyncio.run(_open_close(url))  # migrate once, before the processes start
+            fleet = _processes(url, count, orders, concurrency)
+        rate = fleet.rate
+        if count == 1:
+            single = rate
+        ratio = rate / single if single else None
+        report.add(
+            processes=count,
+            conc=concurrency,
+            orders=orders * count,
+            **{
+                "issuances/s": rate,
+                "steps/s": rate * fleet.steps / fleet.issued,
+                "x one process": ratio,
+                "target": ">= 3x (4 processes)" if count == 4 and db == "postgresql" else "-",
+                "worker CPU ms/issuance": fleet.worker_cpu_s * 1000 / fleet.issued,
+                "database CPU ms/issuance": fleet.database_cpu_s * 1000 / fleet.issued,
+                "cores busy": fleet.machine_busy,
+            },
+        )
+    report.notes.append(
+        "issuances/s = all processes' issuances over first start to last finish; each process"
+        " works on its own orders (peers=) with its own fake CA"
+    )
+    report.notes.append(
+        f"cores busy: the whole machine's ({os.cpu_count()} cores) busy share over the run,"
+        " database and other processes included; N processes cannot beat one by more than"
+        " the cores left idle by one allow"
+    )
+    return report
+
+
+async def _open_close(url: str) -> None:
+    store = await Store.open(url)
+    await store.close()
 
 
 async def run(
@@ -256,6 +445,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", default="1,4", help="comma-separated")
     parser.add_argument("--memory-orders", default="100,300", help="comma-separated sizes")
     parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument(
+        "--processes",
+        default="",
+        help="comma-separated process counts (e.g. 1,4): the multi-process mode only",
+    )
     add_json_flag(parser)
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -264,6 +458,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--orders, --concurrency and --memory-orders must be positive")
     if args.db == "postgresql" and (reason := pg_unavailable_reason()):
         parser.error(reason)
+    if args.processes:
+        counts = [int(n) for n in args.processes.split(",") if n.strip()]
+        if any(n < 1 for n in counts):
+            parser.error("--processes must be positive")
+        emit([run_processes(args.orders, counts, concurrencies[0], args.db)], args.json)
+        return
     emit(asyncio.run(run(args.orders, concurrencies, memory_orders, args.db)), args.json)
 
 

@@ -43,12 +43,9 @@ from typing import Any, Self, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
-    bindparam,
-    case,
     func,
     insert,
     select,
-    type_coerce,
     update,
 )
 from sqlalchemy.engine import URL, Connection
@@ -82,7 +79,6 @@ from autotls.persistence.rows import (
     load_claimed,
     load_order,
 )
-from autotls.persistence.types import UTCDateTime
 from autotls.persistence.urls import async_url, parse_database_url, redact
 
 __all__ = ["ClaimedOrder", "CorruptOrder", "LeaseHeld", "Store"]
@@ -90,9 +86,6 @@ __all__ = ["ClaimedOrder", "CorruptOrder", "LeaseHeld", "Store"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# How many of the soonest-due active orders next_due_at looks at before it falls back to
-# reading them all (only when that many hold live leases at once).
-_NEXT_DUE_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -258,6 +251,7 @@ class Store:
         return await self._run(
             claim.claim_due,
             owner,
+            single=True,  # one statement on PostgreSQL
             now=now,
             lease_seconds=lease_seconds,
             limit=limit,
@@ -268,7 +262,18 @@ class Store:
         self, snapshot: OrderSnapshot, plan: CommitPlan, *, now: datetime, worker: str
     ) -> bool:
         """Apply ``plan`` if ``snapshot.fence`` still holds the order (False: lease lost)."""
-        return await self._run(apply_plan, snapshot, plan, now=now, worker=worker, bump=False)
+        # The usual commit (the row and its journal entry, or a wait's row alone) is one
+        # statement on PostgreSQL; one that also adopts an account or installs a certificate
+        # needs its transaction.
+        single = (
+            plan.new_account is None
+            and plan.account_update is None
+            and plan.new_certificate is None
+            and plan.revocation is None
+        )
+        return await self._run(
+            apply_plan, snapshot, plan, now=now, worker=worker, bump=False, single=single
+        )
 
     async def renew_lease(self, order_id: int, fence: int, owner: str, until: datetime) -> bool:
         return (
@@ -486,7 +491,7 @@ class Store:
     async def next_due_at(self, *, peers: Collection[str] | None = None) -> datetime | None:
         """The earliest moment any active order (of ``peers``) can be claimed: its
         ``next_run_at``, or the end of a live lease on it, whichever is later."""
-        return await self._run(_next_due_at, peers, write=False)
+        return await self._run(claim.next_due_at, peers, write=False, single=True)
 
     async def count_by_state(self, *, peers: Collection[str] | None = None) -> dict[str, int]:
         """How many orders (of ``peers``) are in each state: one ``GROUP BY`` (metrics)."""
@@ -518,21 +523,35 @@ class Store:
 
     # -- internals ------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., T], *args: Any, write: bool = True, **kw: Any) -> T:
+    async def _run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        write: bool = True,
+        single: bool = False,
+        **kw: Any,
+    ) -> T:
         """``fn(connection, *args, **kw)`` in one transaction (a reader's on SQLite when not
-        ``write``): one hand-off to the store's thread on SQLite, ``run_sync`` on PostgreSQL."""
+        ``write``): one hand-off to the store's thread on SQLite, ``run_sync`` on PostgreSQL.
+
+        ``single``: ``fn`` writes with one statement at most (atomic by itself), so on
+        PostgreSQL it runs in autocommit, sparing the ``BEGIN`` and ``COMMIT`` round trips."""
         if kw:
             fn = functools.partial(fn, **kw)
         if self._thread is not None:
             return await self._thread.run(fn, *args, write=write)
+        if single:
+            async with self.engine.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                return await conn.run_sync(fn, *args)
         async with self.engine.begin() as conn:
             return await conn.run_sync(fn, *args)
 
     async def _all(self, query: Any) -> list[Any]:
-        return await self._run(lambda conn: conn.execute(query).all(), write=False)
+        return await self._run(lambda conn: conn.execute(query).all(), write=False, single=True)
 
     async def _rowcount(self, statement: Any) -> int:
-        return await self._run(lambda conn: int(conn.execute(statement).rowcount))
+        return await self._run(lambda conn: int(conn.execute(statement).rowcount), single=True)
 
 
 def _active_order_id(conn: Connection, peer_id: str) -> int | None:
@@ -540,31 +559,3 @@ def _active_order_id(conn: Connection, peer_id: str) -> int | None:
         select(orders.c.id).where(orders.c.peer_id == peer_id, ACTIVE)
     ).scalar_one_or_none()
     return None if value is None else int(value)
-
-
-_CLAIMABLE_AT = case(
-    (orders.c.lease_until > orders.c.next_run_at, orders.c.lease_until),
-    else_=orders.c.next_run_at,
-)
-_SOONEST = (
-    select(orders.c.next_run_at, orders.c.lease_until)
-    .where(ACTIVE)
-    .order_by(orders.c.next_run_at)
-    .limit(bindparam("window"))
-)
-_EARLIEST = select(type_coerce(func.min(_CLAIMABLE_AT), UTCDateTime())).where(ACTIVE)
-
-
-def _next_due_at(conn: Connection, peers: Collection[str] | None) -> datetime | None:
-    # The soonest-due rows, along ix_orders_due: a row is claimable at the later of its due
-    # time and its lease's end, never before its due time, so once the best seen is no later
-    # than the due time of the last row read, no row further on can beat it. Only when more
-    # than the window hold live leases is every active row read.
-    rows = conn.execute(_peers(_SOONEST, peers), {"window": _NEXT_DUE_WINDOW}).all()
-    if not rows:
-        return None
-    best: datetime = min(max(r.next_run_at, r.lease_until or r.next_run_at) for r in rows)
-    if len(rows) < _NEXT_DUE_WINDOW or best <= rows[-1].next_run_at:
-        return best
-    value: datetime | None = conn.execute(_peers(_EARLIEST, peers)).scalar_one_or_none()
-    return value
