@@ -42,6 +42,7 @@ class StoreThread:
         self.engine = create_engine(url.set(drivername="sqlite+pysqlite"), hide_parameters=True)
         configure(self.engine)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autotls-store")
+        self._closed = False
 
     async def run(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
         call = functools.partial(self._transaction, fn, args, write)
@@ -55,6 +56,9 @@ class StoreThread:
                 return fn(conn, *args)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.dispose)
         self._executor.shutdown(wait=False)
 
