@@ -43,8 +43,10 @@ NEXT_DUE_WINDOW = 64
 def _peer_filter(dialect: str) -> Any:
     """``orders.peer_id`` among the bound parameter ``:peers`` (see :func:`_peers_param`)."""
     if dialect == "postgresql":  # PeerIDs (base36, base58) hold no comma
-        peers = func.string_to_array(bindparam("peers", type_=String), ",")
-        return orders.c.peer_id == func.any(peers)
+        # A subquery, which PostgreSQL hashes once per execution; `= ANY(string_to_array())`
+        # would split the list again for every row it looks at.
+        peers = func.unnest(func.string_to_array(bindparam("peers", type_=String), ","))
+        return orders.c.peer_id.in_(select(peers).scalar_subquery())
     return text("orders.peer_id IN (SELECT value FROM json_each(:peers))").bindparams(
         bindparam("peers", type_=String)
     )
