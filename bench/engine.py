@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import math
 import multiprocessing
 import os
 import random
-import tempfile
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -56,7 +54,13 @@ from autotls.fsm.worker import OrderEvent, Worker, run_until_idle
 from autotls.peerid import PrivateKey
 from autotls.persistence.records import CommitPlan, OrderSnapshot
 from autotls.persistence.store import ClaimedOrder, Store
-from bench._common import Report, add_json_flag, emit, pg_database, pg_unavailable_reason
+from bench._common import (
+    Report,
+    add_json_flag,
+    emit,
+    pg_unavailable_reason,
+    temporary_database,
+)
 from tests.fakes.ports import FakeBroker, FakeCA, FakeDns, FakeInstaller
 
 
@@ -110,26 +114,42 @@ class Outcome:
     retained_by_fakes: int = 0
 
 
-@contextlib.asynccontextmanager
-async def _database(kind: str) -> AsyncIterator[str]:
-    if kind == "postgresql":
-        with pg_database() as url:
-            yield url
-    else:
-        with tempfile.TemporaryDirectory(prefix="autotls-bench-") as tmp:
-            yield f"sqlite:///{Path(tmp) / 'engine.db'}"
+def fake_ports(clock: ManualClock, ca_name: str | None = None) -> Ports:
+    """The in-memory fake ports on ``clock``; ``ca_name``: a fake CA (and so an account row)
+    of its own, for one process among several on a database."""
+    dns = FakeDns()
+    ca = FakeCA(clock)
+    if ca_name is not None:
+        ca.directory_url = f"https://{ca_name}.test/directory"
+    return Ports(
+        acme=ca,
+        broker=FakeBroker(dns),
+        dns=dns,
+        installer=FakeInstaller(),
+        clock=clock,
+        settings=EngineSettings(),
+        rng=random.Random(1),
+    )
+
+
+async def _with_orders(
+    url: str, orders: int, *, upgrade: bool = True
+) -> tuple[TimedStore, list[str]]:
+    """The store at ``url`` holding ``orders`` new orders (of new peers), due now."""
+    store = await TimedStore.open(url, upgrade=upgrade)
+    assert isinstance(store, TimedStore)
+    peers = [PrivateKey.generate().peer_id.to_base36() for _ in range(orders)]
+    for peer in peers:
+        await operator.create_order(store, peer, f"*.{peer}.libp2p.direct", now=ManualClock().now())
+    return store, peers
 
 
 async def _issue_all(
     db: str, orders: int, concurrency: int, *, trace_memory: bool = False
 ) -> Outcome:
-    store = await TimedStore.open(db)
-    assert isinstance(store, TimedStore)
+    store, _ = await _with_orders(db, orders)
     try:
         clock = ManualClock()
-        peers = [PrivateKey.generate().peer_id.to_base36() for _ in range(orders)]
-        for peer in peers:
-            await operator.create_order(store, peer, f"*.{peer}.libp2p.direct", now=clock.now())
         gc.collect()
         if trace_memory:
             tracemalloc.start()
@@ -156,19 +176,8 @@ async def _drive(
     peers: Collection[str] | None = None,
     ca_name: str | None = None,
 ) -> Outcome:
-    dns = FakeDns()
-    ca = FakeCA(clock)
-    if ca_name is not None:  # one fake CA (and account row) per process
-        ca.directory_url = f"https://{ca_name}.test/directory"
-    ports = Ports(
-        acme=ca,
-        broker=FakeBroker(dns),
-        dns=dns,
-        installer=FakeInstaller(),
-        clock=clock,
-        settings=EngineSettings(),
-        rng=random.Random(1),
-    )
+    ports = fake_ports(clock, ca_name)
+    dns = ports.dns
     worker = Worker(
         store, ports, worker_id=ca_name or "bench", concurrency=concurrency, peers=peers
     )
@@ -206,13 +215,9 @@ def _child(index: int, url: str, orders: int, concurrency: int, barrier: Any, re
     """One process of the multi-process mode: its own orders, its own worker and fakes."""
 
     async def work() -> tuple[Any, ...]:
-        store = await TimedStore.open(url, upgrade=False)
-        assert isinstance(store, TimedStore)
+        store, peers = await _with_orders(url, orders, upgrade=False)
         try:
             clock = ManualClock()
-            peers = [PrivateKey.generate().peer_id.to_base36() for _ in range(orders)]
-            for peer in peers:
-                await operator.create_order(store, peer, f"*.{peer}.libp2p.direct", now=clock.now())
             barrier.wait()
             database = url.rsplit("/", 1)[-1] if url.startswith("postgresql") else None
             started, cpu, busy = time.time(), time.process_time(), _machine_busy()
@@ -322,12 +327,7 @@ def run_processes(orders: int, counts: Sequence[int], concurrency: int, db: str)
     )
     single: float | None = None
     for count in counts:
-        with contextlib.ExitStack() as stack:
-            if db == "postgresql":
-                url = stack.enter_context(pg_database())
-            else:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="autotls-bench-"))
-                url = f"sqlite:///{Path(tmp) / 'engine.db'}"
+        with temporary_database(db) as url:
             asyncio.run(_open_close(url))  # migrate once, before the processes start
             fleet = _processes(url, count, orders, concurrency)
         rate = fleet.rate
@@ -382,7 +382,7 @@ async def run(
         params={"orders": orders, "db": db},
     )
     for concurrency in concurrencies:
-        async with _database(db) as url:
+        with temporary_database(db) as url:
             out = await _issue_all(url, orders, concurrency)
         speed.add(
             conc=concurrency,
@@ -407,7 +407,7 @@ async def run(
     )
     measured: list[Outcome] = []
     for size in memory_orders:
-        async with _database(db) as url:
+        with temporary_database(db) as url:
             out = await _issue_all(url, size, 4, trace_memory=True)
         measured.append(out)
         memory.add(

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,8 +41,8 @@ from bench._common import (
     add_json_flag,
     emit,
     percentile,
-    pg_database,
     pg_unavailable_reason,
+    temporary_database,
 )
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -101,29 +99,15 @@ def _ms(values: Sequence[float]) -> dict[str, float]:
 
 async def child(url: str, claims: int) -> dict[str, Any]:
     """The worker process: ready, then the claims; prints one line of JSON."""
-    import random
-
     from sqlalchemy import event
 
     from autotls.fsm.clock import ManualClock
-    from autotls.fsm.ports import EngineSettings, Ports
     from autotls.fsm.worker import Worker
     from autotls.persistence.store import Store
-    from tests.fakes.ports import FakeBroker, FakeCA, FakeDns, FakeInstaller
+    from bench.engine import fake_ports
 
     store = await Store.open(url, upgrade=False)
-    clock = ManualClock(NOW)
-    dns = FakeDns()
-    ports = Ports(
-        acme=FakeCA(clock),
-        broker=FakeBroker(dns),
-        dns=dns,
-        installer=FakeInstaller(),
-        clock=clock,
-        settings=EngineSettings(),
-        rng=random.Random(1),
-    )
-    worker = Worker(store, ports, worker_id="scale", concurrency=1)
+    worker = Worker(store, fake_ports(ManualClock(NOW)), worker_id="scale", concurrency=1)
     await worker.prepare()
     await store.claim_due("scale", now=NOW, lease_seconds=60, limit=1)
     await store.next_due_at()
@@ -189,16 +173,6 @@ def _run_child(url: str, claims: int) -> tuple[float, dict[str, Any], dict[str, 
     return ready_s, json.loads(ready_line)["ready"], json.loads(rest)
 
 
-@contextlib.contextmanager
-def _database(backend: str) -> Iterator[str]:
-    if backend == "postgresql":
-        with pg_database() as url:
-            yield url
-    else:
-        with tempfile.TemporaryDirectory(prefix="autotls-scale-") as tmp:
-            yield f"sqlite:///{Path(tmp) / 'scale.db'}"
-
-
 def run(sizes: Sequence[int], due: int, claims: int, backends: Sequence[str]) -> list[Report]:
     report = Report(
         "scale: a worker with N orders stored (most Installed, not due)",
@@ -220,7 +194,7 @@ def run(sizes: Sequence[int], due: int, claims: int, backends: Sequence[str]) ->
     plans: list[str] = []
     for backend in backends:
         for size in sizes:
-            with _database(backend) as url:
+            with temporary_database(backend) as url:
                 fill_s = fill(url, size, due)
                 ready_s, ready, out = _run_child(url, claims)
             report.add(
