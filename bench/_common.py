@@ -138,3 +138,17 @@ def pg_database() -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def temporary_database(backend: str) -> Iterator[str]:
+    """A throw-away database's URL: a fresh PostgreSQL database (:func:`pg_database`), or a
+    SQLite file in a temporary directory; gone afterwards."""
+    if backend == "postgresql":
+        with pg_database() as url:
+            yield url
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="autotls-bench-") as tmp:
+            yield f"sqlite:///{tmp}/bench.db"

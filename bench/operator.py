@@ -67,8 +67,11 @@ LISTEN = ["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/tcp/0/tls/sni/*.libp2p.direct/
 class Node:
     """One ``autotls run`` process and a store to read what it did."""
 
-    def __init__(self, stack: LocalStack, workdir: Path, database: str) -> None:
+    def __init__(
+        self, stack: LocalStack, workdir: Path, database: str, *, store_poll: str | None = "1h"
+    ) -> None:
         self.stack = stack
+        self.store_poll = store_poll  # None: the shipped default
         self.workdir = workdir
         self.database = database
         self.process: asyncio.subprocess.Process | None = None
@@ -90,7 +93,8 @@ class Node:
                 sys.executable, "-m", "autotls", "run",
                 "--data-dir", self.workdir / "node", "--db", self.database,
                 "--ca", pebble.directory_url, "--ca-bundle", pebble.ca_file,
-                "--trust-roots", roots, "--listen", *LISTEN, "--store-poll", "1h",
+                "--trust-roots", roots, "--listen", *LISTEN,
+                *(["--store-poll", self.store_poll] if self.store_poll else []),
                 stdout=asyncio.subprocess.DEVNULL, stderr=log, env=env,
             )  # fmt: skip
 

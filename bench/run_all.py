@@ -1,6 +1,7 @@
 """Run every benchmark with its defaults (or ``--quick`` sizes) and print all the figures.
 
-``python -m bench.run_all [--quick] [--json] [--only store,engine,dns,issuance,peers,operator]``
+``python -m bench.run_all [--quick] [--json]
+[--only store,engine,fleet,scale,dns,issuance,peers,operator,idle]``
 
 Benchmarks whose components are missing (PostgreSQL, Pebble, lego and certbot for ``peers``)
 are reported as skipped, never failed: the figures are for reading, not for gating. Unlike
@@ -15,12 +16,12 @@ import sys
 from collections.abc import Sequence
 
 from autotls.localstack.pebble import pebble_available
-from bench import dns, engine, issuance, store
+from bench import dns, engine, idle, issuance, scale, store
 from bench import operator as operator_bench
 from bench import peers as peers_bench
-from bench._common import Report, add_json_flag, emit
+from bench._common import Report, add_json_flag, emit, pg_unavailable_reason
 
-ALL = ("store", "engine", "dns", "issuance", "peers", "operator")
+ALL = ("store", "engine", "fleet", "scale", "dns", "issuance", "peers", "operator", "idle")
 
 
 def _skipped(name: str, reason: str) -> Report:
@@ -39,11 +40,22 @@ def collect(names: Sequence[str], quick: bool) -> list[Report]:
         elif name == "engine":
             orders, sizes = (50, [50, 100]) if quick else (200, [100, 300])
             reports.extend(asyncio.run(engine.run(orders, [1, 4], sizes, "sqlite")))
+        elif name in ("fleet", "scale") and (reason := pg_unavailable_reason()):
+            reports.append(_skipped(name, reason))
+        elif name == "fleet":
+            orders = 50 if quick else 200
+            reports.append(engine.run_processes(orders, [1, 4], 1, "postgresql"))
+        elif name == "scale":
+            sizes = [1000, 10_000] if quick else [1000, 100_000]
+            reports.extend(scale.run(sizes, 200, 100 if quick else 300, ["sqlite", "postgresql"]))
         elif name == "operator":  # reports by itself what it lacks (Pebble, PostgreSQL)
             backends = ["sqlite", "postgresql"]
             reports.extend(asyncio.run(operator_bench.run(5 if quick else 20, backends)))
         elif not pebble_available():
             reports.append(_skipped(name, "pebble and pebble-challtestsrv are not on PATH"))
+        elif name == "idle":
+            backends = ["sqlite"] if pg_unavailable_reason() else ["sqlite", "postgresql"]
+            reports.extend(asyncio.run(idle.run(20.0 if quick else 60.0, backends)))
         elif name == "dns":
             reports.append(asyncio.run(dns.run(200 if quick else 1000, 16)))
         elif name == "issuance":

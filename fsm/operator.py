@@ -15,6 +15,7 @@ from typing import Any
 
 from autotls.fsm.data import ORDER_KEYS, WAIT_KEYS, Keys, ValidationBudget, keys, order_data
 from autotls.fsm.machine import Mover, State, Trigger, fire
+from autotls.fsm.policy import start_clean
 from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError, OrderStateError
 from autotls.persistence.records import CommitPlan, JournalNote, OrderSnapshot, Revocation
 from autotls.persistence.store import Store
@@ -31,20 +32,8 @@ def _plan(
     # What a step wrote about its own wait stops being true when an operator moves the order.
     data = {k: v for k, v in snap.data.items() if k not in clear | WAIT_KEYS}
     to_state = fire(snap.state, trigger, data, by=Mover.OPERATOR)
-    return CommitPlan(
-        to_state=to_state.value,
-        data=data,
-        next_run_at=now,
-        attempts=0,
-        last_error_class=None,
-        last_error_message=None,
-        last_problem=None,
-        journal=JournalNote(
-            "operator",
-            trigger.value,
-            {"previous_error": snap.last_error_message, **(detail or {})},
-        ),
-    )
+    note = {"previous_error": snap.last_error_message, **(detail or {})}
+    return start_clean(to_state.value, data, now, JournalNote("operator", trigger.value, note))
 
 
 def holds_issued_certificate(snap: OrderSnapshot) -> bool:

@@ -273,16 +273,31 @@ def plan_ca_changed(snap: OrderSnapshot, directory_url: str, now: datetime) -> C
         # Issued by the old CA but not installed yet: after the switch the order is for the
         # new CA's certificate, so that one is left behind; the journal says so.
         detail["dropped_uninstalled_certificate"] = True
+    return start_clean(
+        fire(snap.state, Trigger.CA_CHANGED, data, by=Mover.POLICY).value,
+        data,
+        now,
+        JournalNote("transition", Trigger.CA_CHANGED.value, sanitize(detail)),
+        cert_key_pem=None,
+    )
+
+
+def start_clean(
+    to_state: str, data: Mapping[str, Any], now: datetime, journal: JournalNote, **effects: Any
+) -> CommitPlan:
+    """A move that starts ``to_state`` afresh, due ``now``: no attempts counted, no error
+    remembered (the policy's ``ca_changed``, every operator move). ``effects``: the rest of
+    the :class:`CommitPlan` (e.g. ``cert_key_pem=None``)."""
     return CommitPlan(
-        to_state=fire(snap.state, Trigger.CA_CHANGED, data, by=Mover.POLICY).value,
+        to_state=to_state,
         data=data,
         next_run_at=now,
         attempts=0,
         last_error_class=None,
         last_error_message=None,
         last_problem=None,
-        journal=JournalNote("transition", Trigger.CA_CHANGED.value, sanitize(detail)),
-        cert_key_pem=None,
+        journal=journal,
+        **effects,
     )
 
 

@@ -137,17 +137,14 @@ class ChangeFeed:
         failures = 0
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    conninfo, autocommit=True
-                ) as conn:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()
                     if failures:
                         log.info("change notifications from %s resumed", shown)
                         self._deliver([ANYTHING])  # what was committed while we were away
                     failures = 0
-                    async for notify in conn.notifies():
-                        self._deliver([parse_payload(notify.payload)])
+                    await self._listen(conn)
             except psycopg.Error as exc:
                 failures += 1
                 delay = min(RECONNECT_MAX_S, 2.0 ** (failures - 1))
@@ -162,6 +159,30 @@ class ChangeFeed:
                 )
                 self._deliver([ANYTHING])
                 await asyncio.sleep(delay)
+
+    async def _listen(self, conn: Any) -> None:
+        """Deliver ``conn``'s notifications as they arrive; raises when the connection is
+        lost. Waits on the socket itself: psycopg's ``notifies()`` wakes every 100 ms to check
+        for interrupts, ten wake-ups a second of an idle process (``bench/idle.py``)."""
+        import psycopg
+
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        fd = conn.fileno()
+        loop.add_reader(fd, readable.set)
+        try:
+            while True:
+                await readable.wait()
+                readable.clear()
+                conn.pgconn.consume_input()  # raises OperationalError when the server is gone
+                changes = []
+                while (notify := conn.pgconn.notifies()) is not None:
+                    changes.append(parse_payload(notify.extra.decode()))
+                if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
+                    raise psycopg.OperationalError("the connection was closed")
+                self._deliver(changes)
+        finally:
+            loop.remove_reader(fd)
 
     # -- SQLite ---------------------------------------------------------------------------
 

@@ -150,3 +150,8 @@ orders = cast(Table, Order.__table__)
 accounts = cast(Table, Account.__table__)
 certificates = cast(Table, Certificate.__table__)
 journal = cast(Table, JournalEntry.__table__)
+
+# "The order is active", written exactly as the partial indexes' predicate: with the states as
+# literals (not bound parameters) both planners can prove a query implies it and use
+# ``ix_orders_due`` and ``uq_orders_active_peer``.
+ACTIVE = text("orders." + _INACTIVE_SQL)

@@ -1,17 +1,24 @@
 """From rows to records: how the store reads what it wrote, and what it cannot read.
 
-Every read of an order goes through :func:`load_claimed`: a row whose JSON or timestamps do
-not decode becomes a :class:`CorruptOrder` (reported, and set aside by the worker) instead of
-an exception that would stop the claim of every other row.
+An order is read with its account and current certificate in one ``SELECT`` (two ``LEFT
+JOIN``\\s, :func:`snapshot_columns`); the claim reads it in the same statement or round trip
+that leases it (:mod:`~autotls.persistence.claim`). A row whose JSON or timestamps do not
+decode becomes a :class:`CorruptOrder` (reported, and set aside by the worker) instead of an
+exception that would stop the claim of every other row: :func:`load_claimed` reads such a row
+on its own to tell what it can about it.
+
+Everything here runs on a synchronous connection, inside the store's transaction (see
+:meth:`autotls.persistence.store.Store` for how it reaches the database).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import ColumnElement, FromClause, Row, Select, bindparam, select
+from sqlalchemy.engine import Connection
 
 from autotls.persistence.errors import CorruptRowError, OrderNotFoundError
 from autotls.persistence.models import accounts, certificates, orders
@@ -22,6 +29,9 @@ from autotls.persistence.records import (
     OrderSnapshot,
 )
 from autotls.persistence.types import CorruptJSON
+
+ACCOUNT = "a__"
+CERTIFICATE = "c__"
 
 
 @dataclass(frozen=True)
@@ -38,41 +48,73 @@ class CorruptOrder:
 ClaimedOrder = OrderSnapshot | CorruptOrder
 
 
-async def load_order(conn: AsyncConnection, order_id: int) -> OrderSnapshot:
+def snapshot_select(source: FromClause) -> Select[Any]:
+    """An order's columns from ``source`` (the orders table, or a claim's ``RETURNING``),
+    with its account's and current certificate's, labelled ``a__*`` and ``c__*``."""
+    columns: list[ColumnElement[Any]] = [source.c[c.name] for c in orders.c]
+    columns += [c.label(ACCOUNT + c.name) for c in accounts.c]
+    columns += [c.label(CERTIFICATE + c.name) for c in certificates.c]
+    joined = source.outerjoin(accounts, accounts.c.id == source.c.account_id).outerjoin(
+        certificates, certificates.c.id == source.c.current_certificate_id
+    )
+    return select(*columns).select_from(joined)
+
+
+# One statement, built once: the orders given by id, with what they point to.
+_BY_IDS = snapshot_select(orders).where(orders.c.id.in_(bindparam("ids", expanding=True)))
+_BY_ID = snapshot_select(orders).where(orders.c.id == bindparam("id"))
+_BASIC = select(orders.c.fence, orders.c.peer_id, orders.c.state).where(
+    orders.c.id == bindparam("id")
+)
+
+
+def load_order(conn: Connection, order_id: int) -> OrderSnapshot:
     """The order ``order_id`` (raises :class:`CorruptRowError` for a row it cannot read)."""
-    claimed = await load_claimed(conn, order_id, None)
+    claimed = load_claimed(conn, order_id, None)
     if isinstance(claimed, CorruptOrder):
         raise CorruptRowError(f"order {order_id}: {claimed.error}")
     return claimed
 
 
-async def load_claimed(conn: AsyncConnection, order_id: int, fence: int | None) -> ClaimedOrder:
+def load_claimed(conn: Connection, order_id: int, fence: int | None) -> ClaimedOrder:
     """The order ``order_id``, or what can be told about it when the row cannot be decoded."""
     try:
-        row = (await conn.execute(select(orders).where(orders.c.id == order_id))).first()
+        row = conn.execute(_BY_ID, {"id": order_id}).first()
     except Exception as exc:  # undecodable column values (e.g. a mangled timestamp)
-        return await _corrupt(conn, order_id, fence, f"unreadable row: {exc}")
+        return _corrupt(conn, order_id, fence, f"unreadable row: {exc}")
     if row is None:
         raise OrderNotFoundError(order_id)
+    return snapshot(row)
+
+
+def load_many(conn: Connection, ids: Sequence[int], fences: dict[int, int]) -> list[ClaimedOrder]:
+    """The orders ``ids`` in one statement, in id order; when one of them cannot be read,
+    each on its own (so that only that one is reported corrupt)."""
+    if not ids:
+        return []
+    try:
+        rows = conn.execute(_BY_IDS, {"ids": list(ids)}).all()
+    except Exception:  # a row that does not decode: find it
+        return [load_claimed(conn, i, fences.get(i)) for i in sorted(ids)]
+    return decode_all(rows)
+
+
+def decode_all(rows: Iterable[Row[Any]]) -> list[ClaimedOrder]:
+    return sorted((snapshot(r) for r in rows), key=lambda s: s.id)
+
+
+def snapshot(row: Row[Any]) -> ClaimedOrder:
+    """A row of :func:`snapshot_select` as the engine reads it."""
     problems = []
     if isinstance(row.data, CorruptJSON):
         problems.append(f"data column {row.data.error}")
     if isinstance(row.last_problem, CorruptJSON):
         problems.append(f"last_problem column {row.last_problem.error}")
     if problems:
-        return CorruptOrder(order_id, int(row.fence), row.peer_id, row.state, "; ".join(problems))
-    account = None
-    if row.account_id is not None:
-        arow = (await conn.execute(select(accounts).where(accounts.c.id == row.account_id))).first()
-        account = None if arow is None else account_record(arow)
-    cert = None
-    if row.current_certificate_id is not None:
-        crow = (
-            await conn.execute(
-                select(certificates).where(certificates.c.id == row.current_certificate_id)
-            )
-        ).first()
-        cert = None if crow is None else certificate_record(crow)
+        error = "; ".join(problems)
+        return CorruptOrder(int(row.id), int(row.fence), row.peer_id, row.state, error)
+    account = None if row.a__id is None else account_record(row, ACCOUNT)
+    cert = None if row.c__id is None else certificate_record(row, CERTIFICATE)
     return OrderSnapshot(
         id=int(row.id),
         peer_id=row.peer_id,
@@ -95,14 +137,8 @@ async def load_claimed(conn: AsyncConnection, order_id: int, fence: int | None) 
     )
 
 
-async def _corrupt(
-    conn: AsyncConnection, order_id: int, fence: int | None, error: str
-) -> CorruptOrder:
-    basic = (
-        await conn.execute(
-            select(orders.c.fence, orders.c.peer_id, orders.c.state).where(orders.c.id == order_id)
-        )
-    ).first()
+def _corrupt(conn: Connection, order_id: int, fence: int | None, error: str) -> CorruptOrder:
+    basic = conn.execute(_BASIC, {"id": order_id}).first()
     if basic is None:
         raise OrderNotFoundError(order_id)
     return CorruptOrder(
@@ -114,32 +150,34 @@ async def _corrupt(
     )
 
 
-def account_record(row: Row[Any]) -> AccountRecord:
+def account_record(row: Row[Any], prefix: str = "") -> AccountRecord:
+    m = row._mapping
     return AccountRecord(
-        id=int(row.id),
-        directory_url=row.directory_url,
-        key_pem=row.key_pem.encode("ascii"),
-        url=row.url,
-        status=row.status,
+        id=int(m[prefix + "id"]),
+        directory_url=m[prefix + "directory_url"],
+        key_pem=m[prefix + "key_pem"].encode("ascii"),
+        url=m[prefix + "url"],
+        status=m[prefix + "status"],
     )
 
 
-def certificate_record(row: Row[Any]) -> CertificateRecord:
+def certificate_record(row: Row[Any], prefix: str = "") -> CertificateRecord:
+    m = row._mapping
     return CertificateRecord(
-        id=int(row.id),
-        order_id=int(row.order_id),
-        peer_id=row.peer_id,
-        chain_pem=row.chain_pem,
-        key_pem=row.key_pem.encode("ascii"),
-        serial=row.serial,
-        cert_id=row.cert_id,
-        not_before=row.not_before,
-        not_after=row.not_after,
-        issued_at=row.issued_at,
-        acme_order_url=row.acme_order_url,
-        replaces_cert_id=row.replaces_cert_id,
-        revoked_at=row.revoked_at,
-        revocation_reason=row.revocation_reason,
+        id=int(m[prefix + "id"]),
+        order_id=int(m[prefix + "order_id"]),
+        peer_id=m[prefix + "peer_id"],
+        chain_pem=m[prefix + "chain_pem"],
+        key_pem=m[prefix + "key_pem"].encode("ascii"),
+        serial=m[prefix + "serial"],
+        cert_id=m[prefix + "cert_id"],
+        not_before=m[prefix + "not_before"],
+        not_after=m[prefix + "not_after"],
+        issued_at=m[prefix + "issued_at"],
+        acme_order_url=m[prefix + "acme_order_url"],
+        replaces_cert_id=m[prefix + "replaces_cert_id"],
+        revoked_at=m[prefix + "revoked_at"],
+        revocation_reason=m[prefix + "revocation_reason"],
     )
 
 

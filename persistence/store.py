@@ -1,6 +1,7 @@
 """The store: the only code that reads or writes the database.
 
 Its rooms: this module (the store's operations: open, create, claim, commit, leases, reads),
+:mod:`~autotls.persistence.claim` (leasing due orders and reading them),
 :mod:`~autotls.persistence.commit` (the single write that applies a result),
 :mod:`~autotls.persistence.rows` (decoding rows, corrupt ones included),
 :mod:`~autotls.persistence.sqlite` (what SQLite needs), :mod:`~autotls.persistence.models`
@@ -9,15 +10,19 @@ Its rooms: this module (the store's operations: open, create, claim, commit, lea
 What it guarantees (design.md rules 4-6 and 10):
 
 * **Claims** are one ``UPDATE ... WHERE id IN (due rows) RETURNING`` that sets the lease and
-  bumps ``fence``. PostgreSQL adds ``FOR UPDATE SKIP LOCKED`` to the inner select so concurrent
-  claimers pass each other; SQLite runs the statement under ``BEGIN IMMEDIATE`` (SQLAlchemy
-  would silently drop ``SKIP LOCKED`` there, so we never rely on it).
+  bumps ``fence``, and returns the snapshots in the same round trip
+  (:mod:`~autotls.persistence.claim`). PostgreSQL adds ``FOR UPDATE SKIP LOCKED`` to the inner
+  select so concurrent claimers pass each other; SQLite runs it under ``BEGIN IMMEDIATE``.
 * **Commits** are ``UPDATE ... WHERE id = ? AND fence = ?``: a worker whose lease was taken
   over updates zero rows and its result is dropped. The journal entry, account, in-flight key
   and certificate changes ride in the same transaction. ``journal(order_id, fence)`` is
   unique, so one claim can never be committed twice.
 * **No transaction spans network I/O**: every method opens and closes its own transaction;
   callers hold only immutable snapshots in between.
+* **One hand-off per transaction**: each operation is a plain function of a connection, run
+  whole in one transaction -- on SQLite in the store's own thread on the standard driver
+  (:class:`~autotls.persistence.sqlite.StoreThread`), on PostgreSQL on the async engine
+  (``run_sync``) -- so a step costs two round trips: the claim and the commit.
 * One corrupt row is reported as :class:`CorruptOrder` and never stops a claim of the others.
 * **Changes are told**: every journaled commit is a :class:`~autotls.persistence.changes.Change`
   that other processes learn of at once through :meth:`Store.on_change` (PostgreSQL:
@@ -28,19 +33,26 @@ What it guarantees (design.md rules 4-6 and 10):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
-from sqlalchemy import case, func, insert, or_, select, type_coerce, update
-from sqlalchemy.engine import URL
+from sqlalchemy import (
+    ColumnElement,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from autotls.persistence import schema, sqlite
+from autotls.persistence import claim, schema, sqlite
 from autotls.persistence.changes import CHANNEL, ChangeFeed, Listener, notify_payload
 from autotls.persistence.commit import append_journal, apply_plan
 from autotls.persistence.errors import (
@@ -49,7 +61,7 @@ from autotls.persistence.errors import (
     OrderStateError,
     StoreError,
 )
-from autotls.persistence.models import INACTIVE_STATES, accounts, certificates, journal, orders
+from autotls.persistence.models import ACTIVE, accounts, certificates, journal, orders
 from autotls.persistence.records import (
     AccountRecord,
     CertificateRecord,
@@ -67,12 +79,13 @@ from autotls.persistence.rows import (
     load_claimed,
     load_order,
 )
-from autotls.persistence.types import UTCDateTime
 from autotls.persistence.urls import async_url, parse_database_url, redact
 
 __all__ = ["ClaimedOrder", "CorruptOrder", "LeaseHeld", "Store"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,11 +100,16 @@ class LeaseHeld:
     state: str | None = None
 
 
+def _peers(statement: Any, peers: Collection[str] | None) -> Any:
+    return statement if peers is None else statement.where(orders.c.peer_id.in_(list(peers)))
+
+
 class Store:
-    def __init__(self, engine: AsyncEngine, url: URL) -> None:
-        self.engine = engine
+    def __init__(self, url: URL, engine: AsyncEngine | None = None) -> None:
         self.url = url
         self.dialect = url.get_backend_name()
+        self._engine = engine
+        self._thread = sqlite.StoreThread(url) if self.dialect == "sqlite" else None
         self._changes: ChangeFeed | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -106,23 +124,32 @@ class Store:
         if parsed.get_backend_name() == "sqlite":
             sqlite.create_private_file(Path(str(parsed.database)))
         await asyncio.to_thread(schema.ensure_current, parsed, upgrade_allowed=upgrade)
-        # Pre-ping guards against a restarted database server; a SQLite file has none, and the
-        # extra round trip costs 15-20 % of a step there (bench/store.py).
-        on_sqlite = parsed.get_backend_name() == "sqlite"
-        # hide_parameters: statement parameters hold account and certificate keys, and
-        # SQLAlchemy puts them into exception messages and its INFO log otherwise.
-        engine = create_async_engine(
-            async_url(parsed), pool_pre_ping=not on_sqlite, hide_parameters=True
-        )
-        if on_sqlite:
-            sqlite.configure(engine)
-        return cls(engine, parsed)
+        return cls(parsed)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """An async engine on the database: the store's own on PostgreSQL; on SQLite one made
+        on first use for callers that want to run their own statements (tests)."""
+        if self._engine is None:
+            # Pre-ping guards against a restarted database server; a SQLite file has none.
+            # hide_parameters: statement parameters hold account and certificate keys, and
+            # SQLAlchemy puts them into exception messages and its INFO log otherwise.
+            on_sqlite = self.dialect == "sqlite"
+            self._engine = create_async_engine(
+                async_url(self.url), pool_pre_ping=not on_sqlite, hide_parameters=True
+            )
+            if on_sqlite:
+                sqlite.configure(self._engine.sync_engine)
+        return self._engine
 
     async def close(self) -> None:
         changes, self._changes = self._changes, None
         if changes is not None:
             await changes.close()
-        await self.engine.dispose()
+        if self._thread is not None:
+            await self._thread.close()
+        if self._engine is not None:
+            await self._engine.dispose()
 
     def on_change(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener`` (on this event loop) with the changes committed through other
@@ -164,45 +191,48 @@ class Store:
     ) -> OrderSnapshot:
         """Insert a new order and its first journal entry (the machine's creating move,
         ``trigger``). One active order per peer."""
-        try:
-            async with self.engine.begin() as conn:
-                existing = await self._active_order_id(conn, peer_id)
-                if existing is not None:
-                    raise ActiveOrderExistsError(peer_id, existing)
-                result = await conn.execute(
-                    insert(orders)
-                    .values(
-                        peer_id=peer_id,
-                        identifier=identifier,
-                        state=initial_state,
-                        data=dict(data or {}),
-                        fence=0,
-                        seq=1,
-                        next_run_at=now,
-                        attempts=0,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    .returning(orders.c.id)
-                )
-                order_id = int(result.scalar_one())
-                await append_journal(
-                    conn,
-                    order_id,
-                    JournalNote("operator", trigger, {"identifier": identifier}),
-                    seq=1,
-                    fence=0,
-                    from_state=None,
-                    to_state=initial_state,
-                    at=now,
-                    worker=actor,
+
+        def create(conn: Connection) -> OrderSnapshot:
+            existing = _active_order_id(conn, peer_id)
+            if existing is not None:
+                raise ActiveOrderExistsError(peer_id, existing)
+            result = conn.execute(
+                insert(orders)
+                .values(
                     peer_id=peer_id,
+                    identifier=identifier,
+                    state=initial_state,
+                    data=dict(data or {}),
+                    fence=0,
+                    seq=1,
+                    next_run_at=now,
+                    attempts=0,
+                    created_at=now,
+                    updated_at=now,
                 )
+                .returning(orders.c.id)
+            )
+            order_id = int(result.scalar_one())
+            append_journal(
+                conn,
+                order_id,
+                JournalNote("operator", trigger, {"identifier": identifier}),
+                seq=1,
+                fence=0,
+                from_state=None,
+                to_state=initial_state,
+                at=now,
+                worker=actor,
+                peer_id=peer_id,
+            )
+            return load_order(conn, order_id)
+
+        try:
+            return await self._run(create)
         except IntegrityError as exc:
             if "uq_orders_active_peer" in str(exc.orig) or "orders.peer_id" in str(exc.orig):
                 raise ActiveOrderExistsError(peer_id) from None
             raise
-        return await self.get_order(order_id)
 
     async def claim_due(
         self,
@@ -213,77 +243,69 @@ class Store:
         limit: int,
         peers: Collection[str] | None = None,
     ) -> list[ClaimedOrder]:
-        """Lease up to ``limit`` due orders to ``owner`` in one statement; bump their fences.
+        """Lease up to ``limit`` due orders to ``owner`` in one statement; bump their fences;
+        return their snapshots (in id order).
 
         ``peers`` restricts the claim to orders of those peer identities (a node's own worker
         on a shared database holds only its own key)."""
-        due = (
-            select(orders.c.id)
-            .where(
-                orders.c.state.not_in(INACTIVE_STATES),
-                orders.c.next_run_at <= now,
-                # A lease is over at its end: next_due_at reports that very moment.
-                or_(orders.c.lease_until.is_(None), orders.c.lease_until <= now),
-            )
-            .order_by(orders.c.next_run_at, orders.c.id)
-            .limit(limit)
+        return await self._run(
+            claim.claim_due,
+            owner,
+            single=True,  # one statement on PostgreSQL
+            now=now,
+            lease_seconds=lease_seconds,
+            limit=limit,
+            peers=peers,
         )
-        if peers is not None:
-            due = due.where(orders.c.peer_id.in_(list(peers)))
-        if self.dialect == "postgresql":
-            due = due.with_for_update(skip_locked=True)
-        claim = (
-            update(orders)
-            .where(orders.c.id.in_(due.scalar_subquery()))
-            .values(
-                lease_owner=owner,
-                lease_until=now + timedelta(seconds=lease_seconds),
-                fence=orders.c.fence + 1,
-            )
-            .returning(orders.c.id, orders.c.fence)
-        )
-        async with self.engine.begin() as conn:
-            claimed = [(int(r.id), int(r.fence)) for r in (await conn.execute(claim)).all()]
-            out: list[ClaimedOrder] = []
-            for order_id, fence in sorted(claimed):
-                out.append(await load_claimed(conn, order_id, fence))
-        return out
 
     async def commit(
         self, snapshot: OrderSnapshot, plan: CommitPlan, *, now: datetime, worker: str
     ) -> bool:
         """Apply ``plan`` if ``snapshot.fence`` still holds the order (False: lease lost)."""
-        async with self.engine.begin() as conn:
-            return await apply_plan(conn, snapshot, plan, now=now, worker=worker, bump=False)
+        # The usual commit (the row and its journal entry, or a wait's row alone) is one
+        # statement on PostgreSQL; one that also adopts an account or installs a certificate
+        # needs its transaction.
+        single = (
+            plan.new_account is None
+            and plan.account_update is None
+            and plan.new_certificate is None
+            and plan.revocation is None
+        )
+        return await self._run(
+            apply_plan, snapshot, plan, now=now, worker=worker, bump=False, single=single
+        )
 
     async def renew_lease(self, order_id: int, fence: int, owner: str, until: datetime) -> bool:
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
+        return (
+            await self._rowcount(
                 update(orders)
                 .where(
                     orders.c.id == order_id, orders.c.fence == fence, orders.c.lease_owner == owner
                 )
                 .values(lease_until=until)
             )
-            return result.rowcount == 1
+            == 1
+        )
 
     async def release(self, order_id: int, fence: int) -> bool:
         """Give a claimed order back untouched (graceful shutdown mid-step)."""
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
+        return (
+            await self._rowcount(
                 update(orders)
                 .where(orders.c.id == order_id, orders.c.fence == fence)
                 .values(lease_owner=None, lease_until=None)
             )
-            return result.rowcount == 1
+            == 1
+        )
 
     async def fail_corrupt(
         self, order: CorruptOrder, *, failed_state: str, trigger: str, now: datetime, worker: str
     ) -> bool:
         """Set a corrupt row aside as failed (the machine's move ``trigger``). Its data column
         is left byte for byte as found."""
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
+
+        def fail(conn: Connection) -> bool:
+            seq = conn.execute(
                 update(orders)
                 .where(orders.c.id == order.id, orders.c.fence == order.fence)
                 .values(
@@ -296,11 +318,10 @@ class Store:
                     updated_at=now,
                 )
                 .returning(orders.c.seq)
-            )
-            seq = result.scalar_one_or_none()
+            ).scalar_one_or_none()
             if seq is None:
                 return False
-            await append_journal(
+            append_journal(
                 conn,
                 order.id,
                 JournalNote("error", trigger, {"error": order.error}),
@@ -313,6 +334,8 @@ class Store:
                 peer_id=order.peer_id,
             )
             return True
+
+        return await self._run(fail)
 
     async def operator_commit(
         self,
@@ -327,8 +350,9 @@ class Store:
 
         It takes the order only when no worker holds a live lease, and bumps the fence so a
         worker that claimed it earlier cannot commit over the operator's decision."""
-        async with self.engine.begin() as conn:
-            current = await load_order(conn, order_id)
+
+        def take(conn: Connection) -> None:
+            current = load_order(conn, order_id)
             if current.state not in allowed_states:
                 raise OrderStateError(order_id, current.state, allowed_states)
             if current.lease_until is not None and current.lease_until > now:
@@ -337,8 +361,10 @@ class Store:
                     f"{current.lease_until.isoformat()}; try again after that"
                 )
             plan = build(current)
-            if not await apply_plan(conn, current, plan, now=now, worker=actor, bump=True):
+            if not apply_plan(conn, current, plan, now=now, worker=actor, bump=True):
                 raise OrderBusyError(f"order {order_id} changed underneath; try again")
+
+        await self._run(take)
         return await self.get_order(order_id)
 
     async def record_revocation(
@@ -346,19 +372,23 @@ class Store:
     ) -> CertificateRecord:
         """Record that an operator revoked the certificate ``certificate_id`` (unless it is
         recorded already: the first revocation's moment and reason stay)."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
+
+        def record(conn: Connection) -> Any:
+            conn.execute(
                 update(certificates)
                 .where(certificates.c.id == certificate_id, certificates.c.revoked_at.is_(None))
                 .values(revoked_at=now, revocation_reason=reason)
             )
-            row = (
-                await conn.execute(select(certificates).where(certificates.c.id == certificate_id))
+            row = conn.execute(
+                select(certificates).where(certificates.c.id == certificate_id)
             ).first()
             if row is not None and self.dialect == "postgresql":
                 # No journal entry to ride on: a running node stops advertising it at once.
                 payload = notify_payload(int(row.order_id), row.peer_id, None)
-                await conn.execute(select(func.pg_notify(CHANNEL, payload)))
+                conn.execute(select(func.pg_notify(CHANNEL, payload)))
+            return row
+
+        row = await self._run(record)
         if row is None:
             raise StoreError(f"no certificate with id {certificate_id}")
         return certificate_record(row)
@@ -374,15 +404,8 @@ class Store:
             orders.c.fence,
             orders.c.peer_id,
             orders.c.state,
-        ).where(
-            orders.c.state.not_in(INACTIVE_STATES),
-            orders.c.lease_until > now,
-            orders.c.lease_owner.is_not(None),
-        )
-        if peers is not None:
-            query = query.where(orders.c.peer_id.in_(list(peers)))
-        async with self._read() as conn:
-            rows = (await conn.execute(query.order_by(orders.c.id))).all()
+        ).where(ACTIVE, orders.c.lease_until > now, orders.c.lease_owner.is_not(None))
+        rows = await self._all(_peers(query, peers).order_by(orders.c.id))
         return [
             LeaseHeld(
                 int(r.id), str(r.lease_owner), r.lease_until, int(r.fence), r.peer_id, r.state
@@ -394,8 +417,8 @@ class Store:
         """End a lease whose owner is known to be dead: it expires ``now`` (the owner's name
         stays, and the next claim bumps the fence, so a late commit of the dead owner is still
         refused). False when the lease changed meanwhile (released, committed, taken)."""
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
+        return (
+            await self._rowcount(
                 update(orders)
                 .where(
                     orders.c.id == lease.order_id,
@@ -405,108 +428,80 @@ class Store:
                 )
                 .values(lease_until=now)
             )
-            return result.rowcount == 1
+            == 1
+        )
 
     async def make_due(
-        self, *, now: datetime, last_error_class: str, peers: Collection[str] | None = None
+        self,
+        *,
+        now: datetime,
+        last_error_class: str | None = None,
+        directory_url: str | None = None,
+        peers: Collection[str] | None = None,
     ) -> int:
-        """Make active orders waiting after an error of ``last_error_class`` due ``now`` (a
-        new process may hold the fix for what they wait on). Returns how many."""
-        statement = (
-            update(orders)
-            .where(
-                orders.c.state.not_in(INACTIVE_STATES),
-                orders.c.last_error_class == last_error_class,
-                orders.c.next_run_at > now,
-            )
-            .values(next_run_at=now)
-        )
-        if peers is not None:
-            statement = statement.where(orders.c.peer_id.in_(list(peers)))
-        async with self.engine.begin() as conn:
-            return int((await conn.execute(statement)).rowcount)
+        """Make active orders (of ``peers``) that wait for something a new process may have
+        changed due ``now``; returns how many:
 
-    async def make_due_off_directory(
-        self, *, now: datetime, directory_url: str, peers: Collection[str] | None = None
-    ) -> int:
-        """Make active orders whose account belongs to another ACME directory than
-        ``directory_url`` due ``now``: the operator switched CA, and a worker moves them to
-        that CA at once (``ca_changed``) rather than at their next renewal. Returns how many."""
-        elsewhere = select(accounts.c.id).where(accounts.c.directory_url != directory_url)
-        statement = (
-            update(orders)
-            .where(
-                orders.c.state.not_in(INACTIVE_STATES),
-                orders.c.account_id.in_(elsewhere),
-                orders.c.next_run_at > now,
-            )
-            .values(next_run_at=now)
-        )
-        if peers is not None:
-            statement = statement.where(orders.c.peer_id.in_(list(peers)))
-        async with self.engine.begin() as conn:
-            return int((await conn.execute(statement)).rowcount)
+        * ``last_error_class``: those waiting after an error of that class (this process may
+          hold the fix for what they wait on);
+        * ``directory_url``: those whose account belongs to another ACME directory: the
+          operator switched CA, and a worker moves them to that CA at once (``ca_changed``)
+          rather than at their next renewal."""
+        which: ColumnElement[bool]
+        if (last_error_class is None) == (directory_url is None):
+            raise ValueError("make_due: give last_error_class or directory_url")
+        if last_error_class is not None:
+            which = orders.c.last_error_class == last_error_class
+        else:
+            elsewhere = select(accounts.c.id).where(accounts.c.directory_url != directory_url)
+            which = orders.c.account_id.in_(elsewhere)
+        statement = update(orders).where(ACTIVE, which, orders.c.next_run_at > now)
+        return await self._rowcount(_peers(statement, peers).values(next_run_at=now))
 
     # -- reads ----------------------------------------------------------------------------
 
     async def get_order(self, order_id: int) -> OrderSnapshot:
-        async with self._read() as conn:
-            return await load_order(conn, order_id)
+        return await self._run(load_order, order_id, write=False)
 
     async def active_order(self, peer_id: str) -> OrderSnapshot | None:
-        async with self._read() as conn:
-            order_id = await self._active_order_id(conn, peer_id)
-            return None if order_id is None else await load_order(conn, order_id)
+        def read(conn: Connection) -> OrderSnapshot | None:
+            order_id = _active_order_id(conn, peer_id)
+            return None if order_id is None else load_order(conn, order_id)
+
+        return await self._run(read, write=False)
 
     async def latest_order(self, peer_id: str) -> OrderSnapshot | None:
         """The peer's most recent order, active or not."""
-        async with self._read() as conn:
-            order_id = (
-                await conn.execute(select(func.max(orders.c.id)).where(orders.c.peer_id == peer_id))
+
+        def read(conn: Connection) -> OrderSnapshot | None:
+            order_id = conn.execute(
+                select(func.max(orders.c.id)).where(orders.c.peer_id == peer_id)
             ).scalar_one_or_none()
-            return None if order_id is None else await load_order(conn, int(order_id))
+            return None if order_id is None else load_order(conn, int(order_id))
+
+        return await self._run(read, write=False)
 
     async def list_orders(self) -> list[OrderSnapshot | CorruptOrder]:
-        async with self._read() as conn:
-            rows = (
-                await conn.execute(select(orders.c.id, orders.c.fence).order_by(orders.c.id))
-            ).all()
-            return [await load_claimed(conn, int(r.id), int(r.fence)) for r in rows]
+        def read(conn: Connection) -> list[OrderSnapshot | CorruptOrder]:
+            rows = conn.execute(select(orders.c.id, orders.c.fence).order_by(orders.c.id)).all()
+            return [load_claimed(conn, int(r.id), int(r.fence)) for r in rows]
+
+        return await self._run(read, write=False)
 
     async def next_due_at(self, *, peers: Collection[str] | None = None) -> datetime | None:
         """The earliest moment any active order (of ``peers``) can be claimed: its
         ``next_run_at``, or the end of a live lease on it, whichever is later."""
-        claimable_at = case(
-            (orders.c.lease_until > orders.c.next_run_at, orders.c.lease_until),
-            else_=orders.c.next_run_at,
-        )
-        query = select(type_coerce(func.min(claimable_at), UTCDateTime())).where(
-            orders.c.state.not_in(INACTIVE_STATES)
-        )
-        if peers is not None:
-            query = query.where(orders.c.peer_id.in_(list(peers)))
-        async with self._read() as conn:
-            result = await conn.execute(query)
-            value: datetime | None = result.scalar_one_or_none()
-        return value
+        return await self._run(claim.next_due_at, peers, write=False, single=True)
 
     async def count_by_state(self, *, peers: Collection[str] | None = None) -> dict[str, int]:
         """How many orders (of ``peers``) are in each state: one ``GROUP BY`` (metrics)."""
         query = select(orders.c.state, func.count()).group_by(orders.c.state)
-        if peers is not None:
-            query = query.where(orders.c.peer_id.in_(list(peers)))
-        async with self._read() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self._all(_peers(query, peers))
         return {str(state): int(count) for state, count in rows}
 
     async def journal(self, order_id: int) -> list[JournalRecord]:
-        async with self._read() as conn:
-            rows = (
-                await conn.execute(
-                    select(journal).where(journal.c.order_id == order_id).order_by(journal.c.seq)
-                )
-            ).all()
-        return [journal_record(r) for r in rows]
+        query = select(journal).where(journal.c.order_id == order_id).order_by(journal.c.seq)
+        return [journal_record(r) for r in await self._all(query)]
 
     async def certificates(
         self, *, order_id: int | None = None, peer_id: str | None = None
@@ -516,34 +511,51 @@ class Store:
             query = query.where(certificates.c.order_id == order_id)
         if peer_id is not None:
             query = query.where(certificates.c.peer_id == peer_id)
-        async with self._read() as conn:
-            rows = (await conn.execute(query)).all()
-        return [certificate_record(r) for r in rows]
+        return [certificate_record(r) for r in await self._all(query)]
 
     async def account(self, directory_url: str) -> AccountRecord | None:
-        async with self._read() as conn:
-            row = (
-                await conn.execute(
-                    select(accounts).where(accounts.c.directory_url == directory_url)
-                )
-            ).first()
-        return None if row is None else account_record(row)
+        rows = await self._all(select(accounts).where(accounts.c.directory_url == directory_url))
+        return account_record(rows[0]) if rows else None
 
     async def accounts(self) -> list[AccountRecord]:
-        async with self._read() as conn:
-            rows = (await conn.execute(select(accounts).order_by(accounts.c.id))).all()
+        rows = await self._all(select(accounts).order_by(accounts.c.id))
         return [account_record(r) for r in rows]
 
     # -- internals ------------------------------------------------------------------------
 
-    def _read(self) -> sqlite.ReadConnection:
-        return sqlite.ReadConnection(self.engine)
+    async def _run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        write: bool = True,
+        single: bool = False,
+        **kw: Any,
+    ) -> T:
+        """``fn(connection, *args, **kw)`` in one transaction (a reader's on SQLite when not
+        ``write``): one hand-off to the store's thread on SQLite, ``run_sync`` on PostgreSQL.
 
-    async def _active_order_id(self, conn: AsyncConnection, peer_id: str) -> int | None:
-        result = await conn.execute(
-            select(orders.c.id).where(
-                orders.c.peer_id == peer_id, orders.c.state.not_in(INACTIVE_STATES)
-            )
-        )
-        value = result.scalar_one_or_none()
-        return None if value is None else int(value)
+        ``single``: ``fn`` writes with one statement at most (atomic by itself), so on
+        PostgreSQL it runs in autocommit, sparing the ``BEGIN`` and ``COMMIT`` round trips."""
+        if kw:
+            fn = functools.partial(fn, **kw)
+        if self._thread is not None:
+            return await self._thread.run(fn, *args, write=write)
+        if single:
+            async with self.engine.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                return await conn.run_sync(fn, *args)
+        async with self.engine.begin() as conn:
+            return await conn.run_sync(fn, *args)
+
+    async def _all(self, query: Any) -> list[Any]:
+        return await self._run(lambda conn: conn.execute(query).all(), write=False, single=True)
+
+    async def _rowcount(self, statement: Any) -> int:
+        return await self._run(lambda conn: int(conn.execute(statement).rowcount), single=True)
+
+
+def _active_order_id(conn: Connection, peer_id: str) -> int | None:
+    value = conn.execute(
+        select(orders.c.id).where(orders.c.peer_id == peer_id, ACTIVE)
+    ).scalar_one_or_none()
+    return None if value is None else int(value)

@@ -10,12 +10,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import text, update
 
 from autotls.fsm.clock import ManualClock
 from autotls.fsm.machine import State, Trigger
 from autotls.fsm.worker import Worker
 from autotls.persistence.errors import ActiveOrderExistsError, OrderBusyError
+from autotls.persistence.models import orders
 from autotls.persistence.records import CommitPlan, JournalNote
 from autotls.persistence.store import CorruptOrder, Store
 from tests.fixtures.engine import Engine, identifier_for, new_peer
@@ -234,3 +235,26 @@ async def test_an_operator_can_act_on_an_order_whose_worker_died(store: Store) -
     assert not await store.commit(
         claimed, _plan("Registered", "account_ready"), now=later, worker="dead"
     )
+
+
+async def test_next_due_at_sees_past_more_leased_orders_than_it_reads_at_first(
+    store: Store,
+) -> None:
+    """next_due_at reads the soonest-due orders first (claim.NEXT_DUE_WINDOW of them); when
+    every one of those holds a live lease, the answer may lie beyond them -- here an order
+    due later than all of them but sooner than any lease ends -- and it must still be found,
+    for all orders and for one peer's."""
+    from autotls.persistence.claim import NEXT_DUE_WINDOW
+
+    for _ in range(NEXT_DUE_WINDOW):
+        await _new(store)
+    leased = await store.claim_due("w", now=NOW, lease_seconds=3600, limit=NEXT_DUE_WINDOW)
+    assert len(leased) == NEXT_DUE_WINDOW
+    later_peer = new_peer()
+    later = await _new(store, later_peer)
+    soon = NOW + timedelta(minutes=5)
+    async with store.engine.begin() as conn:
+        await conn.execute(update(orders).where(orders.c.id == later).values(next_run_at=soon))
+    assert await store.next_due_at() == soon
+    assert await store.next_due_at(peers={later_peer}) == soon
+    assert await store.next_due_at(peers={leased[0].peer_id}) == NOW + timedelta(hours=1)
