@@ -21,21 +21,13 @@ by a crash resumes exactly where it stopped. The injected ``clock`` is the one e
 reads: the worker, the installer's date checks, the placeholder certificate, the ACME client
 and the broker client (Retry-After dates).
 
-Several processes may serve one identity (one data directory, or one PostgreSQL database):
-only one holds the order's lease at a time, and the others notice what it installed through
-the store (:meth:`AutoTLS.refresh`: at once, told by the store's change feed, else every
-``store_poll``) and serve it too. Certificate and key are always loaded as one pair, from
-memory. ``store_poll`` is also how long the worker sleeps, at most, when nothing is due: an
-operator's move made in another process wakes it at once all the same.
-
-Start refuses, before any order is touched: a data directory others may write, and a
-``directory_url`` that is not an ACME directory (:meth:`AcmeAdapter.check_directory`).
-:meth:`AutoTLS.wait_for_certificate` takes a ``deadline`` and raises :class:`DeadlineExceeded`
-when the next attempt would come after it (the order stays persisted for the next run).
-
-With ``record=DIR`` every step of the order is written to ``DIR/order-<id>.jsonl``, sanitised
-and capped at ``record_limit`` bytes (:mod:`autotls.recording`; ``autotls replay`` plays it
-back).
+Several processes may serve one identity (one data directory or PostgreSQL database): one
+holds the order's lease; the others serve what it installed, told by the store's change feed
+(else every ``store_poll``, also the idle worker's longest sleep). Start refuses a data
+directory others may write and a ``directory_url`` that is not ACME, before any order is
+touched. ``wait_for_certificate(deadline=)`` raises :class:`DeadlineExceeded` when the next
+attempt comes after it. ``record=DIR`` writes each order's sanitised, capped transcript
+(:mod:`autotls.recording`; ``autotls replay`` plays it back).
 
 Every error the facade raises is an :class:`~autotls.fsm.errors.AutoTLSError`. Its rooms:
 :mod:`autotls.events` (events, payloads, errors), :mod:`autotls.served` (which certificate is
