@@ -8,10 +8,11 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from autotls.persistence.models import Base
+from autotls.persistence.models import metadata, with_postgresql_options
 
 config = context.config
-target_metadata = Base.metadata
+with_postgresql_options()
+target_metadata = metadata
 
 
 def _configure_and_run(connection: object) -> None:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -50,7 +50,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from autotls.persistence import claim, schema, sqlite
 from autotls.persistence.changes import CHANNEL, ChangeFeed, Listener, notify_payload
@@ -61,7 +60,14 @@ from autotls.persistence.errors import (
     OrderStateError,
     StoreError,
 )
-from autotls.persistence.models import ACTIVE, accounts, certificates, journal, orders
+from autotls.persistence.models import (
+    ACTIVE,
+    accounts,
+    certificates,
+    journal,
+    orders,
+    with_postgresql_options,
+)
 from autotls.persistence.records import (
     AccountRecord,
     CertificateRecord,
@@ -80,6 +86,9 @@ from autotls.persistence.rows import (
     load_order,
 )
 from autotls.persistence.urls import async_url, parse_database_url, redact
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["ClaimedOrder", "CorruptOrder", "LeaseHeld", "Store"]
 
@@ -123,6 +132,8 @@ class Store:
         parsed = parse_database_url(url) if isinstance(url, str) else url
         if parsed.get_backend_name() == "sqlite":
             sqlite.create_private_file(Path(str(parsed.database)))
+        else:
+            with_postgresql_options()
         await asyncio.to_thread(schema.ensure_current, parsed, upgrade_allowed=upgrade)
         return cls(parsed)
 
@@ -134,6 +145,9 @@ class Store:
             # Pre-ping guards against a restarted database server; a SQLite file has none.
             # hide_parameters: statement parameters hold account and certificate keys, and
             # SQLAlchemy puts them into exception messages and its INFO log otherwise.
+            # (imported here: a SQLite store's own work never needs the async engine)
+            from sqlalchemy.ext.asyncio import create_async_engine
+
             on_sqlite = self.dialect == "sqlite"
             self._engine = create_async_engine(
                 async_url(self.url), pool_pre_ping=not on_sqlite, hide_parameters=True

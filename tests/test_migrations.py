@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, pool, text
 
 from autotls.persistence import schema
 from autotls.persistence.errors import SchemaOutdatedError, SchemaTooNewError
-from autotls.persistence.models import Base
+from autotls.persistence.models import metadata
 from autotls.persistence.store import Store
 from autotls.persistence.urls import parse_database_url, sync_url
 
@@ -27,9 +27,25 @@ def test_models_and_migrations_agree(database_url: str) -> None:
     schema.upgrade(url)
     engine = _sync_engine(database_url)
     with engine.connect() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        diffs = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
     assert diffs == []
+
+
+def test_the_partial_indexes_keep_their_predicate_on_postgresql() -> None:
+    """The PostgreSQL predicate is attached when PostgreSQL is used (the store's open, the
+    migrations' env), not at import: the DDL it gives is still the partial index."""
+    from sqlalchemy.dialects import postgresql, sqlite
+    from sqlalchemy.schema import CreateIndex
+
+    from autotls.persistence.models import orders, with_postgresql_options
+
+    with_postgresql_options()
+    for index in orders.indexes:
+        if index.name in ("uq_orders_active_peer", "ix_orders_due"):
+            for dialect in (postgresql.dialect(), sqlite.dialect()):
+                ddl = str(CreateIndex(index).compile(dialect=dialect))
+                assert ddl.endswith("WHERE state NOT IN ('Failed')"), ddl
 
 
 def test_the_head_revision_constant_is_alembics_head() -> None:

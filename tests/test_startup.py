@@ -75,11 +75,13 @@ def python(
 
 
 def probe(tmp_path: Path, *argv: object) -> tuple[int, str, set[str]]:
-    """(exit code, stdout, top-level packages loaded) of ``autotls ARGV`` in a new process."""
+    """(exit code, stdout, modules loaded: dotted names and their top-level packages) of
+    ``autotls ARGV`` in a new process."""
     result = python(tmp_path, "-c", _PROBE, *argv)
     assert result.returncode == 0, result.stderr
     report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return report["code"], report["out"], {name.split(".")[0] for name in report["modules"]}
+    modules = set(report["modules"])
+    return report["code"], report["out"], modules | {name.split(".")[0] for name in modules}
 
 
 @pytest.mark.parametrize(
@@ -124,6 +126,13 @@ async def test_quick_commands_load_neither_alembic_nor_the_network_stack(
     code, out, loaded = await asyncio.to_thread(probe, tmp_path, *argv, "--db", installed_db)
     assert code == 0
     assert not loaded & NETWORK_AND_MIGRATIONS, sorted(loaded & NETWORK_AND_MIGRATIONS)
+    # a SQLite database needs no PostgreSQL dialect (models.with_postgresql_options), and the
+    # store speaks Core: no ORM, no async engine
+    assert not loaded & {
+        "sqlalchemy.dialects.postgresql",
+        "sqlalchemy.orm",
+        "sqlalchemy.ext.asyncio",
+    }, sorted(loaded)
     if argv[0] == "status":
         assert "Installed" in out
     if argv[0] == "account":
