@@ -78,13 +78,14 @@ orders = Table(
     Column("last_problem", JSONObject()),
     Column("account_id", Integer, ForeignKey("accounts.id")),
     Column("cert_key_pem", Text),  # secret: key of the CSR in flight
+    _when("created_at"),
+    _when("updated_at"),
+    # (last: revision 0002 added it, and the tables list columns in the revisions' order)
     Column(
         "current_certificate_id",
         Integer,
         ForeignKey("certificates.id", use_alter=True, name="fk_orders_current_certificate"),
     ),
-    _when("created_at"),
-    _when("updated_at"),
     # Design rule 6: at most one active order per peer identity, on SQLite and PostgreSQL.
     # Both partial indexes have the same predicate on PostgreSQL: with_postgresql_options().
     Index("uq_orders_active_peer", "peer_id", unique=True, sqlite_where=text(_INACTIVE_SQL)),

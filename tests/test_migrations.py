@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, pool, text
+from sqlalchemy import create_engine, inspect, pool, text
 
 from autotls.persistence import schema
 from autotls.persistence.errors import SchemaOutdatedError, SchemaTooNewError
@@ -30,6 +31,89 @@ def test_models_and_migrations_agree(database_url: str) -> None:
         diffs = compare_metadata(MigrationContext.configure(conn), metadata)
     engine.dispose()
     assert diffs == []
+
+
+def _plain(value: Any) -> str:
+    """A reflected item as text, SQL expressions (a partial index's predicate) by their SQL."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_plain(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(map(_plain, value)) + "]"
+    return repr(value) if isinstance(value, str | int | float | bool | None) else str(value)
+
+
+def _schema_of(url: str) -> dict[str, Any]:
+    """Everything the inspector reports about our tables, Alembic's version included."""
+    engine = _sync_engine(url)
+    try:
+        with engine.connect() as conn:
+            seen = inspect(conn)
+            tables = sorted(seen.get_table_names())
+            return {
+                name: {
+                    "columns": [
+                        (c["name"], str(c["type"]), c["nullable"], c.get("default"))
+                        for c in seen.get_columns(name)
+                    ],
+                    "pk": seen.get_pk_constraint(name),
+                    "fks": sorted(map(_plain, seen.get_foreign_keys(name))),
+                    "indexes": sorted(map(_plain, seen.get_indexes(name))),
+                    "unique": sorted(map(_plain, seen.get_unique_constraints(name))),
+                    "rows": conn.execute(text("SELECT version_num FROM alembic_version")).all()
+                    if name == "alembic_version"
+                    else None,
+                }
+                for name in tables
+            }
+    finally:
+        engine.dispose()
+
+
+def _drop_everything(url: str) -> None:
+    engine = _sync_engine(url)
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        else:
+            conn.execute(text("PRAGMA foreign_keys=OFF"))
+            for name in inspect(conn).get_table_names():
+                conn.execute(text(f'DROP TABLE "{name}"'))
+    engine.dispose()
+
+
+def test_an_empty_database_is_created_at_head_as_alembic_would_build_it(
+    database_url: str,
+) -> None:
+    """schema.upgrade creates an empty database from the models and stamps it (no Alembic
+    run): the result is the same schema, the same version row, and Alembic agrees it is at
+    head (an upgrade after it changes nothing)."""
+    from alembic import command
+
+    url = parse_database_url(database_url)
+    command.upgrade(_alembic_on(database_url), "head")  # Alembic's own build, all revisions
+    built_by_alembic = _schema_of(database_url)
+    _drop_everything(database_url)
+    assert _schema_of(database_url) == {}
+
+    assert schema.upgrade(url).up_to_date  # the empty database: created at head
+    created_at_head = _schema_of(database_url)
+    for table, facts in built_by_alembic.items():
+        for fact, value in facts.items():
+            assert created_at_head[table][fact] == value, (table, fact)
+    assert created_at_head == built_by_alembic
+    assert schema.current_revision(url) == schema.head_revision()
+    engine = _sync_engine(database_url)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    engine.dispose()
+    command.upgrade(_alembic_on(database_url), "head")
+    assert _schema_of(database_url) == built_by_alembic
+
+
+def _alembic_on(url: str):  # type: ignore[no-untyped-def]
+    cfg = schema.alembic_config()
+    cfg.set_main_option("sqlalchemy.url", sync_url(parse_database_url(url)).render_as_string(False))
+    return cfg
 
 
 def test_the_partial_indexes_keep_their_predicate_on_postgresql() -> None:

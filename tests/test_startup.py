@@ -179,11 +179,12 @@ def test_an_outdated_schema_is_still_upgraded_with_alembic(tmp_path: Path) -> No
     assert code == 0 and "alembic" not in loaded
 
 
-def test_a_new_database_is_created_and_migrated_with_alembic(tmp_path: Path) -> None:
+def test_a_new_database_is_created_at_head_without_alembic(tmp_path: Path) -> None:
     fresh = tmp_path / "data" / "autotls.db"
     code, out, loaded = probe(tmp_path, "db", "upgrade", "--data-dir", fresh.parent)
-    assert code == 0 and "alembic" in loaded
+    assert code == 0 and "alembic" not in loaded
     assert f"upgraded from (empty) to {schema.HEAD_REVISION}" in out
+    assert schema.current_revision(parse_database_url(str(fresh))) == schema.head_revision()
 
 
 # -- run as a process ---------------------------------------------------------------------------
@@ -204,7 +205,7 @@ sys.exit(main())
 """
 
 
-async def test_run_once_loads_alembic_only_to_create_the_database(
+async def test_run_once_loads_alembic_neither_to_create_nor_to_reuse_the_database(
     libp2p_installed: None, pebble: PebbleStack, pebble_broker: LocalBroker, tmp_path: Path
 ) -> None:
     roots = tmp_path / "roots.pem"
@@ -227,7 +228,8 @@ async def test_run_once_loads_alembic_only_to_create_the_database(
 
     out, created = await asyncio.to_thread(run_once, tmp_path / "first.key")
     assert "certificate loaded: " in out
-    assert "alembic" in created["modules"]  # a new database: Alembic creates the schema
+    # a new database is created at the head from the tables (schema._create_at_head)
+    assert "alembic" not in created["modules"]
     # the collector is back on, and what was alive at the end is frozen out of the exit's
     # collections (dispatch._execute)
     assert created["collecting"] and created["frozen"] > 0
