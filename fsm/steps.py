@@ -165,7 +165,7 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
             # The order's URL outlives the error: the policy writes it with the retry.
             exc.keep = _placed(order)
             raise
-        return _found(order.url, _placed(order), order.expires, authz, ports, account, now)
+        return _found(order, authz, ports, account, now)
     # Back after the authorization could not be fetched with the order (or a crash): the
     # order first, which may have died meanwhile. Dropping a dead order waits like a
     # re-order does: a CA that kept handing back dead orders must not make a tight loop.
@@ -177,13 +177,11 @@ async def step_registered(snap: OrderSnapshot, ports: Ports) -> Outcome:
             f"order {order.url} has {len(order.authorizations)} authorizations, expected 1"
         )
     authz = await ports.acme.get_authorization(account, order.authorizations[0])
-    return _found(order.url, _placed(order), order.expires, authz, ports, account, now)
+    return _found(order, authz, ports, account, now)
 
 
 def _found(
-    order_url: str,
-    placed: OrderData,
-    order_expires: datetime | None,
+    order: AcmeOrderView,
     authz: AuthorizationView,
     ports: Ports,
     account: AcmeAccount,
@@ -192,12 +190,12 @@ def _found(
     """The order's authorization, as the CA just showed it: on to Challenged, or drop the
     order when the authorization can no longer be won."""
     if authz.status not in ("pending", "valid"):
-        return _abandon(order_url, f"its authorization is {authz.status}", ports, now)
-    expires = authz.expires or order_expires
+        return _abandon(order.url, f"its authorization is {authz.status}", ports, now)
+    expires = authz.expires or order.expires
     if expires is None:
         raise TransientError(f"authorization {authz.url} has no expiry")
     updates: OrderData = {
-        **placed,
+        **_placed(order),
         "authz_url": authz.url,
         "authz_expires": iso(expires),
         "authz_status": authz.status,
@@ -214,7 +212,7 @@ def _found(
         Trigger.ORDER_PLACED,
         updates=updates,
         clear=keys(RegistrationHeld),
-        note={"order_url": order_url, "authz_status": authz.status},
+        note={"order_url": order.url, "authz_status": authz.status},
     )
 
 
@@ -403,10 +401,8 @@ async def step_dns_propagated(snap: OrderSnapshot, ports: Ports) -> Outcome:
         updates: OrderData = {"answered_at": iso(now)}
         effects = Effects()
         if snap.cert_key_pem is None or not data["csr_der"]:
-            key = ports.acme.generate_certificate_key()
-            csr = ports.acme.make_csr(key, [snap.identifier])
-            updates["csr_der"] = base64.b64encode(csr).decode("ascii")
-            effects = Effects(cert_key_pem=key)
+            csr_recorded, effects = _new_key_and_csr(snap, ports)
+            updates.update(csr_recorded)
         return Wait(
             _poll_at(now, now, None, settings.authz_poll_interval, ports),
             "challenge answered; waiting for the CA to validate",
@@ -421,11 +417,8 @@ async def step_dns_propagated(snap: OrderSnapshot, ports: Ports) -> Outcome:
             "waiting for the CA to validate",
         )
     valid: OrderData = {"authz_valid_at": iso(now)}
-    csr_b64 = data["csr_der"]
-    if order.status == "ready" and snap.cert_key_pem is not None and csr_b64:
-        order = await ports.acme.finalize(
-            account, order.url, order.finalize, base64.b64decode(csr_b64)
-        )
+    if snap.cert_key_pem is not None:
+        order = await _finalize_if_ready(account, order, data["csr_der"], ports)
     if order.status in ("ready", "processing", "valid"):
         # ready: no CSR recorded (a row from an older version): Validated records one.
         # processing or valid: finalized, by this run or by one that crashed before its commit.
@@ -482,23 +475,32 @@ async def step_validated(snap: OrderSnapshot, ports: Ports) -> Outcome:
     now = ports.clock.now()
     data = order_data(snap.data)
     account = _account(snap)
-    csr_b64 = data["csr_der"]
-    if snap.cert_key_pem is None or not csr_b64:
+    if snap.cert_key_pem is None or not data["csr_der"]:
         # A reused authorization (no challenge answered), or a row from an older version.
-        key = ports.acme.generate_certificate_key()
-        csr = ports.acme.make_csr(key, [snap.identifier])
-        return Wait(
-            now,
-            "certificate key and CSR recorded",
-            updates={"csr_der": base64.b64encode(csr).decode("ascii")},
-            effects=Effects(cert_key_pem=key),
-        )
+        csr_recorded, effects = _new_key_and_csr(snap, ports)
+        return Wait(now, "certificate key and CSR recorded", updates=csr_recorded, effects=effects)
     order = await ports.acme.get_order(account, _need(data["order_url"], "order_url"))
-    if order.status == "ready":
-        csr = base64.b64decode(csr_b64)
-        order = await ports.acme.finalize(account, order.url, order.finalize, csr)
+    order = await _finalize_if_ready(account, order, data["csr_der"], ports)
     since = stored_time(data["authz_valid_at"], "authz_valid_at")
     return _after_finalize(order, now, since, ports)
+
+
+def _new_key_and_csr(snap: OrderSnapshot, ports: Ports) -> tuple[OrderData, Effects]:
+    """A fresh certificate key (stored in ``orders.cert_key_pem``, never in the data) and the
+    CSR recorded for it, before anything is finalized with it."""
+    key = ports.acme.generate_certificate_key()
+    csr = ports.acme.make_csr(key, [snap.identifier])
+    return {"csr_der": base64.b64encode(csr).decode("ascii")}, Effects(cert_key_pem=key)
+
+
+async def _finalize_if_ready(
+    account: AcmeAccount, order: AcmeOrderView, csr_b64: str | None, ports: Ports
+) -> AcmeOrderView:
+    """Finalize with the recorded CSR when the CA says the order is ``ready`` (it refuses
+    anything else, so a run after a crashed finalize just reads the order on)."""
+    if order.status != "ready" or not csr_b64:
+        return order
+    return await ports.acme.finalize(account, order.url, order.finalize, base64.b64decode(csr_b64))
 
 
 def _after_finalize(
