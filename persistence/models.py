@@ -136,9 +136,9 @@ def with_postgresql_options() -> None:
     """Give the partial indexes their PostgreSQL predicate (what the migrations create).
 
     Not at import: naming a ``postgresql_`` option makes SQLAlchemy import its PostgreSQL
-    dialect, ~20 ms of every ``autotls status`` on SQLite (issue 11's 0.3 s target). The
-    store calls this when it opens a PostgreSQL database, and so does ``migrations/env.py``;
-    only DDL and Alembic's comparison read the option."""
+    dialect, ~20 ms of every ``autotls status`` on SQLite (issue 11's 0.3 s target). Only DDL
+    and Alembic's comparison read the option: ``schema`` calls this before it creates a
+    PostgreSQL database at the head, and ``migrations/env.py`` before Alembic runs."""
     for index in orders.indexes:
         if index.name in _PARTIAL_INDEXES:
             index.dialect_options["postgresql"]["where"] = text(_INACTIVE_SQL)

@@ -66,7 +66,6 @@ from autotls.persistence.models import (
     certificates,
     journal,
     orders,
-    with_postgresql_options,
 )
 from autotls.persistence.records import (
     AccountRecord,
@@ -114,10 +113,10 @@ def _peers(statement: Any, peers: Collection[str] | None) -> Any:
 
 
 class Store:
-    def __init__(self, url: URL, engine: AsyncEngine | None = None) -> None:
+    def __init__(self, url: URL) -> None:
         self.url = url
         self.dialect = url.get_backend_name()
-        self._engine = engine
+        self._engine: AsyncEngine | None = None
         self._thread = sqlite.StoreThread(url) if self.dialect == "sqlite" else None
         self._changes: ChangeFeed | None = None
 
@@ -132,8 +131,6 @@ class Store:
         parsed = parse_database_url(url) if isinstance(url, str) else url
         if parsed.get_backend_name() == "sqlite":
             sqlite.create_private_file(Path(str(parsed.database)))
-        else:
-            with_postgresql_options()
         await asyncio.to_thread(schema.ensure_current, parsed, upgrade_allowed=upgrade)
         return cls(parsed)
 
