@@ -11,7 +11,7 @@ order" is the proof, with no timing assertion. The real-process version (``autot
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 
 import pytest
@@ -28,29 +28,12 @@ from tests.fixtures.engine import Engine, identifier_for, new_peer, open_engine
 WITHIN_S = 15.0  # turns a notification that never comes into a failure, never a pass
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
+async def within(awaitable: Awaitable[object], what: str) -> None:
     try:
         async with asyncio.timeout(WITHIN_S):
-            while not condition():  # noqa: ASYNC110 - set from the feed's thread or connection
-                await asyncio.sleep(0.01)
+            await awaitable
     except TimeoutError:
         pytest.fail(f"never happened: {what}")
-
-
-async def journaled_by(store: Store, order_id: int, worker: str, after: str) -> None:
-    """Until the journal of ``order_id`` has an entry by ``worker`` after ``after``'s."""
-
-    async def found() -> bool:
-        journal = await store.journal(order_id)
-        marks = [i for i, e in enumerate(journal) if e.trigger == after]
-        return bool(marks) and any(e.worker == worker for e in journal[marks[-1] + 1 :])
-
-    try:
-        async with asyncio.timeout(WITHIN_S):
-            while not await found():  # noqa: ASYNC110 - another connection commits it
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        pytest.fail(f"{worker} never journaled a move of order {order_id} after {after}")
 
 
 @pytest.fixture
@@ -61,11 +44,25 @@ async def engine_on(database_url: str) -> AsyncIterator[Engine]:
 
 
 class Heard:
+    """A change listener (called on the event loop) that tests can wait on."""
+
     def __init__(self) -> None:
         self.changes: list[Change] = []
+        self._told = asyncio.Event()
 
     def __call__(self, changes: Sequence[Change]) -> None:
         self.changes.extend(changes)
+        self._told.set()
+
+    async def until(self, condition: Callable[[list[Change]], bool], what: str) -> None:
+        """Until what was told satisfies ``condition``; re-checked at each delivery."""
+
+        async def told() -> None:
+            while not condition(self.changes):
+                self._told.clear()
+                await self._told.wait()
+
+        await within(told(), what)
 
 
 def test_payloads_round_trip_and_garbage_means_anything() -> None:
@@ -89,8 +86,8 @@ async def test_commits_through_another_store_are_told(database_url: str, engine_
             other, peer, identifier_for(peer), now=engine_on.clock.now(),
             actor="cli:someone@elsewhere",
         )  # fmt: skip
-        await eventually(
-            lambda: Change(created.id, peer, "cli:someone@elsewhere") in heard.changes,
+        await heard.until(
+            lambda told: Change(created.id, peer, "cli:someone@elsewhere") in told,
             "the new order was told",
         )
         before = len(heard.changes)
@@ -104,8 +101,8 @@ async def test_commits_through_another_store_are_told(database_url: str, engine_
         third = await operator.create_order(
             other, peer3, identifier_for(peer3), now=engine_on.clock.now()
         )
-        await eventually(
-            lambda: any(c.order_id == third.id for c in resubscribed.changes), "told again"
+        await resubscribed.until(
+            lambda told: any(c.order_id == third.id for c in told), "told again"
         )
         assert len(heard.changes) == before
     finally:
@@ -120,11 +117,13 @@ async def test_an_operator_move_wakes_a_sleeping_worker(
     worker = Worker(
         engine_on.store, engine_on.ports, worker_id="sleeper", idle_poll=timedelta(hours=10)
     )
+    moved = asyncio.Event()
     stop = asyncio.Event()
     running = asyncio.ensure_future(worker.run(stop, grace=1.0))
     try:
         # Asleep until the renewal is due (weeks away on a clock that never moves).
-        await eventually(lambda: engine_on.clock.sleepers > 0, "the worker sleeps")
+        await within(engine_on.clock.sleeping(), "the worker sleeps")
+        worker.subscribe(lambda event: moved.set() if event.order_id == order.id else None)
         await engine_on.store.changes_told()
         operator_store = await Store.open(database_url, upgrade=False)
         try:
@@ -133,7 +132,10 @@ async def test_an_operator_move_wakes_a_sleeping_worker(
             )
         finally:
             await operator_store.close()
-        await journaled_by(engine_on.store, order.id, "sleeper", after="force_renewal")
+        await within(moved.wait(), "the sleeping worker moved the order")
+        journal = await engine_on.store.journal(order.id)
+        forced = max(i for i, e in enumerate(journal) if e.trigger == "force_renewal")
+        assert any(e.worker == "sleeper" for e in journal[forced + 1 :]), journal
         assert worker.changes_seen >= 1
     finally:
         stop.set()
@@ -151,11 +153,11 @@ async def test_a_worker_is_not_woken_by_its_own_commits(
     stop = asyncio.Event()
     running = asyncio.ensure_future(worker.run(stop, grace=1.0))
     try:
-        await eventually(lambda: worker.steps_run > 0, "a step ran")
         # The feed has told about the worker's own commit ...
-        await eventually(
-            lambda: any(c.actor == "busy" for c in feed_heard.changes), "the commit was told"
+        await feed_heard.until(
+            lambda told: any(c.actor == "busy" for c in told), "the commit was told"
         )
+        assert worker.steps_run > 0
         # ... and the worker let it pass.
         assert worker.changes_seen == 0
     finally:
@@ -175,7 +177,7 @@ async def test_a_dropped_listen_connection_reports_anything_and_resumes(
     other = await Store.open(database_url, upgrade=False)
     try:
         await operator_touch(other, first.id)
-        await eventually(lambda: any(c.order_id == first.id for c in heard.changes), "told")
+        await heard.until(lambda told: any(c.order_id == first.id for c in told), "told")
         async with other.engine.begin() as conn:
             killed = await conn.execute(
                 text(
@@ -184,14 +186,14 @@ async def test_a_dropped_listen_connection_reports_anything_and_resumes(
                 )
             )
             assert killed.scalars().all() == [True]
-        await eventually(lambda: ANYTHING in heard.changes, "a lost connection says so")
+        await heard.until(lambda told: ANYTHING in told, "a lost connection says so")
         # Reconnected, it says so again: what was committed meanwhile was not told.
-        await eventually(lambda: heard.changes.count(ANYTHING) >= 2, "listening again")
+        await heard.until(lambda told: told.count(ANYTHING) >= 2, "listening again")
         peer = new_peer()
         second = await operator.create_order(
             other, peer, identifier_for(peer), now=engine_on.clock.now()
         )
-        await eventually(lambda: any(c.order_id == second.id for c in heard.changes), "resumed")
+        await heard.until(lambda told: any(c.order_id == second.id for c in told), "resumed")
     finally:
         await other.close()
 
@@ -225,6 +227,7 @@ async def test_a_wake_up_during_a_claim_is_not_lost(engine: Engine) -> None:
     worker = Worker(engine.store, engine.ports, worker_id="w", idle_poll=timedelta(hours=10))
     reading = asyncio.Event()
     release = asyncio.Event()
+    claimed_again = asyncio.Event()
     claims = 0
     real_next_due_at = engine.store.next_due_at
     real_claim_due = engine.store.claim_due
@@ -238,6 +241,8 @@ async def test_a_wake_up_during_a_claim_is_not_lost(engine: Engine) -> None:
     async def claim_due(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         nonlocal claims
         claims += 1
+        if claims >= 2:
+            claimed_again.set()
         return await real_claim_due(*args, **kwargs)  # type: ignore[arg-type]
 
     engine.store.next_due_at = next_due_at  # type: ignore[method-assign]
@@ -249,7 +254,7 @@ async def test_a_wake_up_during_a_claim_is_not_lost(engine: Engine) -> None:
         assert claims == 1
         worker.wake()  # ... as a notification would, right then
         release.set()
-        await eventually(lambda: claims >= 2, "the worker claimed again instead of sleeping")
+        await within(claimed_again.wait(), "the worker claimed again instead of sleeping")
     finally:
         stop.set()
         await asyncio.wait_for(running, 10)
@@ -273,4 +278,4 @@ async def test_a_revocation_without_a_move_is_told_too(
         )
     finally:
         await other.close()
-    await eventually(lambda: Change(order.id, order.peer_id, None) in heard.changes, "told")
+    await heard.until(lambda told: Change(order.id, order.peer_id, None) in told, "told")
