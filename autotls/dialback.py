@@ -111,7 +111,7 @@ async def _dial_main(
     plan: list[tuple[str, Multiaddr]],
     dial_seconds: float,
     tls_client_context: ssl.SSLContext | None,
-) -> tuple[str | None, dict[str, str], dict[str, str], bool]:
+) -> _Verdict:
     """Runs in the dial-back's trio thread: (winner, failures, mismatches, timed out)."""
     import trio
     from libp2p import new_swarm
@@ -224,10 +224,10 @@ async def dial_back(
         raise DialBackError("no dialable address", skipped)
     require_libp2p()
 
-    async def main(portal: Portal) -> tuple[str | None, dict[str, str], dict[str, str], bool]:
+    async def main(portal: Portal) -> _Verdict:
         return await _dial_main(portal, peer_id, plan, timeout, tls_client_context)
 
-    runner: TrioThread[tuple[str | None, dict[str, str], dict[str, str], bool]]
+    runner: TrioThread[_Verdict]
     runner = TrioThread(f"autotls-dial-back-{peer_id}")
     runner.launch(main)
     try:
