@@ -132,10 +132,19 @@ async def test_an_operator_move_wakes_a_sleeping_worker(
             )
         finally:
             await operator_store.close()
-        await within(moved.wait(), "the sleeping worker moved the order")
-        journal = await engine_on.store.journal(order.id)
-        forced = max(i for i, e in enumerate(journal) if e.trigger == "force_renewal")
-        assert any(e.worker == "sleeper" for e in journal[forced + 1 :]), journal
+
+        async def journaled_by_the_sleeper() -> None:
+            """Until the journal has an entry by the worker after the operator's: looked at
+            each time the worker tells a step of the order (a wait is told, not journaled)."""
+            while True:
+                await moved.wait()
+                moved.clear()
+                journal = await engine_on.store.journal(order.id)
+                forced = max(i for i, e in enumerate(journal) if e.trigger == "force_renewal")
+                if any(e.worker == "sleeper" for e in journal[forced + 1 :]):
+                    return
+
+        await within(journaled_by_the_sleeper(), "the sleeping worker journaled a move")
         assert worker.changes_seen >= 1
     finally:
         stop.set()
